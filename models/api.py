@@ -1,0 +1,204 @@
+"""Inference API: init_cache, prefill, decode (each jitted once per shape).
+
+    logits = model(tokens)                                     # no cache
+    logits, cache = models.prefill(model, tokens, capacity=N)  # builds the per-layer cache
+    logits, cache = models.decode(model, tokens, cache)        # appends T' >= 1 tokens
+
+Batches may be left-padded (`attention_mask`) or right-padded (`prompt_lengths`); padding
+never enters the cache. Positions continue from `cache.next_position`, the original
+sequence length, whatever presses have evicted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvjax import cache as cache_lib
+from models import transformer as tfm
+from models.config import ModelConfig
+
+LOGITS_MODES = ("all", "last")
+
+
+def _layer_runs(config: ModelConfig, backend="auto") -> list[int]:
+  specs = tfm.layer_specs(config, backend)
+  sizes, start = [], 0
+  for i in range(1, len(specs) + 1):
+    if i == len(specs) or specs[i] != specs[start]:
+      sizes.append(i - start)
+      start = i
+  return sizes
+
+
+def init_cache(config: ModelConfig, batch: int, capacity, *, dtype=None,
+               layer_factory: Optional[Callable[[int, int], Any]] = None) -> cache_lib.ModelCache:
+  """An empty ModelCache.
+
+  Args:
+    config: model config.
+    batch: rows.
+    capacity: slots per layer (int) or a per-layer sequence of ints.
+    dtype: cache dtype (default: the model's parameter dtype).
+    layer_factory: optional fn(layer_index, capacity) -> layer cache, for other cache kinds.
+  """
+  if isinstance(capacity, (int, np.integer)):
+    caps = [int(capacity)] * config.num_layers
+  else:
+    caps = [int(c) for c in capacity]
+    if len(caps) != config.num_layers:
+      raise ValueError(f"capacity has {len(caps)} entries; num_layers={config.num_layers}")
+  for c in caps:
+    if c < 1:
+      raise ValueError(f"capacity={c}; must be >= 1")
+  dt = jnp.dtype(dtype or config.dtype)
+  if layer_factory is None:
+    def layer_factory(i, cap):
+      del i
+      return cache_lib.DenseKVCache.init(batch, config.num_kv_heads, cap, config.head_dim, dt)
+  layers = [layer_factory(i, cap) for i, cap in enumerate(caps)]
+  # Segment boundaries follow both cache structure and layer kind, so no scan is split.
+  sizes = []
+  runs = _layer_runs(config)
+  bounds, acc = set(), 0
+  for n in runs:
+    acc += n
+    bounds.add(acc)
+  start = 0
+  for i in range(1, len(layers) + 1):
+    same = i < len(layers) and (cache_lib._signature(layers[i]) ==  # pylint: disable=protected-access
+                                cache_lib._signature(layers[start]))  # pylint: disable=protected-access
+    if i == len(layers) or i in bounds or not same:
+      sizes.append(i - start)
+      start = i
+  segs, k = [], 0
+  for n in sizes:
+    segs.append(cache_lib.stack(layers[k:k + n]))
+    k += n
+  return cache_lib.ModelCache(segments=tuple(segs), next_position=jnp.zeros((batch,), jnp.int32),
+                              segment_sizes=tuple(sizes))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "observe", "backend", "logits_mode"),
+                   donate_argnames=("cache",))
+def _run(graphdef, state, tokens, positions, cache, *, observe, backend, logits_mode):
+  model = nnx.merge(graphdef, state)
+  logits, new_cache, obs = tfm.forward(model, tokens, positions, cache, observe, backend,
+                                        last_only=logits_mode == "last")
+  return logits, new_cache, obs
+
+
+def _check_batch(tokens, cache):
+  if cache.batch != tokens.shape[0]:
+    raise ValueError(f"batch mismatch: tokens have batch {tokens.shape[0]} but the cache holds "
+                     f"{cache.batch} rows")
+
+
+def _check_room(cache, positions):
+  for seg in cache.segments:
+    check = getattr(seg, "check_room", None)
+    if check is not None:
+      check(positions)
+
+
+def _apply_press(model, press, cache, obs):
+  """Runs a press over every layer of a ModelCache (press API: kvjax.presses)."""
+  fn = getattr(press, "compress_model", None)
+  if fn is None:
+    raise ValueError(f"press {press!r} has no compress_model(cache, observations, config)")
+  return fn(cache, obs, model.config)
+
+
+def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence[int]] = None,
+            attention_mask=None, prompt_lengths=None, cache: Optional[cache_lib.ModelCache] = None,
+            cache_dtype=None, press=None, logits: str = "all", backend: str = "auto",
+            observe: Optional[tfm.Observe] = None):
+  """Runs the prompt and returns (logits, cache).
+
+  Args:
+    model: a Transformer.
+    tokens: int [B, T] prompt ids (padding anywhere, marked by attention_mask).
+    capacity: cache slots per layer (>= the longest prompt); default T.
+    attention_mask: [B, T] 1 = token, 0 = padding (left padding supported).
+    prompt_lengths: [B] valid tokens per row when rows are right-padded.
+    cache: an existing (empty) ModelCache to fill instead of building one.
+    cache_dtype: dtype of a newly built cache (default: parameter dtype).
+    press: optional press applied after the prompt (see kvjax.presses).
+    logits: "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last token.
+    backend: attention backend ("auto" | "xla" | "pallas").
+    observe: extra per-layer observations to return (then returns logits, cache, obs).
+  """
+  tokens = tfm.check_tokens(tokens, model.config)
+  if logits not in LOGITS_MODES:
+    raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
+  b, t = tokens.shape
+  if prompt_lengths is not None:
+    if attention_mask is not None:
+      raise ValueError("pass either attention_mask or prompt_lengths, not both")
+    pl = jnp.asarray(prompt_lengths)
+    if pl.shape != (b,):
+      raise ValueError(f"prompt_lengths shape {pl.shape}; expected {(b,)}")
+    attention_mask = jnp.arange(t)[None, :] < pl[:, None]
+  if cache is None:
+    cap = t if capacity is None else capacity
+    longest = t
+    if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer):
+      longest = int(np.asarray(attention_mask).sum(axis=-1).max())
+    caps = [cap] * model.config.num_layers if isinstance(cap, (int, np.integer)) else list(cap)
+    if min(caps) < longest:
+      raise ValueError(f"capacity={cap} is smaller than the prompt ({longest} tokens); "
+                       "use capacity >= prompt length, or chunk_size with a press")
+    cache = init_cache(model.config, b, cap, dtype=cache_dtype)
+  else:
+    _check_batch(tokens, cache)
+  positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
+  need = observe or tfm.Observe()
+  if press is not None:
+    need = _merge_observe(need, getattr(press, "observe", tfm.Observe()))
+  _check_room(cache, positions)
+  graphdef, state = nnx.split(model)
+  out, cache, obs = _run(graphdef, state, tokens, positions, cache, observe=need,
+                         backend=backend, logits_mode=logits)
+  if press is not None:
+    cache = _apply_press(model, press, cache, obs)
+  if observe is not None:
+    return out, cache, obs
+  return out, cache
+
+
+def _merge_observe(a: tfm.Observe, b: tfm.Observe) -> tfm.Observe:
+  if a.colsum and b.colsum and a.colsum_window != b.colsum_window:
+    raise ValueError("conflicting colsum_window requests between observe and press")
+  return tfm.Observe(colsum=a.colsum or b.colsum,
+                     colsum_window=a.colsum_window if a.colsum else b.colsum_window,
+                     queries=max(a.queries, b.queries))
+
+
+def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, attention_mask=None,
+           logits: str = "all", backend: str = "auto", check_capacity: bool = True,
+           observe: Optional[tfm.Observe] = None):
+  """Appends T' >= 1 tokens per row to the cache and returns (logits, cache).
+
+  Positions continue from `cache.next_position`. `attention_mask` [B, T'] marks padding
+  inside the chunk (rows that add fewer tokens). The cache argument is donated.
+  """
+  tokens = tfm.check_tokens(tokens, model.config)
+  if not isinstance(cache, cache_lib.ModelCache):
+    raise ValueError(f"cache must be a kvjax.cache.ModelCache; got {type(cache).__name__}")
+  if logits not in LOGITS_MODES:
+    raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
+  _check_batch(tokens, cache)
+  positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
+  if check_capacity:
+    _check_room(cache, positions)
+  graphdef, state = nnx.split(model)
+  out, cache, obs = _run(graphdef, state, tokens, positions, cache,
+                         observe=observe or tfm.Observe(), backend=backend, logits_mode=logits)
+  if observe is not None:
+    return out, cache, obs
+  return out, cache

@@ -1,0 +1,193 @@
+"""One config dataclass for the decoder family (Llama 2/3.x, Qwen2, Mistral, ...).
+
+`ModelConfig` is frozen and hashable so it can be a static jit argument. `from_hf_dict` /
+`to_hf_dict` translate HF `config.json` files; unknown architectures raise with the list of
+supported ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional
+
+from kvjax.rope import RopeConfig
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of a decoder-only transformer.
+
+  Layer kinds are given per layer by `layer_types`; a sliding layer attends to exactly
+  `sliding_window` tokens (itself included).
+  """
+
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[tuple] = None       # HF rope_scaling dict as sorted items
+  partial_rotary_factor: float = 1.0
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False               # q/k/v bias (Qwen2)
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: Optional[int] = None
+  layer_types: Optional[tuple] = None        # per layer: "full_attention" | "sliding_attention"
+  hidden_act: str = "silu"
+  architecture: str = "LlamaForCausalLM"
+  dtype: str = "float32"                     # parameter dtype
+  bos_token_id: Optional[int] = None
+  eos_token_id: Optional[int] = None
+  pad_token_id: Optional[int] = None
+
+  def __post_init__(self):
+    pos = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+               intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+               num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+    for name, val in pos.items():
+      if not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name}={val!r}; must be a positive int")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r}; allowed: {ACTIVATIONS}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r}; allowed: {DTYPES}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window={self.sliding_window}; must be >= 1 or None")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"layer_types has {len(self.layer_types)} entries; "
+                         f"num_layers={self.num_layers}")
+      for t in self.layer_types:
+        if t not in LAYER_TYPES:
+          raise ValueError(f"unknown layer_types entry {t!r}; allowed: {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        raise ValueError("layer_types has 'sliding_attention' but sliding_window is None")
+    self.rope  # validates rope settings
+
+  @property
+  def rope(self) -> RopeConfig:
+    return RopeConfig.from_hf(self.head_dim, self.rope_theta,
+                              dict(self.rope_scaling) if self.rope_scaling else None,
+                              self.max_position_embeddings, self.partial_rotary_factor)
+
+  def layer_window(self, i: int) -> Optional[int]:
+    """Sliding window of layer i (None = full attention)."""
+    if self.layer_types is None:
+      return self.sliding_window
+    return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+  @property
+  def num_queries_per_kv(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def fingerprint(self) -> str:
+    """Stable hash of the config (used to check saved caches against a model)."""
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+  # --- HF translation -------------------------------------------------------------------
+  @classmethod
+  def from_hf_dict(cls, d: dict, dtype: Optional[str] = None) -> "ModelConfig":
+    archs = d.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"unknown architecture {arch!r} in config.json; supported: "
+                       f"{SUPPORTED_ARCHITECTURES}")
+    n_heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+    rope_scaling = d.get("rope_scaling")
+    rope_theta = d.get("rope_theta", 10000.0)
+    if rope_scaling is None and isinstance(d.get("rope_parameters"), dict):
+      rp = d["rope_parameters"]
+      rope_theta = rp.get("rope_theta", rope_theta)
+      if rp.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    sliding = None
+    layer_types = d.get("layer_types")
+    if arch == "MistralForCausalLM":
+      sliding = d.get("sliding_window")
+    elif arch == "Qwen2ForCausalLM" and d.get("use_sliding_window"):
+      sliding = d.get("sliding_window")
+      if layer_types is None:
+        mwl = d.get("max_window_layers", d["num_hidden_layers"])
+        layer_types = ["sliding_attention" if i >= mwl else "full_attention"
+                       for i in range(d["num_hidden_layers"])]
+    if sliding is None:
+      layer_types = None
+    elif layer_types is not None and all(t == "sliding_attention" for t in layer_types):
+      layer_types = None
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+      eos = eos[0] if eos else None
+    tie_default = False
+    return cls(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+        num_heads=n_heads, num_kv_heads=d.get("num_key_value_heads") or n_heads,
+        head_dim=head_dim, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+        partial_rotary_factor=d.get("partial_rotary_factor", 1.0),
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        tie_word_embeddings=d.get("tie_word_embeddings", tie_default),
+        attention_bias=(True if arch == "Qwen2ForCausalLM" else d.get("attention_bias", False)),
+        o_bias=(d.get("attention_bias", False) if arch == "LlamaForCausalLM" else False),
+        mlp_bias=d.get("mlp_bias", False), sliding_window=sliding,
+        layer_types=tuple(layer_types) if layer_types else None,
+        hidden_act=d.get("hidden_act", "silu"), architecture=arch,
+        dtype=dtype or _hf_dtype(d.get("torch_dtype") or d.get("dtype")),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=eos, pad_token_id=d.get("pad_token_id"))
+
+  def to_hf_dict(self) -> dict:
+    d = {
+        "architectures": [self.architecture],
+        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                       "MistralForCausalLM": "mistral"}[self.architecture],
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": self.hidden_act,
+        "mlp_bias": self.mlp_bias, "torch_dtype": self.dtype,
+        "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+    }
+    if self.partial_rotary_factor != 1.0:
+      d["partial_rotary_factor"] = self.partial_rotary_factor
+    if self.architecture == "LlamaForCausalLM":
+      d["attention_bias"] = self.attention_bias
+    if self.architecture == "MistralForCausalLM":
+      d["sliding_window"] = self.sliding_window
+    if self.architecture == "Qwen2ForCausalLM":
+      d["use_sliding_window"] = self.sliding_window is not None
+      d["sliding_window"] = self.sliding_window
+      d["max_window_layers"] = self.num_layers
+    if self.layer_types is not None:
+      d["layer_types"] = list(self.layer_types)
+    return d
+
+
+def _hf_dtype(name) -> str:
+  return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+      name or "float32", "float32")
