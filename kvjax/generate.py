@@ -1,0 +1,143 @@
+"""Autoregressive generation over any model that follows the kvjax model protocol.
+
+The model is duck-typed (kvjax never imports a model class): it needs
+  model.prefill(tokens, capacity=..., attention_mask=..., logits="last", press=...) -> (logits, cache)
+  model.decode(tokens, cache, logits="last", check_capacity=...) -> (logits, cache)
+where cache is a kvjax.cache.ModelCache (or any pytree with `next_position`).
+
+    out = kvjax.generate(model, tokens, max_new_tokens=32, temperature=0.0)
+    out.tokens  # [B, max_new_tokens] int32, padded with pad_id after each row's EOS
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: np.ndarray          # [B, N] generated ids (pad_id after EOS)
+  lengths: np.ndarray         # [B] generated tokens before (and including) EOS
+  cache: Any                  # final cache
+  prefill_seconds: float
+  decode_seconds: float
+  steps: int
+
+  @property
+  def decode_tokens_per_second(self) -> float:
+    return self.tokens.shape[0] * self.steps / max(self.decode_seconds, 1e-9)
+
+
+def _top_p_filter(logits, top_p):
+  """Masks logits outside the smallest set whose probability mass >= top_p."""
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  cum = jnp.cumsum(probs, axis=-1)
+  # keep tokens whose preceding mass < top_p (the first token is always kept)
+  keep_sorted = (cum - probs) < top_p
+  cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p", "top_k"))
+def sample(logits, key, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
+  """Samples ids [B] from logits [B, V]; temperature 0 is greedy (argmax)."""
+  logits = logits.astype(jnp.float32)
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  if top_p < 1.0:
+    logits = _top_p_filter(logits, top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _validate(max_new_tokens, temperature, top_p, top_k):
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be an int >= 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature}; must be >= 0")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p}; must be in (0, 1]")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k}; must be >= 0")
+
+
+def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, attention_mask=None,
+             capacity: Optional[int] = None, eos_id: Optional[int] = None, pad_id: int = 0,
+             press=None, decode_press=None, cache_dtype=None, backend: str = "auto",
+             callback: Optional[Callable[[int, np.ndarray], None]] = None) -> GenerateOutput:
+  """Generates up to max_new_tokens per row.
+
+  Args:
+    model: object with prefill/decode (see module docstring).
+    tokens: int [B, T] prompts (left padding marked by attention_mask).
+    max_new_tokens: tokens to generate per row.
+    temperature, top_p, top_k: sampling (temperature 0 = greedy).
+    seed: PRNG seed (randomness only through explicit keys).
+    capacity: cache slots; default prompt + max_new_tokens. With a `decode_press`
+      generation may run past it (the press frees slots).
+    eos_id: stop a row after it emits this id.
+    press: press applied after prefill.
+    decode_press: a decode-time policy object with `maybe_compress(cache, step) -> cache`
+      (see kvjax.presses); it is responsible for keeping room in the cache.
+    callback: called as callback(step, new_ids) after each step (streaming).
+  """
+  _validate(max_new_tokens, temperature, top_p, top_k)
+  tokens = jnp.asarray(tokens)
+  b, t = tokens.shape
+  if capacity is None:
+    capacity = t + max_new_tokens
+  if decode_press is None and press is None and capacity < t + max_new_tokens:
+    raise ValueError(f"capacity={capacity} < prompt ({t}) + max_new_tokens ({max_new_tokens}); "
+                     "raise capacity or pass a decode_press")
+  kw = dict(capacity=capacity, attention_mask=attention_mask, logits="last", backend=backend)
+  if press is not None:
+    kw["press"] = press
+  if cache_dtype is not None:
+    kw["cache_dtype"] = cache_dtype
+  t0 = time.perf_counter()
+  logits, cache = model.prefill(tokens, **kw)
+  key = jax.random.key(seed)
+  key, sub = jax.random.split(key)
+  nxt = sample(logits[:, -1], sub, temperature=temperature, top_p=top_p, top_k=top_k)
+  nxt.block_until_ready()
+  t1 = time.perf_counter()
+  out = np.full((b, max_new_tokens), pad_id, np.int32)
+  done = np.zeros((b,), bool)
+  lengths = np.zeros((b,), np.int32)
+  steps = 0
+  for step in range(max_new_tokens):
+    ids = np.asarray(nxt)
+    ids = np.where(done, pad_id, ids)
+    out[:, step] = ids
+    lengths += ~done
+    if eos_id is not None:
+      done |= ids == eos_id
+    if callback is not None:
+      callback(step, ids)
+    if step == max_new_tokens - 1 or done.all():
+      break
+    if decode_press is not None:
+      cache = decode_press.maybe_compress(cache, step)
+    # Room is guaranteed statically (capacity >= prompt + new) or by the decode press, so
+    # skip the per-step host sync of the capacity check.
+    logits, cache = model.decode(jnp.asarray(ids)[:, None], cache, logits="last",
+                                 check_capacity=decode_press is not None, backend=backend)
+    key, sub = jax.random.split(key)
+    nxt = sample(logits[:, -1], sub, temperature=temperature, top_p=top_p, top_k=top_k)
+    steps += 1
+  jax.block_until_ready(nxt)
+  t2 = time.perf_counter()
+  return GenerateOutput(tokens=out, lengths=lengths, cache=cache, prefill_seconds=t1 - t0,
+                        decode_seconds=t2 - t1, steps=steps)

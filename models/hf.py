@@ -1,0 +1,232 @@
+"""HF checkpoint loading and saving (config.json + safetensors), no torch needed.
+
+    model = models.from_pretrained("path/to/hf_dir", dtype="float32")
+    models.save_pretrained(model, "out_dir")
+
+Reads a single `model.safetensors` or sharded `model-*.safetensors` with
+`model.safetensors.index.json`. Tensors are read with our own small safetensors reader (the
+format is an 8-byte header length, a JSON header, raw little-endian bytes), which handles
+bfloat16 through `ml_dtypes` and memory-maps the files. Missing or unexpected tensors raise
+a ValueError naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Optional
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig
+from models.transformer import Transformer
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+# --- safetensors ------------------------------------------------------------------------
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads every tensor of a .safetensors file (memory-mapped numpy arrays)."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) != 8:
+      raise ValueError(f"{path}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head)
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dt = info["dtype"]
+    if dt not in _ST_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
+    a, b = info["data_offsets"]
+    arr = np.frombuffer(data[a:b], dtype=_ST_DTYPES[dt]).reshape(info["shape"])
+    out[name] = arr
+  return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None):
+  """Writes tensors to a .safetensors file (readable by the `safetensors` package)."""
+  header, offset, blobs = {}, 0, []
+  for name in sorted(tensors):
+    arr = np.ascontiguousarray(tensors[name])
+    if arr.dtype not in _ST_NAMES:
+      raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
+    raw = arr.tobytes()
+    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    offset += len(raw)
+    blobs.append(raw)
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  hb = json.dumps(header, separators=(",", ":")).encode()
+  hb += b" " * (-len(hb) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(hb)))
+    f.write(hb)
+    for raw in blobs:
+      f.write(raw)
+
+
+def load_tensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of an HF directory (single file or sharded with an index)."""
+  if not os.path.isdir(path):
+    raise ValueError(f"model path {path!r} is not a directory")
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+  elif os.path.exists(single):
+    files = ["model.safetensors"]
+  else:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    raise ValueError(f"no *.safetensors files in {path!r} (found: {sorted(os.listdir(path))}); "
+                     "convert .bin checkpoints with transformers' save_pretrained("
+                     "safe_serialization=True)")
+  tensors = {}
+  for fn in files:
+    fp = os.path.join(path, fn)
+    if not os.path.exists(fp):
+      raise ValueError(f"shard {fn!r} listed in the index is missing from {path!r}")
+    tensors.update(read_safetensors(fp))
+  return tensors
+
+
+# --- name mapping -----------------------------------------------------------------------
+# our stacked param -> (HF per-layer name template, transpose?)
+_LAYER_MAP = {
+    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
+    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
+    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
+    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
+    "bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
+    "bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
+    "bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
+    "bo": ("model.layers.{i}.self_attn.o_proj.bias", False),
+    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
+    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
+    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
+    "b_gate": ("model.layers.{i}.mlp.gate_proj.bias", False),
+    "b_up": ("model.layers.{i}.mlp.up_proj.bias", False),
+    "b_down": ("model.layers.{i}.mlp.down_proj.bias", False),
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+}
+_TOP_MAP = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+# Buffers some checkpoints carry that hold no parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _expected_names(model: Transformer) -> dict:
+  names = {}
+  L = model.config.num_layers
+  for ours, (tmpl, tr) in _LAYER_MAP.items():
+    if hasattr(model, ours):
+      names[ours] = ([tmpl.format(i=i) for i in range(L)], tr)
+  for ours, (name, tr) in _TOP_MAP.items():
+    if hasattr(model, ours):
+      names[ours] = ([name], tr)
+  return names
+
+
+def load_config(path: str, dtype: Optional[str] = None) -> ModelConfig:
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isdir(path):
+    raise ValueError(f"model path {path!r} is not a directory")
+  if not os.path.exists(cfg_path):
+    raise ValueError(f"{path!r} has no config.json")
+  with open(cfg_path) as f:
+    return ModelConfig.from_hf_dict(json.load(f), dtype=dtype)
+
+
+def from_pretrained(path: str, dtype: Optional[str] = None) -> Transformer:
+  """Loads an HF directory into a Transformer.
+
+  Args:
+    path: local directory with config.json and *.safetensors.
+    dtype: parameter dtype ("float32" | "bfloat16" | "float16"); default from config.json.
+  """
+  config = load_config(path, dtype)
+  tensors = load_tensors(path)
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  expected = _expected_names(model)
+  if config.tie_word_embeddings:
+    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+  wanted = {n for names, _ in expected.values() for n in names}
+  extra = sorted(n for n in tensors if n not in wanted and not n.endswith(_IGNORED_SUFFIXES))
+  missing = sorted(n for n in wanted if n not in tensors)
+  if missing or extra:
+    raise ValueError(f"checkpoint {path!r} does not match {config.architecture}: "
+                     f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                     f"unexpected tensors {extra[:8]}{'...' if len(extra) > 8 else ''}")
+  dt = jnp.dtype(config.dtype)
+  for ours, (names, tr) in expected.items():
+    arrs = [np.asarray(tensors[n]) for n in names]
+    arrs = [a.T if tr else a for a in arrs]
+    val = np.stack(arrs) if ours in _LAYER_MAP else arrs[0]
+    param = getattr(model, ours)
+    if tuple(param.value.shape) != val.shape:
+      raise ValueError(f"tensor for {ours} ({names[0]}...) has shape {val.shape}; "
+                       f"config implies {tuple(param.value.shape)}")
+    param.value = jnp.asarray(val.astype(np.float32) if val.dtype != dt else val, dtype=dt)
+  return model
+
+
+def save_pretrained(model: Transformer, path: str, *, max_shard_bytes: Optional[int] = None,
+                    extra_files: Optional[dict] = None):
+  """Writes config.json + safetensors (sharded with an index if max_shard_bytes is set)."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(model.config.to_hf_dict(), f, indent=2)
+  tensors = {}
+  for ours, (names, tr) in _expected_names(model).items():
+    val = np.asarray(getattr(model, ours).value)
+    if ours in _LAYER_MAP:
+      for i, n in enumerate(names):
+        tensors[n] = val[i].T if tr else val[i]
+    else:
+      tensors[names[0]] = val.T if tr else val
+  if max_shard_bytes is None:
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+  else:
+    shards, cur, size = [], {}, 0
+    for n in sorted(tensors):
+      nb = tensors[n].nbytes
+      if cur and size + nb > max_shard_bytes:
+        shards.append(cur)
+        cur, size = {}, 0
+      cur[n] = tensors[n]
+      size += nb
+    shards.append(cur)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+      fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      write_safetensors(os.path.join(path, fn), shard, {"format": "pt"})
+      weight_map.update({n: fn for n in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  for name, content in (extra_files or {}).items():
+    with open(os.path.join(path, name), "w") as f:
+      f.write(content)
