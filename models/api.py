@@ -159,7 +159,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   need = observe or tfm.Observe()
   if press is not None:
-    need = _merge_observe(need, getattr(press, "observe", tfm.Observe()))
+    need = need.merge(getattr(press, "observe", tfm.Observe()))
   _check_room(cache, positions)
   graphdef, state = nnx.split(model)
   out, cache, obs = _run(graphdef, state, tokens, positions, cache, observe=need,
@@ -169,14 +169,6 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
   if observe is not None:
     return out, cache, obs
   return out, cache
-
-
-def _merge_observe(a: tfm.Observe, b: tfm.Observe) -> tfm.Observe:
-  if a.colsum and b.colsum and a.colsum_window != b.colsum_window:
-    raise ValueError("conflicting colsum_window requests between observe and press")
-  return tfm.Observe(colsum=a.colsum or b.colsum,
-                     colsum_window=a.colsum_window if a.colsum else b.colsum_window,
-                     queries=max(a.queries, b.queries))
 
 
 def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, attention_mask=None,

@@ -24,24 +24,10 @@ from flax import nnx
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 from kvjax import rope as rope_lib
+from kvjax.observation import Observe
 from models.config import ModelConfig
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class Observe:
-  """What a forward pass should report per layer for presses (static).
-
-  Attributes:
-    colsum: return attention mass per cache slot [B, Hkv, S] summed over queries.
-    colsum_window: only the last `colsum_window` queries count (SnapKV window).
-    queries: keep the last `queries` query vectors (post-RoPE) [B, Hq, W, D].
-  """
-
-  colsum: bool = False
-  colsum_window: Optional[int] = None
-  queries: int = 0
 
 
 def rms_norm(x, weight, eps):
