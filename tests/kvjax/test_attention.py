@@ -1,0 +1,173 @@
+"""Reference attention vs an explicit-loop numpy implementation of docs/CONVENTIONS.md."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import attention as A
+
+
+def naive(q, k, v, k_lengths, q_pos, k_pos, *, scale, window=None, sinks=0, softcap=None,
+          sink_logits=None, colsum_window=None):
+  """Loops over every (b, h, t): the plain definition, in float64."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, hq, t, d = q.shape
+  hkv, s = k.shape[1], k.shape[2]
+  g = hq // hkv
+  out = np.zeros((b, hq, t, v.shape[-1]))
+  lse = np.full((b, hq, t), -1e30)
+  colsum = np.zeros((b, hkv, s))
+  for bi in range(b):
+    last = q_pos[bi].max()
+    for h in range(hq):
+      kh = h // g
+      for ti in range(t):
+        qp = q_pos[bi, ti]
+        vis = []
+        for si in range(s):
+          kp = k_pos[bi, kh, si]
+          ok = si < k_lengths[bi, kh] and kp >= 0 and qp >= 0 and kp <= qp
+          if window is not None:
+            ok = ok and (qp - kp < window or kp < sinks)
+          vis.append(ok)
+        vis = np.array(vis)
+        if not vis.any():
+          continue
+        logits = (k @ q[bi, h, ti])[bi, kh] * scale
+        if softcap:
+          logits = softcap * np.tanh(logits / softcap)
+        logits = np.where(vis, logits, -np.inf)
+        m = logits.max()
+        e = np.where(vis, np.exp(logits - m), 0.0)
+        den = e.sum()
+        if sink_logits is not None:
+          m2 = max(m, sink_logits[h])
+          e = np.where(vis, np.exp(logits - m2), 0.0)
+          den = e.sum() + np.exp(sink_logits[h] - m2)
+          m = m2
+        p = e / den
+        out[bi, h, ti] = p @ v[bi, kh]
+        lse[bi, h, ti] = m + math.log(den)
+        if colsum_window is None or qp > last - colsum_window:
+          colsum[bi, kh] += p
+  return out, lse, colsum
+
+
+def make(b=2, hq=4, hkv=2, t=5, s=9, d=8, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(b, hq, t, d)).astype(np.float32)
+  k = rng.normal(size=(b, hkv, s, d)).astype(np.float32)
+  v = rng.normal(size=(b, hkv, s, d)).astype(np.float32)
+  k_lengths = rng.integers(0, s + 1, size=(b, hkv)).astype(np.int32)
+  k_pos = np.tile(np.arange(s, dtype=np.int32), (b, hkv, 1))
+  q_pos = np.tile(np.arange(s - t, s, dtype=np.int32), (b, 1))
+  return q, k, v, k_lengths, q_pos, k_pos
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("window,sinks,softcap", [(None, 0, None), (3, 0, None), (3, 2, None),
+                                                  (None, 0, 5.0), (4, 1, 2.0)])
+def test_matches_naive(hq, hkv, window, sinks, softcap):
+  q, k, v, kl, qp, kp = make(hq=hq, hkv=hkv)
+  qp[1, :2] = -1  # padding queries
+  kp[0, 0, 3] = -1  # an empty slot in the middle
+  spec = A.AttentionSpec(window=window, sink_tokens=sinks, softcap=softcap, backend="xla")
+  res = A.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(kl),
+                    q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), spec=spec,
+                    return_lse=True, return_colsum=True)
+  out, lse, colsum = naive(q, k, v, kl, qp, kp, scale=8 ** -0.5, window=window, sinks=sinks,
+                           softcap=softcap)
+  np.testing.assert_allclose(res.out, out, atol=2e-5)
+  np.testing.assert_allclose(res.lse, lse, rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(res.colsum, colsum, atol=2e-5)
+
+
+def test_sink_logits_and_colsum_window():
+  q, k, v, kl, qp, kp = make(hq=4, hkv=2, t=6)
+  sl = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+  res = A.attention(*map(jnp.asarray, (q, k, v, kl)), q_positions=jnp.asarray(qp),
+                    k_positions=jnp.asarray(kp), spec=A.AttentionSpec(backend="xla"),
+                    sink_logits=jnp.asarray(sl), return_lse=True, return_colsum=True,
+                    colsum_window=2)
+  out, lse, colsum = naive(q, k, v, kl, qp, kp, scale=8 ** -0.5, sink_logits=sl,
+                           colsum_window=2)
+  np.testing.assert_allclose(res.out, out, atol=2e-5)
+  np.testing.assert_allclose(res.lse, lse, rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(res.colsum, colsum, atol=2e-5)
+
+
+def test_query_chunking_equals_one_shot():
+  q, k, v, kl, qp, kp = make(t=9, s=9)
+  kl[:] = 9
+  args = dict(q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), return_lse=True,
+              return_colsum=True)
+  one = A.attention(*map(jnp.asarray, (q, k, v, kl)), spec=A.AttentionSpec(backend="xla"), **args)
+  chunked = A.attention(*map(jnp.asarray, (q, k, v, kl)),
+                        spec=A.AttentionSpec(backend="xla", q_chunk=4), **args)
+  for a, b in zip(one, chunked):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_window_sees_exactly_w_tokens():
+  # uniform keys -> probabilities are 1/(visible count)
+  b, s, w = 1, 10, 4
+  q = jnp.ones((b, 1, s, 4))
+  k = jnp.ones((b, 1, s, 4))
+  v = jnp.ones((b, 1, s, 4))
+  pos = jnp.arange(s, dtype=jnp.int32)[None]
+  res = A.attention(q, k, v, jnp.full((b, 1), s, jnp.int32), q_positions=pos,
+                    k_positions=pos[:, None], spec=A.AttentionSpec(window=w, backend="xla"),
+                    return_colsum=True)
+  # column s is seen by queries s..s+w-1 (clipped at the end) with prob 1/min(t+1, w)
+  expected = np.zeros(s)
+  for t in range(s):
+    n = min(t + 1, w)
+    for j in range(t - n + 1, t + 1):
+      expected[j] += 1 / n
+  np.testing.assert_allclose(res.colsum[0, 0], expected, atol=1e-6)
+
+
+def test_fully_masked_rows_are_finite_bf16():
+  q, k, v, kl, qp, kp = make()
+  kl[:] = 0  # nothing visible
+  big = jnp.asarray(k) * 1e4
+  res = A.attention(jnp.asarray(q, jnp.bfloat16), big.astype(jnp.bfloat16),
+                    jnp.asarray(v, jnp.bfloat16), jnp.asarray(kl), q_positions=jnp.asarray(qp),
+                    k_positions=jnp.asarray(kp), spec=A.AttentionSpec(backend="xla"),
+                    return_lse=True, return_colsum=True)
+  assert bool(jnp.all(jnp.isfinite(res.out.astype(jnp.float32))))
+  assert bool(jnp.all(res.out == 0))
+  assert bool(jnp.all(jnp.isfinite(res.lse)))
+  assert bool(jnp.all(res.colsum == 0))
+
+
+def test_large_magnitude_bf16_no_nan():
+  q, k, v, kl, qp, kp = make()
+  kl[:] = 9
+  res = A.attention(jnp.asarray(q * 300, jnp.bfloat16), jnp.asarray(k * 300, jnp.bfloat16),
+                    jnp.asarray(v, jnp.bfloat16), jnp.asarray(kl), q_positions=jnp.asarray(qp),
+                    k_positions=jnp.asarray(kp), spec=A.AttentionSpec(backend="xla"))
+  assert bool(jnp.all(jnp.isfinite(res.out.astype(jnp.float32))))
+
+
+def test_bad_input_errors():
+  q, k, v, kl, qp, kp = map(jnp.asarray, make(hq=3, hkv=2))
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    A.attention(q, k, v, kl, q_positions=qp, k_positions=kp)
+  q, k, v, kl, qp, kp = map(jnp.asarray, make())
+  with pytest.raises(ValueError, match="k_lengths shape"):
+    A.attention(q, k, v, kl[:, :1], q_positions=qp, k_positions=kp)
+  with pytest.raises(ValueError, match="backend"):
+    A.AttentionSpec(backend="cuda")
+  with pytest.raises(ValueError, match="window"):
+    A.AttentionSpec(window=0)
+
+
+def test_jit_and_grad():
+  q, k, v, kl, qp, kp = map(jnp.asarray, make())
+  f = jax.jit(lambda q: A.attention(q, k, v, kl, q_positions=qp, k_positions=kp).out.sum())
+  g = jax.grad(f)(q)
+  assert bool(jnp.all(jnp.isfinite(g)))
