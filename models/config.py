@@ -124,7 +124,7 @@ class ModelConfig:
     sliding = None
     layer_types = d.get("layer_types")
     if arch == "MistralForCausalLM":
-      sliding = d.get("sliding_window")
+      sliding = d.get("sliding_window", 4096)  # transformers' MistralConfig default
     elif arch == "Qwen2ForCausalLM" and d.get("use_sliding_window"):
       sliding = d.get("sliding_window")
       if layer_types is None:

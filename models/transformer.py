@@ -191,8 +191,12 @@ def _proj(x, w, b=None):
 
 
 def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
-           observe: Observe):
-  """One decoder layer. x [B, T, H] -> x, layer_cache', obs dict."""
+           observe: Observe, layer_index=None):
+  """One decoder layer. x [B, T, H] -> x, layer_cache', obs dict.
+
+  With `layer_index` set, `layer_cache` is a stacked segment cache and the layer updates its
+  own slice in place (`attend_stacked`).
+  """
   c = config
   b, t, _ = x.shape
   h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
@@ -203,18 +207,18 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
   q = rope_lib.apply_rope(q, positions, spec.rope)
   k = rope_lib.apply_rope(k, positions, spec.rope)
   want_colsum = observe.colsum
+  akw = dict(return_colsum=want_colsum, colsum_window=observe.colsum_window)
   if layer_cache is None:
     # No cache: the chunk attends to itself.
     kpos = jnp.broadcast_to(positions[:, None, :], (b, c.num_kv_heads, t))
     lengths = jnp.full((b, c.num_kv_heads), t, jnp.int32)
     res = attn_lib.attention(q, k, v, lengths, q_positions=positions, k_positions=kpos,
-                             spec=spec.attn, return_colsum=want_colsum,
-                             colsum_window=observe.colsum_window)
+                             spec=spec.attn, **akw)
     new_cache = None
+  elif layer_index is not None:
+    res, new_cache = layer_cache.attend_stacked(layer_index, q, k, v, positions, spec.attn, **akw)
   else:
-    res, new_cache = layer_cache.attend(q, k, v, positions, spec.attn,
-                                        return_colsum=want_colsum,
-                                        colsum_window=observe.colsum_window)
+    res, new_cache = layer_cache.attend(q, k, v, positions, spec.attn, **akw)
   o = res.out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
   x = x + _proj(o, p["wo"], p.get("bo")).astype(x.dtype)
   h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
@@ -270,12 +274,22 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
     else:
       cseg = None
 
-    def body(x, xs, spec=spec):
-      p_l, c_l = xs
-      x, c_new, obs = _layer(p_l, x, positions, c_l, spec, c, observe)
-      return x, (c_new, obs)
+    if cseg is not None and hasattr(cseg, "attend_stacked"):
+      # In-place path: the stacked segment cache is carried through the scan.
+      def body(carry, xs, spec=spec):
+        x, cs = carry
+        p_l, i = xs
+        x, cs, obs = _layer(p_l, x, positions, cs, spec, c, observe, layer_index=i)
+        return (x, cs), obs
 
-    x, (cseg_new, obs) = jax.lax.scan(body, x, (p_seg, cseg))
+      (x, cseg_new), obs = jax.lax.scan(body, (x, cseg), (p_seg, jnp.arange(bnd - a)))
+    else:
+      def body(x, xs, spec=spec):
+        p_l, c_l = xs
+        x, c_new, obs = _layer(p_l, x, positions, c_l, spec, c, observe)
+        return x, (c_new, obs)
+
+      x, (cseg_new, obs) = jax.lax.scan(body, x, (p_seg, cseg))
     new_layer_segments.append((a, bnd, cseg_new))
     for i in range(bnd - a):
       obs_all.append(jax.tree.map(lambda o, i=i: o[i], obs))
