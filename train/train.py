@@ -1,0 +1,532 @@
+"""The training loop: any NNX language model, AdamW, sharded jit, orbax checkpoints.
+
+    summary = train.train.train_and_evaluate(config, workdir)
+
+The model is built from `config.model.family` (see `train.registry`) and kept functional:
+`nnx.split` gives a static graph definition and a pure dict of parameters; the train step
+merges them back (in the compute dtype) to call `model(tokens) -> logits`. The state
+{"step", "params", "opt_state", "rng"} lives on a (data, model) mesh with explicit
+shardings, is initialised by a jit whose out_shardings place it, and is donated to every
+train step. A step accumulates gradients over `grad_accum_steps` micro-batches with
+`lax.scan` and normalises by the number of loss tokens of the whole batch, so accumulation
+changes memory, not the update.
+
+Data is generated on the host, deterministically from (seed, index); the iterator's state
+is checkpointed beside the train state, so a run stopped at any checkpoint and resumed
+reproduces the uninterrupted loss curve bit for bit (same mesh, same device kind).
+
+Shapes: A accumulation steps, B global batch, M = B / A micro-batch, T seq_len, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+import types
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from models.tokenizer import ByteTokenizer
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import evaluate as eval_lib
+from train import metrics as metrics_lib
+from train import optimizer as opt_lib
+from train import registry
+from train import sharding as shard_lib
+
+PyTree = Any
+DTYPES = ("float32", "bfloat16", "float16")
+EVAL_SEED_OFFSET = 1_000_003  # eval examples of tasks use seed + this: disjoint from training
+
+
+# --- model plumbing -----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+  """A model split for functional use: graph definition + abstract params + other state."""
+  family_name: str
+  family: registry.Family
+  kwargs: dict
+  graphdef: Any
+  abstract_state: Any            # nnx.State of Params (ShapeDtypeStruct leaves)
+  abstract_params: Any           # pure dict of ShapeDtypeStruct
+  rest: Any                      # non-Param variables (usually empty)
+
+  def merge(self, params: PyTree, dtype=None) -> nnx.Module:
+    """The module with `params` (a pure dict), cast to `dtype` if given."""
+    if dtype is not None:
+      params = cast_floating(params, dtype)
+    st = jax.tree.map(lambda x: x, self.abstract_state)
+    nnx.replace_by_pure_dict(st, params)
+    return nnx.merge(self.graphdef, st, self.rest)
+
+  def abstract_model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.abstract_state, self.rest)
+
+
+def cast_floating(tree, dtype):
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, tree)
+
+
+def model_kwargs(c) -> dict:
+  return _to_dict(c.model.config)
+
+
+def build_parts(c) -> ModelParts:
+  """Builds the model abstractly (no FLOPs, no memory) and splits it."""
+  family = registry.get(c.model.family)
+  kw = model_kwargs(c)
+  abstract = nnx.eval_shape(lambda: family.build(kw, rngs=nnx.Rngs(c.seed)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    rest = jax.jit(lambda: nnx.split(family.build(kw, rngs=nnx.Rngs(c.seed)), nnx.Param,
+                                     ...)[2])()
+  pdt = jnp.dtype(c.model.param_dtype)
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, pdt if jnp.issubdtype(x.dtype, jnp.floating)
+                                     else x.dtype), params.to_pure_dict())
+  return ModelParts(c.model.family, family, kw, graphdef, params, abstract_params, rest)
+
+
+# --- config checks ------------------------------------------------------------------------
+def check_config(c, parts: ModelParts, mesh: Mesh):
+  """Raises ValueError naming the setting when the config cannot work."""
+  def need(ok, msg):
+    if not ok:
+      raise ValueError(msg)
+  need(c.steps >= 1, f"steps={c.steps}; must be >= 1")
+  need(c.seq_len >= 2, f"seq_len={c.seq_len}; must be >= 2")
+  need(c.grad_accum_steps >= 1, f"grad_accum_steps={c.grad_accum_steps}; must be >= 1")
+  need(c.model.param_dtype in DTYPES and c.model.compute_dtype in DTYPES,
+       f"model.param_dtype={c.model.param_dtype!r}, model.compute_dtype="
+       f"{c.model.compute_dtype!r}; allowed: {DTYPES}")
+  n_data = mesh.shape["data"]
+  need(c.batch_size % c.grad_accum_steps == 0,
+       f"batch_size={c.batch_size} is not divisible by grad_accum_steps={c.grad_accum_steps}")
+  micro = c.batch_size // c.grad_accum_steps
+  need(micro % n_data == 0, f"micro-batch batch_size/grad_accum_steps={micro} is not "
+       f"divisible by the mesh's data axis ({n_data} devices)")
+  need(c.eval_batch_size % n_data == 0, f"eval_batch_size={c.eval_batch_size} is not "
+       f"divisible by the mesh's data axis ({n_data})")
+  kw = parts.kwargs
+  if "dtype" in kw:
+    need(kw["dtype"] == c.model.param_dtype,
+         f"model.config.dtype={kw['dtype']!r} differs from model.param_dtype="
+         f"{c.model.param_dtype!r}; set both to the parameter dtype (compute dtype is "
+         "model.compute_dtype)")
+  mpe = kw.get("max_position_embeddings")
+  need(mpe is None or c.seq_len <= mpe,
+       f"seq_len={c.seq_len} exceeds model.config.max_position_embeddings={mpe}")
+  # The module contract: tokens [B, T] -> logits [B, T, V] with V >= the byte vocabulary.
+  tokens = jax.ShapeDtypeStruct((1, c.seq_len), jnp.int32)
+  try:
+    out = jax.eval_shape(lambda p, t: parts.merge(p)(t), parts.abstract_params, tokens)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"model.family={c.model.family!r} with model.config={kw} fails on "
+                     f"tokens [1, {c.seq_len}]: {e}") from e
+  need(hasattr(out, "shape") and tuple(out.shape[:2]) == (1, c.seq_len) and out.ndim == 3,
+       f"model(tokens [1, {c.seq_len}]) must return logits [1, {c.seq_len}, V]; got "
+       f"{getattr(out, 'shape', type(out))}")
+  need(out.shape[-1] >= ByteTokenizer.vocab_size,
+       f"the model's vocabulary ({out.shape[-1]}) is smaller than the byte tokenizer's "
+       f"({ByteTokenizer.vocab_size}); set model.config.vocab_size >= "
+       f"{ByteTokenizer.vocab_size}")
+  need(not (c.export and parts.family.export is None),
+       f"export=True but model.family={c.model.family!r} registers no exporter")
+  need(c.distributed in ("auto", "true", "false"),
+       f"distributed={c.distributed!r}; allowed: 'auto', 'true', 'false'")
+
+
+# --- steps -----------------------------------------------------------------------------------
+def _loss_and_stats(params, batch, parts: ModelParts, compute_dtype):
+  model = parts.merge(params, compute_dtype)
+  logits = model(batch["inputs"])
+  s = eval_lib.token_stats(logits, batch["targets"], batch["weights"])
+  return jnp.sum(s["nll"]), {"count": jnp.sum(s["count"]), "correct": jnp.sum(s["correct"])}
+
+
+def train_step(state, batch, *, parts: ModelParts, tx, schedule, compute_dtype):
+  """One optimizer step over a batch shaped [A, M, T]; returns (state, metrics)."""
+  grad_fn = jax.value_and_grad(functools.partial(_loss_and_stats, parts=parts,
+                                                 compute_dtype=compute_dtype), has_aux=True)
+  params = state["params"]
+
+  def micro_step(carry, mb):
+    g_acc, l_acc, a_acc = carry
+    (l, a), g = grad_fn(params, mb)
+    return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, a_acc, a)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  init = (zeros, jnp.zeros((), jnp.float32),
+          {"count": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32)})
+  (grads, loss_sum, aux), _ = jax.lax.scan(micro_step, init, batch)
+  n = jnp.maximum(aux["count"], 1.0)
+  grads = jax.tree.map(lambda g: g / n, grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  rng, _ = jax.random.split(state["rng"])
+  new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+               "rng": rng}
+  metrics = {"loss": loss_sum / n, "token_accuracy": aux["correct"] / n,
+             "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+             "param_norm": optax.global_norm(new_params), "loss_tokens": aux["count"]}
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, parts: ModelParts, compute_dtype):
+  model = parts.merge(params, compute_dtype)
+  return eval_lib.token_stats(model(batch["inputs"]), batch["targets"], batch["weights"])
+
+
+# --- the trainer ------------------------------------------------------------------------------
+_PROGRAMS: dict = {}
+
+
+def _init_state(c, parts: ModelParts, tx):
+  model = parts.family.build(parts.kwargs, rngs=nnx.Rngs(c.seed))
+  params = cast_floating(nnx.state(model, nnx.Param).to_pure_dict(), c.model.param_dtype)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "rng": jax.random.key_data(jax.random.key(c.seed + 1))}
+
+
+def _build_programs(c, mesh: Mesh) -> dict:
+  """Model parts, optimizer, shardings and the jitted init / train / eval functions."""
+  parts = build_parts(c)
+  check_config(c, parts, mesh)
+  opt_c = types.SimpleNamespace(**_to_dict(c.opt))
+  if opt_c.decay_steps <= 0:
+    opt_c.decay_steps = c.steps
+  schedule = opt_lib.learning_rate_schedule(opt_c)
+  tx = opt_lib.make_optimizer(opt_c)
+  param_sh = shard_lib.param_shardings(parts.abstract_params, mesh, fsdp=c.mesh.fsdp,
+                                       fsdp_min_size=c.mesh.fsdp_min_size,
+                                       tp_rules=parts.family.tp_rules)
+  abstract_opt = jax.eval_shape(tx.init, parts.abstract_params)
+  rep = shard_lib.replicated(mesh)
+  state_sh = {"step": rep, "params": param_sh,
+              "opt_state": shard_lib.opt_state_shardings(tx, abstract_opt, param_sh, mesh),
+              "rng": rep}
+  init = functools.partial(_init_state, c, parts, tx)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(init), state_sh)
+  batch_sh = shard_lib.batch_sharding(mesh, 3, batch_axis=1)   # [A, M, T]
+  eval_sh = shard_lib.batch_sharding(mesh, 2, batch_axis=0)    # [B, T]
+  cd = jnp.dtype(c.model.compute_dtype)
+  return dict(
+      parts=parts, schedule=schedule, tx=tx, param_sh=param_sh, state_sh=state_sh,
+      abstract_state=abstract_state, batch_sh=batch_sh, eval_sh=eval_sh,
+      init_fn=jax.jit(init, out_shardings=state_sh),
+      step_fn=jax.jit(
+          functools.partial(train_step, parts=parts, tx=tx, schedule=schedule,
+                            compute_dtype=cd),
+          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+          donate_argnames=("state",)),
+      eval_fn=jax.jit(functools.partial(eval_step, parts=parts, compute_dtype=cd),
+                      in_shardings=(param_sh, eval_sh), out_shardings=rep),
+      meta=ckpt_lib.make_meta(c.model.family, parts.kwargs, parts.abstract_params,
+                              list(c.data.sources.keys())))
+
+
+class Trainer:
+  """Owns the mesh, shardings, jitted functions and the live state."""
+
+  def __init__(self, c, mesh: Optional[Mesh] = None):
+    self.c = c
+    self.mesh = mesh or shard_lib.make_mesh(c.mesh.data, c.mesh.model)
+    # Compiled programs are reused by later Trainers with the same config and mesh (a
+    # notebook re-run, or a resumed loop in the same process): the jit caches are per
+    # function object, so without this each Trainer would compile again.
+    key = (json.dumps(_to_dict(c), sort_keys=True, default=str),
+           tuple(d.id for d in self.mesh.devices.flat), self.mesh.devices.shape,
+           id(registry.get(c.model.family)))
+    built = _PROGRAMS.get(key)
+    if built is None:
+      built = _build_programs(c, self.mesh)
+      if len(_PROGRAMS) >= 8:
+        _PROGRAMS.clear()
+      _PROGRAMS[key] = built
+    for k, v in built.items():
+      setattr(self, k, v)
+    self.state = None
+
+  def init_state(self):
+    self.state = self.init_fn()
+    return self.state
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state["step"]))
+
+  # host data -> global arrays (each process builds only its rows)
+  def _local_rows(self, sharding: NamedSharding, shape, axis: int) -> list[int]:
+    idx = sharding.addressable_devices_indices_map(shape)
+    rows = set()
+    for sl in idx.values():
+      s = sl[axis]
+      rows.update(range(*s.indices(shape[axis])))
+    return sorted(rows)
+
+  def train_batch(self, mixture: data_lib.Mixture):
+    c = self.c
+    a, m = c.grad_accum_steps, c.batch_size // c.grad_accum_steps
+    shape = (a, m, c.seq_len)
+    local_m = self._local_rows(self.batch_sh, shape, 1)
+    rows = [i * m + r for i in range(a) for r in local_m]
+    b = mixture.next_batch(c.batch_size, rows)
+    out = {}
+    for k in ("inputs", "targets", "weights"):
+      x = b[k].reshape(a, len(local_m), c.seq_len)
+      out[k] = jax.make_array_from_process_local_data(self.batch_sh, x, shape)
+    return out
+
+  def eval_arrays(self, batch: dict):
+    """Pads an eval batch to eval_batch_size with zero-weight rows and places it."""
+    bsz = self.c.eval_batch_size
+    n = batch["inputs"].shape[0]
+    out = {}
+    for k in ("inputs", "targets", "weights"):
+      x = batch[k]
+      if n < bsz:
+        pad = np.repeat(x[:1], bsz - n, axis=0)
+        if k == "weights":
+          pad = np.zeros_like(pad)
+        x = np.concatenate([x, pad])
+      shape = x.shape
+      rows = self._local_rows(self.eval_sh, shape, 0)
+      out[k] = jax.make_array_from_process_local_data(self.eval_sh, x[rows], shape)
+    return out, n
+
+  def evaluate(self, eval_sets: dict) -> dict:
+    out = {}
+    for name, batches in eval_sets.items():
+      stats = []
+      for b in batches:
+        arrs, n = self.eval_arrays(b)
+        s = jax.device_get(self.eval_fn(self.state["params"], arrs))
+        stats.append({k: v[:n] for k, v in s.items()})
+      for k, v in eval_lib.summarize(stats).items():
+        if k != "examples":
+          out[f"eval/{name}/{k}"] = v
+    return out
+
+  def model(self) -> nnx.Module:
+    """The current model (params gathered to host-addressable arrays, param dtype)."""
+    return self.parts.merge(self.state["params"])
+
+
+def _to_dict(cfg) -> dict:
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+# --- data from config -------------------------------------------------------------------------
+def make_mixture(c) -> data_lib.Mixture:
+  srcs, weights = {}, {}
+  for name, spec in c.data.sources.items():
+    spec = _to_dict(spec)
+    weights[name] = spec.get("weight", 1.0)
+    srcs[name] = data_lib.make_source(name, spec, c.seq_len + 1, "train")
+  return data_lib.Mixture(srcs, weights, c.seed)
+
+
+def make_eval_sets(c) -> dict:
+  sets = {}
+  if c.eval_examples <= 0:
+    return sets
+  for name, spec in c.data.sources.items():
+    spec = _to_dict(spec)
+    if spec.get("kind", name) == "files" and not spec.get("eval_paths"):
+      continue
+    src = data_lib.make_source(name, spec, c.seq_len + 1, "validation")
+    sets[name] = data_lib.eval_batches(src, c.eval_examples, c.eval_batch_size,
+                                       c.seed + EVAL_SEED_OFFSET)
+  return sets
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+  """Calls jax.distributed.initialize() when asked, or ("auto") when the env is multi-host."""
+  if mode == "false":
+    return False
+  env = os.environ
+  multi = any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
+                                 "MEGASCALE_COORDINATOR_ADDRESS"))
+  multi |= int(env.get("SLURM_NTASKS", "1") or 1) > 1
+  multi |= int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+  multi |= "," in env.get("TPU_WORKER_HOSTNAMES", "")
+  if mode == "true" or multi:
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d", jax.process_index(),
+                 jax.process_count())
+    return True
+  return False
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps (checkpoint, then stop)."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, *_):
+    logging.warning("SIGTERM: will checkpoint and stop after this step")
+    self.flag = True
+
+  def __exit__(self, *a):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+    return False
+
+
+def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = None,
+                       mesh: Optional[Mesh] = None) -> dict:
+  """Trains per config `c` in `workdir`, resuming from its latest checkpoint if any.
+
+  Args:
+    c: the ml_collections config (see train/configs/default.py).
+    workdir: checkpoints, metrics.jsonl, tensorboard/ and export/ go here.
+    stop_after_steps: stop (with a checkpoint) after this many steps of this call,
+      as a preemption would; None trains to `c.steps`.
+    mesh: a (data, model) mesh; default from c.mesh over all devices.
+
+  Returns:
+    {"step", "last": last logged train metrics, "eval": last eval metrics,
+     "train_seconds", "export_dir"}.
+  """
+  if not workdir:
+    raise ValueError("workdir is empty; pass --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(c, mesh)
+  mixture = make_mixture(c)
+  ckpt = None
+  if c.checkpoint_every >= 0:
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=c.keep_checkpoints,
+                                 async_save=c.async_checkpoint)
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, trainer.abstract_state, trainer.meta)
+    trainer.state = state
+    mixture.restore(data_state)
+    logging.info("resumed from %s step %d", ckpt.directory, latest)
+  else:
+    trainer.init_state()
+  eval_sets = make_eval_sets(c)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=c.tensorboard, enabled=is_main)
+  fam = trainer.parts.family
+  abstract_model = trainer.parts.abstract_model()
+  flops_tok = (fam.flops_per_token(abstract_model, c.seq_len) if fam.flops_per_token else
+               6.0 * sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(
+                   trainer.parts.abstract_params)[0]
+                         if shard_lib.path_str(p).split("/")[-1] != "embed"))
+  peak = metrics_lib.peak_flops_per_device(c.peak_flops_per_device)
+  n_dev = len(trainer.mesh.devices.flat)
+
+  step = trainer.step
+  start_step = step
+  summary = {"step": step, "last": {}, "eval": {}, "export_dir": None}
+  pbar = None
+  if c.progress_bar and is_main:
+    from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
+    pbar = tqdm.tqdm(total=c.steps, initial=step, desc="train", dynamic_ncols=True)
+  pending = []
+  t_last, step_last = time.time(), step
+  t_start = time.time()
+  compile_s = None
+
+  def save(step):
+    if ckpt is not None:
+      ckpt.save(step, trainer.state, mixture.state(), trainer.meta)
+
+  with _Preemption() as preempt:
+    while step < c.steps:
+      batch = trainer.train_batch(mixture)
+      t0 = time.time()
+      trainer.state, m = trainer.step_fn(trainer.state, batch)
+      if compile_s is None:
+        jax.block_until_ready(m)
+        compile_s = time.time() - t0
+        t_last, step_last = time.time(), step + 1
+        logging.info("first step (compile + run): %.2fs", compile_s)
+      step += 1
+      pending.append(m)
+      if pbar is not None:
+        pbar.update(1)
+      if step % c.log_every == 0 or step == c.steps:
+        host = jax.device_get(pending)
+        pending = []
+        now = time.time()
+        dt, dsteps = now - t_last, step - step_last
+        scalars = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+        scalars["loss_tokens"] = float(sum(h["loss_tokens"] for h in host))
+        if dsteps > 0 and dt > 0:
+          tps = dsteps * c.batch_size * c.seq_len / dt
+          scalars["tokens_per_sec"] = tps
+          scalars["steps_per_sec"] = dsteps / dt
+          if peak:
+            scalars["mfu"] = flops_tok * tps / (peak * n_dev)
+        t_last, step_last = now, step
+        writer.write(step, scalars, log=pbar is None)
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{scalars['loss']:.4f}")
+        summary["last"] = scalars
+      if c.eval_every > 0 and step % c.eval_every == 0 and step != c.steps and eval_sets:
+        ev = trainer.evaluate(eval_sets)
+        writer.write(step, ev, log=True)
+        summary["eval"] = ev
+      stop = preempt.flag or (stop_after_steps is not None
+                              and step - start_step >= stop_after_steps)
+      if (c.checkpoint_every > 0 and step % c.checkpoint_every == 0) or step == c.steps \
+          or stop:
+        save(step)
+      if stop:
+        logging.warning("stopping at step %d (%s)", step,
+                        "SIGTERM" if preempt.flag else "stop_after_steps")
+        break
+  if pbar is not None:
+    pbar.close()
+  summary["train_seconds"] = time.time() - t_start
+  summary["compile_seconds"] = compile_s
+  summary["step"] = step
+  if step == c.steps and eval_sets:
+    ev = trainer.evaluate(eval_sets)
+    writer.write(step, ev, log=True)
+    summary["eval"] = ev
+  if ckpt is not None:
+    ckpt.close()
+  if step == c.steps and c.export and is_main:
+    summary["export_dir"] = export(trainer, c.export_dir or os.path.join(workdir, "export"))
+  writer.close()
+  summary["trainer"] = trainer
+  return summary
+
+
+def export(trainer: Trainer, path: str) -> str:
+  """Writes the trained model (family exporter, e.g. HF safetensors) + tokenizer file."""
+  model = trainer.parts.merge(jax.device_get(trainer.state["params"]))
+  trainer.parts.family.export(model, path)
+  ByteTokenizer().save(path)
+  logging.info("exported model to %s", path)
+  return path
