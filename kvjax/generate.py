@@ -88,9 +88,13 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
     capacity: cache slots; default prompt + max_new_tokens. With a `decode_press`
       generation may run past it (the press frees slots).
     eos_id: stop a row after it emits this id.
-    press: press applied after prefill.
+    press: press applied after prefill. The prompt is cached with T slots, the press
+      compresses them, and the cache gets capacity - T (default max_new_tokens) free
+      slots for decoding, so memory is the press's budget + room.
     decode_press: a decode-time policy object with `maybe_compress(cache, step) -> cache`
-      (see kvjax.presses); it is responsible for keeping room in the cache.
+      (see kvjax.presses.DecodingPress); it is responsible for keeping room in the cache.
+      If it has an `observe` attribute asking for statistics, each step's observations
+      are passed as `maybe_compress(cache, step, obs=...)`; `reset()` is called first.
     callback: called as callback(step, new_ids) after each step (streaming).
   """
   _validate(max_new_tokens, temperature, top_p, top_k)
@@ -98,16 +102,28 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
   b, t = tokens.shape
   if capacity is None:
     capacity = t + max_new_tokens
-  if decode_press is None and press is None and capacity < t + max_new_tokens:
+  if decode_press is None and capacity < t + max_new_tokens:
     raise ValueError(f"capacity={capacity} < prompt ({t}) + max_new_tokens ({max_new_tokens}); "
                      "raise capacity or pass a decode_press")
   kw = dict(capacity=capacity, attention_mask=attention_mask, logits="last", backend=backend)
   if press is not None:
-    kw["press"] = press
+    if capacity < t:
+      raise ValueError(f"capacity={capacity} < prompt ({t}); with a press, capacity is the "
+                       "prompt length + the room left for decoding")
+    # Budget from the prompt's T slots; the decode room survives the press.
+    kw.update(press=press, capacity=t, decode_room=capacity - t)
   if cache_dtype is not None:
     kw["cache_dtype"] = cache_dtype
+  obs_request = getattr(decode_press, "observe", None) if decode_press is not None else None
+  want_obs = obs_request is not None and bool(obs_request.colsum or obs_request.queries)
+  if decode_press is not None and hasattr(decode_press, "reset"):
+    decode_press.reset()
+  obs = None
   t0 = time.perf_counter()
-  logits, cache = model.prefill(tokens, **kw)
+  if want_obs and press is None:
+    logits, cache, obs = model.prefill(tokens, observe=obs_request, **kw)
+  else:
+    logits, cache = model.prefill(tokens, **kw)
   key = jax.random.key(seed)
   key, sub = jax.random.split(key)
   nxt = sample(logits[:, -1], sub, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -129,11 +145,18 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
     if step == max_new_tokens - 1 or done.all():
       break
     if decode_press is not None:
-      cache = decode_press.maybe_compress(cache, step)
+      if want_obs:
+        cache = decode_press.maybe_compress(cache, step, obs=obs)
+      else:
+        cache = decode_press.maybe_compress(cache, step)
     # Room is guaranteed statically (capacity >= prompt + new) or by the decode press, so
     # skip the per-step host sync of the capacity check.
-    logits, cache = model.decode(jnp.asarray(ids)[:, None], cache, logits="last",
-                                 check_capacity=decode_press is not None, backend=backend)
+    dkw = dict(logits="last", check_capacity=decode_press is not None, backend=backend)
+    if want_obs:
+      logits, cache, obs = model.decode(jnp.asarray(ids)[:, None], cache, observe=obs_request,
+                                        **dkw)
+    else:
+      logits, cache = model.decode(jnp.asarray(ids)[:, None], cache, **dkw)
     key, sub = jax.random.split(key)
     nxt = sample(logits[:, -1], sub, temperature=temperature, top_p=top_p, top_k=top_k)
     steps += 1

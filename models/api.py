@@ -106,17 +106,27 @@ def _check_room(cache, positions):
       check(positions)
 
 
-def _apply_press(model, press, cache, obs):
-  """Runs a press over every layer of a ModelCache (press API: kvjax.presses)."""
+def _apply_press(model, press, cache, obs, *, room=0, prompt_length=None):
+  """Runs a press over every layer of a ModelCache (press API: kvjax.presses).
+
+  The compressed cache gets `room` empty slots per layer for the tokens decoded next.
+  """
   fn = getattr(press, "compress_model", None)
   if fn is None:
     raise ValueError(f"press {press!r} has no compress_model(cache, observations, config)")
-  return fn(cache, obs, model.config)
+  return fn(cache, obs, model.config, room=room, prompt_length=prompt_length)
+
+
+def _check_decode_room(decode_room):
+  if decode_room is not None and (not isinstance(decode_room, (int, np.integer)) or
+                                  isinstance(decode_room, bool) or decode_room < 0):
+    raise ValueError(f"decode_room={decode_room!r}; must be an int >= 0")
 
 
 def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence[int]] = None,
             attention_mask=None, prompt_lengths=None, cache: Optional[cache_lib.ModelCache] = None,
-            cache_dtype=None, press=None, logits: str = "all", backend: str = "auto",
+            cache_dtype=None, press=None, decode_room: Optional[int] = None,
+            logits: str = "all", backend: str = "auto",
             observe: Optional[tfm.Observe] = None):
   """Runs the prompt and returns (logits, cache).
 
@@ -128,7 +138,13 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     prompt_lengths: [B] valid tokens per row when rows are right-padded.
     cache: an existing (empty) ModelCache to fill instead of building one.
     cache_dtype: dtype of a newly built cache (default: parameter dtype).
-    press: optional press applied after the prompt (see kvjax.presses).
+    press: optional press applied after the prompt (see kvjax.presses). The press sizes
+      its budget from the prompt slots, then adds room for decoding: with an int
+      `capacity` and no `decode_room`, the cache is built with T slots and the press
+      leaves capacity - T free slots after compression (so capacity keeps meaning
+      "prompt + room"); `decode_room=N` sets the room explicitly (then `capacity`, if
+      given, is the pre-compression capacity).
+    decode_room: empty slots per layer after the press (only with press).
     logits: "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last token.
     backend: attention backend ("auto" | "xla" | "pallas").
     observe: extra per-layer observations to return (then returns logits, cache, obs).
@@ -137,6 +153,18 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
   if logits not in LOGITS_MODES:
     raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
   b, t = tokens.shape
+  _check_decode_room(decode_room)
+  if decode_room is not None and press is None:
+    raise ValueError(f"decode_room={decode_room} only applies with a press; without one "
+                     "use capacity=prompt length + room")
+  room = 0
+  if press is not None and cache is None and isinstance(capacity, (int, np.integer)):
+    if decode_room is None:
+      if capacity < t:
+        raise ValueError(f"capacity={capacity} is smaller than the prompt ({t} tokens)")
+      capacity, room = t, int(capacity) - t
+  if decode_room is not None:
+    room = int(decode_room)
   if prompt_lengths is not None:
     if attention_mask is not None:
       raise ValueError("pass either attention_mask or prompt_lengths, not both")
@@ -165,7 +193,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
   out, cache, obs = _run(graphdef, state, tokens, positions, cache, observe=need,
                          backend=backend, logits_mode=logits)
   if press is not None:
-    cache = _apply_press(model, press, cache, obs)
+    cache = _apply_press(model, press, cache, obs, room=room, prompt_length=t)
   if observe is not None:
     return out, cache, obs
   return out, cache
@@ -173,12 +201,16 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
 
 def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, attention_mask=None,
            logits: str = "all", backend: str = "auto", check_capacity: bool = True,
-           observe: Optional[tfm.Observe] = None):
+           observe: Optional[tfm.Observe] = None, press=None, decode_room: int = 0):
   """Appends T' >= 1 tokens per row to the cache and returns (logits, cache).
 
   Positions continue from `cache.next_position`. `attention_mask` [B, T'] marks padding
   inside the chunk (rows that add fewer tokens). The cache argument is donated.
+  With `press`, the cache is compressed after the step (using this step's observations)
+  and gets `decode_room` free slots per layer; for a policy that compresses every N steps
+  or when full, see kvjax.presses.DecodingPress.
   """
+  _check_decode_room(decode_room)
   tokens = tfm.check_tokens(tokens, model.config)
   if not isinstance(cache, cache_lib.ModelCache):
     raise ValueError(f"cache must be a kvjax.cache.ModelCache; got {type(cache).__name__}")
@@ -188,9 +220,14 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   if check_capacity:
     _check_room(cache, positions)
+  need = observe or tfm.Observe()
+  if press is not None:
+    need = need.merge(getattr(press, "observe", tfm.Observe()))
   graphdef, state = nnx.split(model)
   out, cache, obs = _run(graphdef, state, tokens, positions, cache,
-                         observe=observe or tfm.Observe(), backend=backend, logits_mode=logits)
+                         observe=need, backend=backend, logits_mode=logits)
+  if press is not None:
+    cache = _apply_press(model, press, cache, obs, room=decode_room)
   if observe is not None:
     return out, cache, obs
   return out, cache

@@ -1,0 +1,90 @@
+"""ChunkKV: keep whole chunks of consecutive tokens (Liu et al., 2025, "ChunkKV:
+Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference",
+arXiv:2502.00299).
+
+Wraps any ScorerPress: its scores are summed over kv heads and averaged over each chunk of
+`chunk_length` slots (valid slots only); chunks are kept best-first, the same chunks for
+every head. Parameter names follow kvpress's ChunkKVPress.
+
+Difference from kvpress: kvpress keeps int(n_chunks * (1 - ratio)) whole chunks, so the
+token count misses the budget; here the budget is honoured exactly: whole chunks are kept
+best-first and the last chunk that does not fit is filled with its best tokens (the inner
+scores break ties). Protected slots of the inner press still come first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+from kvjax.presses import base
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkKVPress(base.Press):
+  """Chunk-level selection over any scorer.
+
+  Attributes:
+    press: the ScorerPress that scores tokens (its budget and options apply).
+    chunk_length: slots per chunk; default 20 (kvpress).
+  """
+
+  press: base.ScorerPress = None
+  chunk_length: int = 20
+
+  def __post_init__(self):
+    if not isinstance(self.press, base.ScorerPress):
+      raise ValueError(f"ChunkKVPress(press=...) needs a ScorerPress; got {self.press!r}")
+    base.check_nonneg_int("chunk_length", self.chunk_length, 1)
+
+  @property
+  def observe(self):
+    return self.press.observe
+
+  @property
+  def compression_ratio(self) -> float:
+    return self.press.compression_ratio
+
+  def layer_capacity(self, capacity, ctx=base.LayerContext()):
+    return self.press.layer_capacity(capacity, ctx)
+
+  def with_budget(self, budget):
+    return dataclasses.replace(self, press=self.press.with_budget(budget))
+
+  def validate(self, *, capacity: int, prompt_length: Optional[int] = None,
+               num_layers: Optional[int] = None) -> None:
+    self.press.validate(capacity=capacity, prompt_length=prompt_length, num_layers=num_layers)
+
+  def chunk_scores(self, scores, valid):
+    """[B, 1, S]: each slot's chunk score (mean over the chunk's valid slots, summed heads)."""
+    b, h, s = scores.shape
+    c = self.chunk_length
+    n = -(-s // c)
+    pad = n * c - s
+    x = jnp.where(valid, jnp.nan_to_num(scores.astype(jnp.float32), neginf=0.0), 0.0)
+    x = jnp.pad(jnp.sum(x, axis=1), ((0, 0), (0, pad))).reshape(b, n, c)
+    any_valid = jnp.pad(jnp.any(valid, axis=1), ((0, 0), (0, pad))).reshape(b, n, c)
+    mean = jnp.sum(x, -1) / jnp.maximum(jnp.sum(any_valid, -1), 1)
+    per_slot = jnp.repeat(mean, c, axis=-1)[:, :s]
+    return per_slot[:, None, :]
+
+  def compress_layer(self, cache, obs, ctx):
+    p = self.press
+    base.check_layer_cache(self, cache)
+    s = cache.positions.shape[-1]
+    self.validate(capacity=s)
+    table = p.keep_table(s, ctx)
+    if p.is_identity(table):
+      return base.pad_room(cache, ctx.room), base.pad_obs_room(obs, ctx.room)
+    base.require_observations(p, obs, cache)
+    scores = p.score(cache, obs, ctx)
+    valid = base.valid_slots(cache)
+    chunk = jnp.broadcast_to(self.chunk_scores(scores, valid), scores.shape)
+    n_sink, n_recent = p.protected()
+    order = base.rank_slots(chunk, valid, base.protection_tiers(cache.lengths, s, n_sink,
+                                                                n_recent), secondary=scores)
+    keep = jnp.asarray(table)[cache.lengths]
+    idx = base.take_kept(order, keep, max(1, int(table.max())), s)
+    return base.finish(p, cache, obs, ctx, idx, keep)

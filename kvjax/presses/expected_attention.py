@@ -1,0 +1,126 @@
+"""ExpectedAttention: score keys by the attention future queries are expected to pay them
+(Devoto et al., 2025, "Expected Attention: KV Cache Compression by Estimating Attention
+from Future Queries Distribution", arXiv:2510.00636; kvpress's ExpectedAttentionPress).
+
+1. Mean mu and covariance Sigma of the pre-RoPE queries (sink positions excluded).
+2. Average RoPE rotation R over the next `n_future_positions` positions; apply it:
+   mu <- R mu, Sigma <- R Sigma R^T.
+3. For a Gaussian query, E[exp(q.k / sqrt(d))] = exp(k.mu / sqrt(d) + k^T Sigma k / (2 d));
+   softmax over the non-sink slots of each query head, mean over the kv group.
+4. Rescale by the value norm: (score + epsilon) * ||v||.
+The first `n_sink` slots are protected.
+
+Differences from kvpress: kvpress takes statistics over every prompt query; the forward
+pass here reports only the last `query_window` queries (post-RoPE; `Observe.queries`), so
+statistics come from those, de-rotated to pre-RoPE with `kvjax.rope.rerotate`. Needs the
+model's RoPE config (compress_model passes config.rope); rope_type="dynamic" is not
+supported (its rotation depends on the sequence length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import rope as rope_lib
+from kvjax.observation import Observe
+from kvjax.presses import base
+
+
+def average_rope_matrix(rope: rope_lib.RopeConfig, start, n_future: int, head_dim: int):
+  """[B, D, D] mean over positions start .. start + n_future - 1 of the RoPE rotation."""
+  pos = start[:, None] + jnp.arange(n_future, dtype=jnp.int32)[None, :]
+  cos, sin = rope_lib.cos_sin(rope, pos)  # [B, F, rd]
+  c, s = jnp.mean(cos, axis=1), jnp.mean(sin, axis=1)
+  b, rd = c.shape
+  h = rd // 2
+  rest = head_dim - rd
+  c_full = jnp.concatenate([c, jnp.ones((b, rest), c.dtype)], axis=-1)
+  s_full = jnp.concatenate([s, jnp.zeros((b, rest), s.dtype)], axis=-1)
+  p = jnp.zeros((head_dim, head_dim), jnp.float32)
+  i = jnp.arange(h)
+  p = p.at[i, i + h].set(-1.0).at[i + h, i].set(1.0)  # rotate_half as a matrix
+  eye = jnp.eye(head_dim, dtype=jnp.float32)
+  return c_full[:, :, None] * eye + s_full[:, :, None] * p
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedAttentionPress(base.ScorerPress):
+  """Expected attention of future queries (kvpress defaults).
+
+  Attributes:
+    n_future_positions: future positions the RoPE rotation is averaged over. 512.
+    n_sink: initial slots kept and excluded from statistics. 4.
+    use_covariance: include the query covariance term. True.
+    use_vnorm: multiply by ||v||. True.
+    epsilon: added to scores before the value-norm rescale. 0.
+    query_window: last queries the statistics come from (kvjax-specific). 128.
+  """
+
+  n_future_positions: int = 512
+  n_sink: int = 4
+  use_covariance: bool = True
+  use_vnorm: bool = True
+  epsilon: float = 0.0
+  query_window: int = 128
+
+  def __post_init__(self):
+    super().__post_init__()
+    base.check_nonneg_int("n_future_positions", self.n_future_positions, 1)
+    base.check_nonneg_int("n_sink", self.n_sink)
+    base.check_nonneg_int("query_window", self.query_window, 1)
+
+  @property
+  def observe(self) -> Observe:
+    return Observe(queries=self.query_window)
+
+  def protected(self):
+    return max(self.protect_sinks, self.n_sink), self.protect_recent
+
+  def query_statistics(self, queries, next_position, rope):
+    """mu [B, Hq, D], cov [B, Hq, D, D] | None of pre-RoPE queries, RoPE-averaged."""
+    w = self.query_window
+    q = queries[:, :, -w:].astype(jnp.float32)
+    b, hq, _, d = q.shape
+    qpos = next_position[:, None] - w + jnp.arange(w, dtype=jnp.int32)[None, :]  # [B, W]
+    present = jnp.any(q != 0, axis=(1, 3))  # zero rows are padding of short prompts
+    valid = (present & (qpos >= self.n_sink)).astype(jnp.float32)[:, None, :, None]
+    qpos_b = jnp.broadcast_to(qpos[:, None, :], (b, hq, w))
+    q_pre = rope_lib.rerotate(q, qpos_b, jnp.zeros_like(qpos_b), rope)
+    n = jnp.maximum(jnp.sum(valid, axis=2), 1.0)  # [B, 1, 1]
+    mu = jnp.sum(q_pre * valid, axis=2) / n
+    a = average_rope_matrix(rope, next_position, self.n_future_positions, d)
+    cov = None
+    if self.use_covariance:
+      centered = (q_pre - mu[:, :, None]) * valid
+      cov = jnp.einsum("bhwi,bhwj->bhij", centered, centered) / n[..., None]
+      cov = jnp.einsum("bij,bhjk,blk->bhil", a, cov, a)
+    mu = jnp.einsum("bij,bhj->bhi", a, mu)
+    return mu, cov
+
+  def score(self, cache, obs, ctx):
+    if ctx.rope is None:
+      raise ValueError("ExpectedAttentionPress needs the model's RoPE config: pass "
+                       "rope=config.rope, or use compress_model(..., config)")
+    k = cache.k.astype(jnp.float32)
+    b, hkv, s, d = k.shape
+    mu, cov = self.query_statistics(obs["queries"], base.next_positions(cache, obs), ctx.rope)
+    g = mu.shape[1] // hkv
+    mu = mu.reshape(b, hkv, g, d)
+    logits = jnp.einsum("bhsd,bhgd->bhgs", k, mu) / jnp.sqrt(d)
+    if cov is not None:
+      cov = cov.reshape(b, hkv, g, d, d)
+      kc = jnp.einsum("bhsi,bhgij->bhgsj", k, cov)
+      logits = logits + jnp.einsum("bhgsj,bhsj->bhgs", kc, k) / d / 2
+    slot = jnp.arange(s, dtype=jnp.int32)
+    scored = base.valid_slots(cache) & (slot >= self.n_sink)
+    logits = jnp.where(scored[:, :, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1, where=scored[:, :, None])
+    probs = jnp.where(scored[:, :, None], probs, 0.0)
+    scores = jnp.mean(probs, axis=2)
+    if self.use_vnorm:
+      vn = jnp.linalg.norm(cache.v.astype(jnp.float32), axis=-1)
+      scores = (scores + self.epsilon) * vn
+    return scores
