@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import json
 import os
 import sysconfig
@@ -77,6 +78,7 @@ def _held_out(name: str, percent: int) -> bool:
   return zlib.crc32(name.encode()) % 100 < percent
 
 
+@functools.lru_cache(maxsize=8)
 def stdlib_corpus(split: str = "train", heldout_percent: int = 2,
                   root: Optional[str] = None) -> Corpus:
   """The standard library's `*.py` files (site-packages excluded), sorted by relative path."""

@@ -48,6 +48,7 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
+_RESOLVED: dict[str, Family] = {}   # "module:callable" names, resolved once
 
 
 def register(name: str, build: Build | Family, **extras) -> Family:
@@ -61,6 +62,8 @@ def get(name: str) -> Family:
   """The family called `name`, or a "module:callable" constructor path."""
   if name in _FAMILIES:
     return _FAMILIES[name]
+  if name in _RESOLVED:
+    return _RESOLVED[name]
   if ":" in name:
     mod, _, attr = name.partition(":")
     try:
@@ -68,7 +71,8 @@ def get(name: str) -> Family:
     except (ImportError, AttributeError) as e:
       raise ValueError(f"model.family={name!r}: cannot import {attr!r} from {mod!r} ({e})"
                        ) from e
-    return obj if isinstance(obj, Family) else Family(build=obj)
+    _RESOLVED[name] = obj if isinstance(obj, Family) else Family(build=obj)
+    return _RESOLVED[name]
   raise ValueError(f"unknown model.family={name!r}; registered: {sorted(_FAMILIES)}, or give "
                    "a 'module:callable' path")
 
@@ -116,5 +120,40 @@ LLAMA_TP_RULES = (
     (r"^embed$", ("model", None)),
 )
 
+def decoder_family(config_class: str, **extras) -> Family:
+  """A family of `models.decoder.Decoder` built from a config class ("module:Class").
+
+  The class is imported when the family is first built, so registering costs nothing and
+  names stay valid while the class's module is absent.
+  """
+  def build(kw: dict, *, rngs: nnx.Rngs):
+    mod, _, cls = config_class.partition(":")
+    try:
+      config_cls = getattr(importlib.import_module(mod), cls)
+      decoder = importlib.import_module("models.decoder").Decoder
+    except (ImportError, AttributeError) as e:
+      raise ValueError(f"model family needs {config_class} and models.decoder.Decoder: {e}"
+                       ) from e
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    bad = sorted(set(kw) - fields)
+    if bad:
+      raise ValueError(f"model.config has key(s) {bad} that {cls} does not know; known: "
+                       f"{sorted(fields)}")
+    return decoder(config_cls(**kw), rngs=rngs)
+  extras.setdefault("vocab_size", lambda m: m.config.vocab_size)
+  return Family(build=build, **extras)
+
+
 register("llama", _llama_build, tp_rules=LLAMA_TP_RULES, flops_per_token=_llama_flops,
          export=_llama_export, vocab_size=lambda m: m.config.vocab_size)
+
+# The retrained families of models/ (models.decoder.Decoder + a config class each).
+for _name, _cls in {
+    "sliding": "models.local:SlidingConfig", "dilated": "models.local:DilatedConfig",
+    "local_global": "models.local:LocalAttentionConfig",
+    "linear_attention": "models.linear_attention:LinearAttentionConfig",
+    "gla": "models.linear_attention:GLAConfig", "retnet": "models.linear_attention:RetNetConfig",
+    "mamba2": "models.ssm:Mamba2Config", "hybrid": "models.hybrid:HybridConfig",
+    "cla": "models.kv_sharing:CLAConfig", "mla": "models.kv_sharing:MLAConfig"}.items():
+  register(_name, decoder_family(_cls))

@@ -193,6 +193,16 @@ def eval_step(params, batch, *, parts: ModelParts, compute_dtype):
 
 # --- the trainer ------------------------------------------------------------------------------
 _PROGRAMS: dict = {}
+# Config keys that never change a compiled program (left out of the program cache key).
+_HOST_ONLY_KEYS = ("log_every", "eval_every", "eval_examples", "checkpoint_every",
+                   "keep_checkpoints", "async_checkpoint", "export", "export_dir",
+                   "tensorboard", "progress_bar", "peak_flops_per_device",
+                   "compilation_cache_dir", "distributed")
+
+
+def _program_key(c) -> str:
+  d = {k: v for k, v in _to_dict(c).items() if k not in _HOST_ONLY_KEYS}
+  return json.dumps(d, sort_keys=True, default=str)
 
 
 def _init_state(c, parts: ModelParts, tx):
@@ -250,7 +260,7 @@ class Trainer:
     # Compiled programs are reused by later Trainers with the same config and mesh (a
     # notebook re-run, or a resumed loop in the same process): the jit caches are per
     # function object, so without this each Trainer would compile again.
-    key = (json.dumps(_to_dict(c), sort_keys=True, default=str),
+    key = (_program_key(c),
            tuple(d.id for d in self.mesh.devices.flat), self.mesh.devices.shape,
            id(registry.get(c.model.family)))
     built = _PROGRAMS.get(key)
