@@ -163,6 +163,10 @@ class QuantizedKVCache(CompressedCache):
                k_res=res[0], v_res=res[1], res_positions=res[2], res_lengths=res[3],
                spec=spec, head_dim=head_dim, v_head_dim=dv, dtype=dt.name)
 
+  @property
+  def kind_label(self) -> str:
+    return self.spec.label
+
   # -- protocol --------------------------------------------------------------------------
   @property
   def quantized_capacity(self) -> int:
