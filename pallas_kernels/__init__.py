@@ -92,7 +92,7 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, scale=None, windo
 def supports(**static_args) -> bool:
   """Whether `attention` handles these static options (else the caller uses XLA).
 
-  Known keys: platform, interpret, head_dim, head_dim_v, dtype, num_q_heads, num_kv_heads,
+  Known keys: platform (checked only when given), interpret, head_dim, head_dim_v, dtype, num_q_heads, num_kv_heads,
   num_queries, num_slots, scale, causal, window, sink_tokens, softcap, sink_logits,
   return_lse, return_colsum, colsum_window. Unknown keys (say `quantized=True`,
   `paged=True`) are unsupported unless their value is None / False / 0.
@@ -101,9 +101,8 @@ def supports(**static_args) -> bool:
   try:
     platform = a.pop("platform", None)
     interpret = a.pop("interpret", False)
-    if platform is not None or not interpret:
-      name = jax.default_backend() if platform is None else platform
-      kind = _PLATFORM_ALIASES.get(str(name).lower())
+    if platform is not None:  # None: options only; `attention` checks the device itself
+      kind = _PLATFORM_ALIASES.get(str(platform).lower())
       if kind is None or (kind == "cpu" and not interpret):
         return False
     for key in ("head_dim", "head_dim_v"):

@@ -9,8 +9,9 @@ recomputes the logits of the counted queries and sums the probabilities over row
 [T, S] matrix ever exists. Queries that must not count (padding, or outside
 `colsum_window`) are passed with position -1.
 
-Grid. TPU (Mosaic): (B, Hkv, key blocks, G, query steps); the colsum block of a key block
-stays resident across the two inner "arbitrary" axes. GPU (Triton): (B, Hkv, key blocks);
+Grid. TPU (Mosaic): (B, Hkv, key blocks, query steps); a query block holds the G heads of
+the group ([G, bq, D]) and the colsum block of a key block stays resident across the
+"arbitrary" query axis. GPU (Triton): (B, Hkv, key blocks);
 each program loads its K block once and loops over the G heads and query blocks.
 Both visit only the query blocks whose positions can see the key block (causal/window
 hull), and skip key blocks past k_lengths.
@@ -38,22 +39,28 @@ _SQ = None
 def _colsum_kernel_tpu(lengths_ref, qranges_ref, qpos_ref, q_ref, lse_ref, kpos_ref, k_ref,
                        o_ref, *, spec: C.MaskSpec, block_k: int, num_kv_heads: int,
                        num_k_blocks: int):
-  b, h, kb, g, i = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
-                    pl.program_id(3), pl.program_id(4))
+  """Grid point (b, h, key block, query step). q [G, bq, D], lse [G, bq, 128]."""
+  b, h, kb, i = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   bh = b * num_kv_heads + h
   length = lengths_ref[bh]
   n = qranges_ref[2 * (bh * num_k_blocks + kb) + 1]
 
-  @pl.when((g == 0) & (i == 0))
+  @pl.when(i == 0)
   def _init():
     o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
   @pl.when(i < n)
   def _compute():
-    s = C.logits(q_ref[...], k_ref[...], spec)
+    k = k_ref[...]
     slot = kb * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     vis = C.visible(qpos_ref[...][:, :1], kpos_ref[...], slot, length, spec)
-    o_ref[...] += C.column_mass(s, vis, lse_ref[...][:, :1])
+
+    def head(gi, col):
+      s = C.logits(q_ref[gi], k, spec)
+      return col + C.column_mass(s, vis, lse_ref[gi][:, :1])
+
+    o_ref[...] += lax.fori_loop(0, q_ref.shape[0], head,
+                                jnp.zeros((1, block_k), jnp.float32))
 
 
 def _colsum_tpu(q, k, lse, qpos, k_positions, k_lengths, qa, qn, *, spec, block_q,
@@ -82,16 +89,16 @@ def _colsum_tpu(q, k, lse, qpos, k_positions, k_lengths, qa, qn, *, spec, block_
     last = lax.div(lengths_ref[bi * hkv + hi] + (block_k - 1), block_k) - 1
     return jnp.maximum(jnp.minimum(kb, last), 0)
 
-  def qpos_map(bi, hi, kb, gi, i, lengths_ref, qranges_ref):
+  def qpos_map(bi, hi, kb, i, lengths_ref, qranges_ref):
     return bi, q_block(bi, hi, kb, i, qranges_ref), 0
 
-  def q_map(bi, hi, kb, gi, i, lengths_ref, qranges_ref):
-    return bi, hi * g + gi, q_block(bi, hi, kb, i, qranges_ref), 0
+  def q_map(bi, hi, kb, i, lengths_ref, qranges_ref):
+    return bi, hi, q_block(bi, hi, kb, i, qranges_ref), 0   # block of G heads
 
-  def kpos_map(bi, hi, kb, gi, i, lengths_ref, qranges_ref):
+  def kpos_map(bi, hi, kb, i, lengths_ref, qranges_ref):
     return bi, hi, 0, k_block(bi, hi, kb, lengths_ref)
 
-  def k_map(bi, hi, kb, gi, i, lengths_ref, qranges_ref):
+  def k_map(bi, hi, kb, i, lengths_ref, qranges_ref):
     return bi, hi, k_block(bi, hi, kb, lengths_ref), 0
 
   kernel = functools.partial(_colsum_kernel_tpu, spec=spec, block_k=block_k,
@@ -100,20 +107,19 @@ def _colsum_tpu(q, k, lse, qpos, k_positions, k_lengths, qa, qn, *, spec, block_
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(b, hkv, nkb, g, nqb),
+          grid=(b, hkv, nkb, nqb),
           in_specs=[
               pl.BlockSpec((_SQ, block_q, C.LANES), qpos_map),
-              pl.BlockSpec((_SQ, _SQ, block_q, d), q_map),
-              pl.BlockSpec((_SQ, _SQ, block_q, C.LANES), q_map),
+              pl.BlockSpec((_SQ, g, block_q, d), q_map),
+              pl.BlockSpec((_SQ, g, block_q, C.LANES), q_map),
               pl.BlockSpec((_SQ, _SQ, 1, block_k), kpos_map),
               pl.BlockSpec((_SQ, _SQ, block_k, d), k_map),
           ],
           out_specs=pl.BlockSpec((_SQ, _SQ, 1, block_k),
-                                 lambda bi, hi, kb, gi, i, *_: (bi, hi, 0, kb))),
+                                 lambda bi, hi, kb, i, *_: (bi, hi, 0, kb))),
       out_shape=jax.ShapeDtypeStruct((b, hkv, 1, s), jnp.float32),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
-                               "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=C.resolve_interpret("tpu", interpret),
       name="attention_colsum_tpu",
   )(k_lengths.reshape(-1), qranges, qpos_lanes, q, lse_lanes, kpos4, k)

@@ -31,13 +31,14 @@ CASES = {
         "gpu", dict(batch=2, q_heads=2, kv_heads=2, queries=40, slots=90, head_dim=64,
                     head_dim_v=32, gaps=True, lengths=[[90, 1], [63, 0]], q_start=50),
         dict(block_q=16, block_k=32)),
-    "tpu-g4-d128-f32-colsum": (
-        "tpu", dict(batch=2, q_heads=4, kv_heads=1, queries=100, slots=300, head_dim=128,
+    # TPU interpret mode costs ~tens of ms per grid point: small grids, GQA 2.
+    "tpu-g2-d128-f32-colsum": (
+        "tpu", dict(batch=2, q_heads=2, kv_heads=1, queries=100, slots=300, head_dim=128,
                     lengths=[[300], [131]], pad_queries=5, q_start=200),
-        dict(block_q=32, block_k=128)),
-    "tpu-g8-d64-bf16-window": (
-        "tpu", dict(batch=1, q_heads=8, kv_heads=1, queries=150, slots=150, head_dim=64,
-                    dtype=BF16, lengths=[[150]], q_start=0),
+        dict(block_q=64, block_k=128)),
+    "tpu-g2-d64-bf16-window": (
+        "tpu", dict(batch=1, q_heads=4, kv_heads=2, queries=150, slots=150, head_dim=64,
+                    dtype=BF16, lengths=[[150, 97]], q_start=0),
         dict(block_q=64, block_k=128, window=40, sink_tokens=4, softcap=20.0,
              colsum_window=16)),
 }
