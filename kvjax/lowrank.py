@@ -15,7 +15,8 @@ W_k / W_v and caches the latent): here the basis is calibrated on data -- the to
 eigenvectors of each kv head's key (value) second-moment matrix over calibration tokens,
 which minimises the reconstruction error ||K - K P P^T||_F among rank-r projections.
 `LowRankKVCache` stores latents k P [B, Hkv, S, r_k] (and optionally v P_v), and the
-orthonormal bases P [Hkv, D, r] themselves (counted in nbytes). Keys are post-RoPE, so the
+orthonormal bases P [B, Hkv, D, r] themselves (counted in nbytes; batch-leading like every
+cache leaf, so a row can be forked or persisted alone, and rows may use their own bases). Keys are post-RoPE, so the
 basis is calibrated on rotated keys (Palu reconstructs before RoPE instead; here no kernel
 change is needed, at some cost in rank).
 
@@ -208,7 +209,7 @@ class LowRankKVCache(CompressedCache):
   Attributes:
     k: [B, Hkv, S, r_k] key latents k @ k_proj.
     v: [B, Hkv, S, r_v] value latents (with v_proj) or [B, Hkv, S, Dv] values.
-    k_proj: [Hkv, D, r_k] orthonormal basis; v_proj: [Hkv, Dv, r_v] or None.
+    k_proj: [B, Hkv, D, r_k] orthonormal basis; v_proj: [B, Hkv, Dv, r_v] or None.
     positions: [B, Hkv, S] int32 (-1 = empty); lengths: [B, Hkv] int32.
   Read back: k = latent @ k_proj^T.
   """
@@ -228,16 +229,21 @@ class LowRankKVCache(CompressedCache):
   @classmethod
   def init(cls, batch, capacity, k_proj, v_proj=None, dtype=jnp.float32,
            v_head_dim=None) -> "LowRankKVCache":
-    """An empty cache with bases k_proj [Hkv, D, r_k] (and v_proj [Hkv, Dv, r_v])."""
+    """An empty cache with bases k_proj [Hkv, D, r_k] (and v_proj [Hkv, Dv, r_v]).
+
+    Bases may also be given per row, [B, Hkv, D, r]; shared ones are broadcast to the batch.
+    """
     if capacity < 1:
       raise ValueError(f"capacity={capacity}; must be >= 1")
-    h, d, rk = k_proj.shape
-    dv = (v_proj.shape[1] if v_proj is not None else (v_head_dim or d))
+    bcast = lambda p: None if p is None else jnp.broadcast_to(  # noqa: E731
+        jnp.asarray(p, dtype), (batch,) + tuple(p.shape[-3:]))
+    k_proj, v_proj = bcast(k_proj), bcast(v_proj)
+    _, h, d, rk = k_proj.shape
+    dv = (v_proj.shape[2] if v_proj is not None else (v_head_dim or d))
     vw = v_proj.shape[-1] if v_proj is not None else dv
     return cls(k=jnp.zeros((batch, h, capacity, rk), dtype),
                v=jnp.zeros((batch, h, capacity, vw), dtype),
-               k_proj=jnp.asarray(k_proj, dtype),
-               v_proj=None if v_proj is None else jnp.asarray(v_proj, dtype),
+               k_proj=k_proj, v_proj=v_proj,
                positions=jnp.full((batch, h, capacity), -1, jnp.int32),
                lengths=jnp.zeros((batch, h), jnp.int32), head_dim=d, v_head_dim=dv)
 
@@ -251,15 +257,15 @@ class LowRankKVCache(CompressedCache):
     return s + (f"v{self.v.shape[-1]}" if self.v_proj is not None else "")
 
   def _write(self, k_new, v_new, pos):
-    kl = jnp.einsum("bhtd,hdr->bhtr", k_new.astype(self.k_proj.dtype), self.k_proj)
+    kl = jnp.einsum("bhtd,bhdr->bhtr", k_new.astype(self.k_proj.dtype), self.k_proj)
     vl = v_new if self.v_proj is None else jnp.einsum(
-        "bhtd,hdr->bhtr", v_new.astype(self.v_proj.dtype), self.v_proj)
+        "bhtd,bhdr->bhtr", v_new.astype(self.v_proj.dtype), self.v_proj)
     upd, src = _write_common(self, kl, vl, pos)
     return self.replace(**upd), src
 
   def materialize(self) -> KVView:
-    k = jnp.einsum("bhsr,hdr->bhsd", self.k, self.k_proj)
-    v = self.v if self.v_proj is None else jnp.einsum("bhsr,hdr->bhsd", self.v, self.v_proj)
+    k = jnp.einsum("bhsr,bhdr->bhsd", self.k, self.k_proj)
+    v = self.v if self.v_proj is None else jnp.einsum("bhsr,bhdr->bhsd", self.v, self.v_proj)
     return KVView(k, v, self.positions, self.positions >= 0)
 
 

@@ -67,7 +67,7 @@ def _lowrank(b, h, cap, d):
 
 
 def _lowrank_expect(cache, b, h, k, v):
-  pk, pv = np.asarray(cache.k_proj)[h], np.asarray(cache.v_proj)[h]
+  pk, pv = np.asarray(cache.k_proj)[b, h], np.asarray(cache.v_proj)[b, h]
   return pk @ (pk.T @ k), pv @ (pv.T @ v)
 
 

@@ -77,7 +77,8 @@ def test_lowrank_calibration_recovers_a_low_rank_subspace():
   assert err.max() < 0.1
   np.testing.assert_array_equal(np.asarray(back.v), np.asarray(dense.v))
   p = np.asarray(lr.k_proj)
-  np.testing.assert_allclose(np.einsum("hdr,hds->hrs", p, p), np.broadcast_to(np.eye(r), (h, r, r)),
-                             atol=1e-5)
+  assert p.shape == (b, h, d, r)   # batch-leading, like every cache leaf
+  np.testing.assert_allclose(np.einsum("bhdr,bhds->bhrs", p, p),
+                             np.broadcast_to(np.eye(r), (b, h, r, r)), atol=1e-5)
   with pytest.raises(ValueError, match=r"rank=17; must be in \[1, head_dim=16\]"):
     lowrank.lowrank_from_dense(dense, 17)
