@@ -43,7 +43,7 @@ CASES = {
     "tpu-g1-d64-f32-smallS-gaps": (
         "tpu", dict(batch=2, q_heads=2, kv_heads=2, queries=2, slots=40, head_dim=64,
                     gaps=True, lengths=[[40, 1], [0, 17]]),
-        dict()),
+        dict(causal=False)),
 }
 
 _MASK_KEYS = ("scale", "causal", "window", "sink_tokens", "softcap", "colsum_window")
