@@ -1,0 +1,348 @@
+"""Paged KV cache: equals dense attention, prefix sharing + copy-on-write, allocator invariants."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+import kvjax
+import models
+from kvjax import attention as A
+from kvjax import paged
+from kvjax.cache import DenseKVCache
+from kvjax.observation import Observe
+
+# -- layer level ------------------------------------------------------------------------------
+
+
+def _chunk(rng, b, h, t, d, valid, start):
+  k = jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32)
+  pos = np.full((b, t), -1, np.int32)
+  for i in range(b):
+    pos[i, :valid[i]] = start[i] + np.arange(valid[i])
+  return k, v, jnp.asarray(pos)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _attend(c, q, k, v, pos, spec):
+  return c.attend(q, k, v, pos, spec, return_lse=True, return_colsum=True)
+
+
+@pytest.mark.parametrize("page_size,hq,hkv,window", [(4, 4, 2, None), (3, 8, 2, 6)])
+def test_paged_attention_equals_dense(page_size, hq, hkv, window):
+  """Given ragged chunks appended to a paged and a dense cache, attention agrees exactly."""
+  rng = np.random.default_rng(page_size)
+  b, d, cap = 3, 8, 20
+  pc = paged.PagedKVCache.init(b, hkv, d, num_pages=3 * cap // page_size, page_size=page_size,
+                               max_pages=paged.pages_needed(cap, page_size))
+  dc = DenseKVCache.init(b, hkv, pc.capacity, d)
+  spec = A.AttentionSpec(window=window)
+  start = np.zeros(b, np.int32)
+  for t, valid in ((7, [7, 2, 5]), (1, [1, 1, 0]), (7, [3, 7, 4]), (1, [1, 1, 1])):
+    k, v, pos = _chunk(rng, b, hkv, t, d, valid, start)
+    q = jnp.asarray(rng.normal(size=(b, hq, t, d)), jnp.float32)
+    rp, pc = _attend(pc, q, k, v, pos, spec)
+    rd, dc = _attend(dc, q, k, v, pos, spec)
+    np.testing.assert_allclose(rp.out, rd.out, atol=1e-6)
+    np.testing.assert_allclose(rp.lse, rd.lse, atol=1e-5)
+    np.testing.assert_allclose(rp.colsum, rd.colsum, atol=1e-6)
+    start += np.asarray(valid)
+  view = pc.to_dense()
+  np.testing.assert_array_equal(view.lengths, dc.lengths)
+  valid = np.asarray(dc.valid_mask())
+  np.testing.assert_array_equal(np.asarray(view.k)[valid], np.asarray(dc.k)[valid])
+  np.testing.assert_array_equal(np.asarray(view.positions), np.where(valid, dc.positions, -1))
+  paged.check_invariants(pc)
+  # pages really are allocated on demand: ceil(len / P) per row
+  want = sum(paged.pages_needed(n, page_size) for n in start)
+  assert int(pc.pages_in_use) == want
+
+
+def test_quantized_pages_match_quantized_cache():
+  """An int8 page pool stores the same codes as kvjax.quant's per-token int8 cache."""
+  quant = pytest.importorskip("kvjax.quant")
+  spec = quant.int8()
+  rng = np.random.default_rng(0)
+  b, h, d = 2, 2, 8
+  pc = paged.PagedKVCache.init(b, h, d, num_pages=8, page_size=4, quant=spec)
+  qc = quant.QuantizedKVCache.init(b, h, 32, d, spec)
+  assert pc.k_pages.dtype == jnp.uint8 and pc.k_scale is not None
+  start = np.zeros(b, np.int32)
+  for t, valid in ((6, [6, 3]), (1, [1, 1]), (1, [1, 0])):
+    k, v, pos = _chunk(rng, b, h, t, d, valid, start)
+    q = jnp.asarray(rng.normal(size=(b, 4, t, d)), jnp.float32)
+    rp, pc = _attend(pc, q, k, v, pos, A.AttentionSpec())
+    rq, qc = _attend(qc, q, k, v, pos, A.AttentionSpec())
+    np.testing.assert_allclose(rp.out, rq.out, atol=1e-5)
+    start += np.asarray(valid)
+  a, bq = pc.to_dense(), qc.to_dense()
+  valid = np.asarray(bq.valid_mask())
+  np.testing.assert_allclose(np.asarray(a.k)[valid], np.asarray(bq.k)[valid], atol=1e-6)
+  # int8 pages: 1 byte per element + a float16 scale per token vector
+  assert pc.page_nbytes == 2 * (2 * 4 * 8 + 2 * 4 * 2) + 2 * 4 * 4
+
+
+# -- allocator: hypothesis over random request sequences ---------------------------------------
+
+HB, HH, HD, HP, HN, HT = 4, 2, 1, 2, 10, 3   # rows, heads, dim, page size, pages, chunk
+
+
+@jax.jit
+def _h_append(c, k, pos):
+  return paged._write(c, None, k, k, jnp.broadcast_to(pos[:, None], (HB, HH, HT)))[0]
+
+
+_h_fork = jax.jit(paged.fork)
+_h_release = jax.jit(paged.release)
+
+
+def _h_view(c):
+  k, _, _, lengths = paged.dense_view(c)
+  k, lengths = np.asarray(k), np.asarray(lengths)
+  return [k[r, 0, :lengths[r, 0], 0].tolist() for r in range(HB)]
+
+
+ops = st.one_of(
+    st.tuples(st.just("append"), st.lists(st.integers(0, HT), min_size=HB, max_size=HB)),
+    st.tuples(st.just("fork"), st.integers(0, HB - 1), st.integers(0, HB - 1),
+              st.integers(0, 8)),
+    st.tuples(st.just("release"), st.integers(0, HB - 1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(ops, min_size=1, max_size=14))
+def test_alloc_free_never_leaks_and_rows_are_isolated(program):
+  """Random appends / forks / releases against a list-of-tokens model of every row."""
+  c = paged.PagedKVCache.init(HB, HH, HD, num_pages=HN, page_size=HP, max_pages=4)
+  rows = [[] for _ in range(HB)]   # the reference: token ids each row holds
+  next_id = 1.0
+  for op in program:
+    if op[0] == "append":
+      n = [min(x, 4 * HP - len(rows[r])) for r, x in enumerate(op[1])]
+      pos = np.full((HB, HT), -1, np.int32)
+      k = np.zeros((HB, HH, HT, HD), np.float32)
+      new = []
+      for r in range(HB):
+        ids = [next_id + i for i in range(n[r])]
+        next_id += n[r]
+        pos[r, :n[r]] = len(rows[r]) + np.arange(n[r])
+        k[r, :, :n[r], 0] = ids
+        new.append(ids)
+      pos_h = jnp.broadcast_to(jnp.asarray(pos)[:, None], (HB, HH, HT))
+      # Pages this append must at least allocate (fresh pages only, no copies).
+      fresh = sum(max(0, -(-(len(rows[r]) + n[r]) // HP) - -(-len(rows[r]) // HP))
+                  for r in range(HB))
+      try:
+        paged.check_admission(c, pos_h)
+        admitted = True
+      except paged.OutOfPages as e:
+        admitted = False
+        assert e.free == int(c.num_free) and e.needed > e.free
+      if fresh > int(c.num_free):
+        assert not admitted
+      c = _h_append(c, jnp.asarray(k), jnp.asarray(pos))
+      assert bool(c.overflow) == (not admitted)
+      if admitted:
+        for r in range(HB):
+          rows[r] = rows[r] + new[r]
+      c = c.replace(overflow=jnp.asarray(False))
+    elif op[0] == "fork":
+      _, s, d, n = op
+      if s == d:
+        with pytest.raises(ValueError, match="disjoint"):
+          paged.fork(c, [s], [d])
+        continue
+      n = min(n, len(rows[s]))
+      c = _h_fork(c, jnp.asarray([s]), jnp.asarray([d]), jnp.asarray([n]))
+      rows[d] = rows[s][:n]
+    else:
+      c = _h_release(c, jnp.asarray([op[1]]))
+      rows[op[1]] = []
+    paged.check_invariants(c)
+    assert _h_view(c) == rows, "a row's view differs from what it wrote / shared"
+    # sharing is real: pages in use never exceed what unshared rows would need
+    assert int(c.pages_in_use) <= sum(-(-len(r) // HP) for r in rows)
+  c = _h_release(c, jnp.ones((HB,), bool))
+  paged.check_invariants(c)
+  assert int(c.num_free) == HN and int(c.pages_in_use) == 0
+
+
+def test_all_or_nothing_when_pool_runs_out():
+  """Under jit an append that lacks pages changes no row and raises the overflow flag."""
+  c = paged.PagedKVCache.init(2, 1, 1, num_pages=3, page_size=2)
+  k = jnp.arange(1, 5, dtype=jnp.float32).reshape(1, 1, 4, 1).repeat(2, 0)
+  c = c.append(k[:, :, :3], k[:, :, :3], jnp.asarray([[0, 1, 2], [-1, -1, -1]]))  # 2 pages
+  before = _view1(c)
+  pos = jnp.asarray([[3, -1, -1], [0, 1, 2]])       # row 1 needs 2 pages, 1 is free
+  with pytest.raises(paged.OutOfPages, match="needs 2 new pages but only 1"):
+    c.append(k[:, :, :3], k[:, :, :3], pos)
+  c2 = jax.jit(lambda c, k, p: paged._write(c, None, k, k, p[:, None])[0])(c, k[:, :, :3], pos)
+  assert bool(c2.overflow)
+  assert _view1(c2) == before
+  paged.check_invariants(c2)
+
+
+def _view1(c):
+  k, _, _, n = paged.dense_view(c)
+  return [np.asarray(k)[r, 0, :int(n[r, 0]), 0].tolist() for r in range(c.batch)]
+
+
+def test_rejects_requests_larger_than_the_pool():
+  c = paged.PagedKVCache.init(1, 1, 4, num_pages=4, page_size=8, max_pages=8)
+  with pytest.raises(ValueError, match="40 tokens needs 5 pages .* num_pages=4"):
+    paged.check_request(c, 40)
+  pos = jnp.arange(40, dtype=jnp.int32)[None]
+  with pytest.raises(ValueError, match="whole pool has num_pages=4") as e:
+    c.append(jnp.zeros((1, 1, 40, 4)), jnp.zeros((1, 1, 40, 4)), pos)
+  assert not isinstance(e.value, paged.OutOfPages)
+  with pytest.raises(ValueError, match="page_size"):
+    paged.PagedKVCache.init(1, 1, 4, num_pages=4, page_size=0)
+
+
+# -- models --------------------------------------------------------------------------------------
+
+CFG = models.ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2)
+PAGE, PAGES = 4, 7   # two rows of 12 tokens fit (6 pages), of 13 do not
+
+
+@functools.lru_cache(maxsize=None)
+def _model():
+  return models.Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def _paged_cache(batch, capacity=16, num_pages=PAGES, quant=None):
+  fac = paged.layer_factory(batch, CFG.num_kv_heads, CFG.head_dim, num_pages=num_pages,
+                            page_size=PAGE, quant=quant)
+  return models.init_cache(CFG, batch, capacity, layer_factory=fac)
+
+
+def _toks(b, t, seed=1):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size, dtype=jnp.int32)
+
+
+def test_model_decode_paged_equals_dense_and_generate_runs():
+  """prefill + decode on a paged cache give the dense cache's logits; generate agrees."""
+  m, tok = _model(), _toks(2, 10)
+  mask = np.ones((2, 5), np.int32)
+  mask[1, 3:] = 0                                     # a shorter right-padded prompt
+  lp, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2), attention_mask=mask)
+  ld, dc = models.prefill(m, tok[:, :5], capacity=16, attention_mask=mask)
+  np.testing.assert_allclose(lp, ld, atol=1e-5)
+  for i in range(5, 10):
+    lp, pc = models.decode(m, tok[:, i:i + 1], pc)
+    ld, dc = models.decode(m, tok[:, i:i + 1], dc)
+    np.testing.assert_allclose(lp, ld, atol=1e-5)
+  assert paged.pages_in_use(pc).tolist() == [3 + 2] * CFG.num_layers   # 10 and 8 tokens
+  paged.check_invariants(pc.segments[0])
+  # kvjax.generate through the adapter = a greedy loop on the dense cache
+  a = kvjax.generate(paged.PagedModel(m, _paged_cache), tok[:, :5], max_new_tokens=4)
+  ld, dc = models.prefill(m, tok[:, :5], capacity=16)
+  greedy = []
+  for _ in range(4):
+    greedy.append(np.asarray(jnp.argmax(ld[:, -1], -1)))
+    ld, dc = models.decode(m, jnp.asarray(greedy[-1])[:, None].astype(jnp.int32), dc)
+  np.testing.assert_array_equal(a.tokens, np.stack(greedy, 1))
+
+
+def test_prefix_sharing_stores_once_and_writes_stay_private():
+  """Rows forked from a system prompt share its pages; each row's decode matches dense."""
+  m = _model()
+  system = _toks(1, 6, seed=3)
+  tok = jnp.concatenate([system, system], 0)
+  only_row0 = np.array([[1] * 6, [0] * 6], np.int32)
+  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2), attention_mask=only_row0[:, :5])
+  _, pc = models.decode(m, tok[:, 5:6], pc, attention_mask=only_row0[:, 5:6])
+  one = paged.pages_in_use(pc).copy()                     # 6 tokens -> 2 pages per layer
+  assert one.tolist() == [2, 2]
+  pc = paged.fork_rows(pc, [0], [1])
+  assert paged.pages_in_use(pc).tolist() == one.tolist()   # stored once
+  np.testing.assert_array_equal(pc.next_position, [6, 6])
+  view0 = np.asarray(paged.to_dense(pc).segments[0].k[0])     # layer 0: [B, H, S, D]
+  # each row continues with its own suffix; the shared half-full page is copied on write
+  suffix = _toks(2, 4, seed=4)
+  _, dc = models.prefill(m, tok[:, :5], capacity=16)
+  _, dc = models.decode(m, tok[:, 5:6], dc)
+  for i in range(4):
+    lp, pc = models.decode(m, suffix[:, i:i + 1], pc)
+    ld, dc = models.decode(m, suffix[:, i:i + 1], dc)
+    np.testing.assert_allclose(lp, ld, atol=1e-5)
+  after0 = np.asarray(paged.to_dense(pc).segments[0].k[0])
+  np.testing.assert_array_equal(after0[0, :, :6], view0[0, :, :6])   # row 0's prefix intact
+  np.testing.assert_array_equal(after0[1, :, :6], view0[0, :, :6])   # row 1 reads the same
+  # page 0 still shared; the half-full page 1 was copied: 1 + 2 * 2 pages per layer
+  assert paged.pages_in_use(pc).tolist() == [5, 5]
+  paged.check_invariants(pc.segments[0])
+  pc = paged.release_rows(pc, [0, 1])
+  assert paged.pages_in_use(pc).tolist() == [0, 0]
+
+
+def test_model_out_of_pages_is_a_clean_error():
+  m, tok = _model(), _toks(2, 13)
+  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
+  for i in range(5, 12):
+    _, pc = models.decode(m, tok[:, i:i + 1], pc)            # 12 tokens: 6 of 7 pages
+  with pytest.raises(paged.OutOfPages, match="needs 2 new pages but only 1"):
+    models.decode(m, tok[:, 12:13], pc)
+  # jitted path (no host check): nothing written, flag raised
+  before = paged.to_dense(pc)
+  _, pc2 = models.decode(m, tok[:, 12:13], pc, check_capacity=False)
+  assert paged.overflowed(pc2)
+  after = paged.to_dense(pc2)
+  np.testing.assert_array_equal(after.segments[0].lengths, before.segments[0].lengths)
+  np.testing.assert_array_equal(after.segments[0].k, before.segments[0].k)
+  with pytest.raises(ValueError, match="whole pool has num_pages=4"):
+    models.prefill(m, _toks(1, 20), cache=_paged_cache(1, capacity=20, num_pages=4))
+
+
+class _KeepEnds:
+  """A minimal press (the kvjax press protocol): keep the first `sink` and last `recent`
+  valid slots of every row/head; written here so the test does not depend on presses."""
+
+  observe = Observe()
+
+  def __init__(self, sink, recent, capacity):
+    self.sink, self.recent, self.capacity = sink, recent, capacity
+
+  def compress_model(self, mc, obs_list=None, config=None, **kw):
+    del obs_list, config, kw
+    keep = self.sink + self.recent
+
+    def one(c):
+      n = c.lengths[..., None]                                     # [B, H, 1]
+      j = jnp.arange(keep)
+      idx = jnp.where(j < self.sink, j, n - keep + j)
+      idx = jnp.where(n <= keep, jnp.minimum(j, n - 1), idx)
+      g = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), 2)
+      lengths = jnp.minimum(c.lengths, keep)
+      pos = jnp.where(j < lengths[..., None], g(c.positions), -1)
+      out = DenseKVCache.init(*c.k.shape[:2], self.capacity, c.k.shape[-1])   # room to decode
+      return out.replace(k=out.k.at[:, :, :keep].set(g(c.k)),
+                         v=out.v.at[:, :, :keep].set(g(c.v)),
+                         positions=out.positions.at[:, :, :keep].set(pos), lengths=lengths)
+
+    return kvjax.ModelCache.from_layers([one(c) for c in mc.layers()], mc.next_position)
+
+
+def test_press_on_paged_cache_frees_pages_and_matches_dense():
+  m, tok = _model(), _toks(2, 12)
+  press = _KeepEnds(2, 3, capacity=16)
+  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
+  _, dc = models.prefill(m, tok[:, :5], capacity=16)
+  for i in range(5, 10):
+    _, pc = models.decode(m, tok[:, i:i + 1], pc)
+    _, dc = models.decode(m, tok[:, i:i + 1], dc)
+  assert paged.pages_in_use(pc).tolist() == [6, 6]
+  pc = paged.PagedPress(press).compress_model(pc, None, CFG)
+  dc = press.compress_model(dc)
+  assert paged.pages_in_use(pc).tolist() == [4, 4]           # 10 tokens -> 5 kept: 2 pages/row
+  np.testing.assert_array_equal(pc.next_position, [10, 10])
+  paged.check_invariants(pc.segments[0])
+  for i in range(10, 12):
+    lp, pc = models.decode(m, tok[:, i:i + 1], pc)
+    ld, dc = models.decode(m, tok[:, i:i + 1], dc)
+    np.testing.assert_allclose(lp, ld, atol=1e-5)
