@@ -1,0 +1,239 @@
+"""kvjax.recurrent: ring windows vs a brute-force mask, chunked == recurrent linear attention
+(values and gradients), padding invariance, diagonal scans, conv windows, latent cache."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvjax import attention as attn_lib
+from kvjax import recurrent as rec
+
+
+# --- RingKVCache ------------------------------------------------------------------------------
+def naive_window_attention(q, k, v, q_pos, k_pos, *, window, sinks, dilation):
+  """Loops over queries: softmax over keys with k <= q, in window or sink, on the stride."""
+  out = np.zeros(q.shape[:-1] + (v.shape[-1],), np.float32)
+  for t, qp in enumerate(q_pos):
+    vis = [i for i, kp in enumerate(k_pos)
+           if kp <= qp and (qp - kp < window * dilation or kp < sinks)
+           and (kp % dilation == 0 or kp < sinks)]
+    s = np.array([q[t] @ k[i] for i in vis]) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max())
+    out[t] = (p / p.sum()) @ v[vis]
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "dilation", "chunks"))
+def ring_run(q, k, v, *, window, sinks, dilation, chunks):
+  """Feeds [1, 1, N, D] tokens through a ring cache in the given chunk sizes."""
+  cache = rec.RingKVCache.init(1, 1, q.shape[-1], window=window, sink_tokens=sinks,
+                               dilation=dilation)
+  outs, start = [], 0
+  for n in chunks:
+    pos = jnp.arange(start, start + n, dtype=jnp.int32)[None]
+    sl = slice(start, start + n)
+    res, cache = cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos, cache.spec())
+    outs.append(res.out)
+    start += n
+  return jnp.concatenate(outs, axis=2), cache
+
+
+@pytest.mark.parametrize("window, sinks, dilation, chunks", [
+    (4, 0, 1, (7, 1, 1, 1, 1, 1)),      # prompt longer than the window
+    (3, 2, 1, (2, 5, 1, 1, 3)),         # sinks, chunk crossing the window
+    (3, 1, 2, (5, 1, 1, 1, 4)),         # dilated with a sink
+    (2, 0, 3, (1,) * 9 + (3,)),         # dilated, token by token
+])
+def test_ring_attention_equals_brute_force_mask(window, sinks, dilation, chunks):
+  n, d = sum(chunks), 8
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 1, n, d)) for i in range(3))
+  out, cache = ring_run(q, k, v, window=window, sinks=sinks, dilation=dilation, chunks=chunks)
+  ref = naive_window_attention(np.asarray(q[0, 0]), np.asarray(k[0, 0]), np.asarray(v[0, 0]),
+                               np.arange(n), np.arange(n), window=window, sinks=sinks,
+                               dilation=dilation)
+  np.testing.assert_allclose(out[0, 0], ref, atol=1e-5)
+  # the ring holds exactly the sinks and the last `window` keys on the stride
+  keep = [p for p in range(n) if p < sinks]
+  keep += [p for p in range(n) if p >= sinks and p % dilation == 0][-window:]
+  assert sorted(int(p) for p in cache.positions[0, 0] if p >= 0) == keep
+  assert cache.capacity == window + sinks
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "dilation"))
+def _ring_write(cache, pos, *, window, sinks, dilation):
+  del window, sinks, dilation  # static: one compile per ring shape
+  dest = cache._destinations(pos)  # pylint: disable=protected-access
+  zeros = jnp.zeros(pos.shape + (1,))[:, None]
+  return dest, cache.append(zeros, zeros, pos)
+
+
+RING_SHAPES = [(3, 0, 1), (2, 2, 1), (3, 1, 2)]  # (window, sinks, dilation)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(RING_SHAPES), st.lists(st.integers(0, 7), min_size=1, max_size=4),
+       st.integers(0, 3))
+def test_ring_destinations_never_collide_and_keep_the_newest(shape, sizes, lead_pad):
+  """Property: each chunk (padded to 10 tokens, padding in front and behind) writes every
+  kept token to a distinct slot and sinks to their own slots; the ring then holds exactly
+  the sinks and the newest `window` tokens on the stride."""
+  window, sinks, dilation = shape
+  cache = rec.RingKVCache.init(1, 1, 1, window=window, sink_tokens=sinks, dilation=dilation)
+  start = 0
+  for n in sizes:
+    pos = np.full((1, 10), -1, np.int32)
+    pos[0, lead_pad:lead_pad + n] = np.arange(start, start + n)
+    dest, cache = _ring_write(cache, jnp.asarray(pos), window=window, sinks=sinks,
+                              dilation=dilation)
+    dest = np.asarray(dest)[0]
+    kept = dest[dest < cache.capacity]
+    assert len(set(kept.tolist())) == len(kept)
+    for i in range(n):
+      if start + i < sinks:
+        assert dest[lead_pad + i] == start + i
+    assert (dest[pos[0] < 0] == cache.capacity).all()
+    start += n
+  strided = [p for p in range(start) if p >= sinks and p % dilation == 0][-window:]
+  want = sorted(list(range(min(start, sinks))) + strided)
+  assert sorted(int(p) for p in np.asarray(cache.positions)[0, 0] if p >= 0) == want
+
+
+def test_ring_rejects_a_mismatched_spec():
+  cache = rec.RingKVCache.init(1, 1, 4, window=4)
+  x = jnp.zeros((1, 1, 1, 4))
+  with pytest.raises(ValueError, match="window=8"):
+    cache.attend(x, x, x, jnp.zeros((1, 1), jnp.int32), attn_lib.AttentionSpec(window=8))
+  with pytest.raises(ValueError, match="window=0"):
+    rec.RingKVCache.init(1, 1, 4, window=0)
+
+
+# --- linear attention ---------------------------------------------------------------------------
+def _inputs(vector, b=2, h=2, t=11, dk=4, dv=3, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q, k = (jax.random.normal(x, (b, h, t, dk)) for x in ks[:2])
+  v = jax.random.normal(ks[2], (b, h, t, dv))
+  shape = (b, h, t, dk) if vector else (b, h, t)
+  log_a = -jax.nn.softplus(jax.random.normal(ks[3], shape)) * 2.0  # decays in (0, 1)
+  s0 = jax.random.normal(ks[4], (b, h, dk, dv))
+  return q, k, v, log_a, s0
+
+
+def naive_linear_attention(q, k, v, log_a, s0):
+  """Python loop over tokens with explicit matrices (float64)."""
+  q, k, v, log_a, s = (np.asarray(x, np.float64) for x in (q, k, v, log_a, s0))
+  if log_a.ndim == 3:
+    log_a = np.repeat(log_a[..., None], q.shape[-1], -1)
+  out = np.zeros(v.shape)
+  for t in range(q.shape[2]):
+    s = np.exp(log_a[:, :, t])[..., None] * s + k[:, :, t, :, None] * v[:, :, t, None, :]
+    out[:, :, t] = np.einsum("bhk,bhkv->bhv", q[:, :, t], s)
+  return out, s
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_chunked_and_recurrent_equal_the_naive_loop(vector):
+  q, k, v, log_a, s0 = _inputs(vector)
+  ref_o, ref_s = naive_linear_attention(q, k, v, log_a, s0)
+  rec_o, rec_s = jax.jit(rec.linear_attention_recurrent)(q, k, v, log_a, s0)
+  np.testing.assert_allclose(rec_o, ref_o, atol=1e-4)
+  np.testing.assert_allclose(rec_s, ref_s, atol=1e-4)
+  for c in (1, 4, 11, 16):  # 11 % 4 != 0; one chunk; chunk > T
+    o, s = jax.jit(functools.partial(rec.linear_attention_chunked, chunk_size=c))(
+        q, k, v, log_a, s0)
+    np.testing.assert_allclose(o, ref_o, atol=1e-4, err_msg=f"chunk={c}")
+    np.testing.assert_allclose(s, ref_s, atol=1e-4, err_msg=f"chunk={c}")
+
+
+def test_chunked_gradients_equal_recurrent_gradients_at_strong_decay():
+  q, k, v, log_a, s0 = _inputs(True, t=9)
+  log_a = log_a * 20.0  # e^{-40}-scale decays: a naive q*e^{b}, k*e^{-b} split overflows
+
+  def loss(fn, *args):
+    o, s = fn(*args)
+    return jnp.sum(jnp.sin(o)) + jnp.sum(s ** 2)
+
+  chunked = functools.partial(rec.linear_attention_chunked, chunk_size=4)
+  g_c = jax.jit(jax.grad(functools.partial(loss, chunked), argnums=(0, 1, 2, 3, 4)))(
+      q, k, v, log_a, s0)
+  g_r = jax.jit(jax.grad(functools.partial(loss, rec.linear_attention_recurrent),
+                         argnums=(0, 1, 2, 3, 4)))(q, k, v, log_a, s0)
+  for a, b in zip(g_c, g_r):
+    assert np.isfinite(np.asarray(a)).all()
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_tokens_leave_the_state_unchanged():
+  q, k, v, log_a, s0 = _inputs(False, b=1, t=6)
+  valid = jnp.array([[False, True, True, False, True, False]])
+  o, s = rec.linear_attention_chunked(q, k, v, log_a, s0, valid, chunk_size=4)
+  idx = np.array([1, 2, 4])
+  o_ref, s_ref = rec.linear_attention_recurrent(q[:, :, idx], k[:, :, idx], v[:, :, idx],
+                                                log_a[:, :, idx], s0)
+  np.testing.assert_allclose(s, s_ref, atol=1e-5)
+  np.testing.assert_allclose(o[:, :, idx], o_ref, atol=1e-5)
+
+
+def test_linear_state_protocol():
+  st_ = rec.LinearAttentionState.init(2, 3, 4, 5)
+  assert st_.nbytes == 2 * 3 * 4 * 5 * 4 and st_.capacity == 0
+  np.testing.assert_array_equal(st_.length, np.zeros((2, 3)))
+  with pytest.raises(ValueError, match="state shape"):
+    rec.linear_attention_recurrent(*_inputs(False)[:4], jnp.zeros((2, 2, 3, 3)))
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    rec.LinearAttentionSpec(chunk_size=0)
+
+
+# --- diagonal scan, conv ------------------------------------------------------------------------
+def test_diagonal_scan_parallel_equals_sequential_with_padding():
+  a = jax.random.uniform(jax.random.key(0), (2, 7, 3))
+  x = jax.random.normal(jax.random.key(1), (2, 7, 3))
+  h0 = jax.random.normal(jax.random.key(2), (2, 3))
+  valid = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
+  hp, lp = rec.diagonal_scan(a, x, h0, valid, parallel=True)
+  hs, ls = rec.diagonal_scan(a, x, h0, valid, parallel=False)
+  np.testing.assert_allclose(hp, hs, atol=1e-5)
+  np.testing.assert_allclose(lp, ls, atol=1e-5)
+  _, l4 = rec.diagonal_scan(a[1:, :4], x[1:, :4], h0[1:])
+  np.testing.assert_allclose(lp[1], l4[0], atol=1e-5)  # trailing padding: state unchanged
+
+
+def test_conv_window_carries_exactly_the_last_inputs():
+  w = jax.random.normal(jax.random.key(0), (3, 2))
+  b = jnp.zeros((2,))
+  x = jax.random.normal(jax.random.key(1), (1, 7, 2))
+  full, _ = rec.causal_conv1d(x, w, b, jnp.zeros((1, 2, 2)))
+  state = rec.ConvState.init(1, 3, 2)
+  outs = []
+  for s, e in ((0, 3), (3, 4), (4, 7)):
+    y, state = state.apply(x[:, s:e], w, b, jnp.arange(s, e)[None])
+    outs.append(y)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-6)
+  np.testing.assert_allclose(state.window, x[:, 5:7])
+  # right padding: the window stops at the last valid input
+  pos = jnp.array([[0, 1, 2, -1, -1]])
+  _, st2 = rec.ConvState.init(1, 3, 2).apply(x[:, :5], w, b, pos)
+  np.testing.assert_allclose(st2.window, x[:, 1:3])
+
+
+# --- latent cache --------------------------------------------------------------------------------
+def test_latent_cache_attend_equals_mqa_over_concatenated_keys_and_overflow_raises():
+  r, dr, h = 6, 2, 3
+  c = rec.LatentKVCache.init(1, 5, r, dr)
+  kn = jax.random.normal(jax.random.key(0), (1, 1, 4, r + dr))
+  q = jax.random.normal(jax.random.key(1), (1, h, 4, r + dr))
+  pos = jnp.array([[0, 1, -1, 2]])  # padding inside the chunk is skipped
+  spec = attn_lib.AttentionSpec(scale=0.3)
+  res, c2 = c.attend(q, kn, None, pos, spec)
+  keep = kn[:, :, jnp.array([0, 1, 3])]
+  ref = attn_lib.reference_attention(q, keep, keep[..., :r], jnp.array([[3]]),
+                                     q_positions=pos, k_positions=jnp.array([[[0, 1, 2]]]),
+                                     spec=spec)
+  np.testing.assert_allclose(res.out, ref.out, atol=1e-6)
+  np.testing.assert_array_equal(c2.lengths, [3])
+  assert c2.nbytes == 5 * (r + dr) * 4 + 5 * 4 + 4
+  with pytest.raises(ValueError, match="latent cache overflow"):
+    c2.append(kn[:, 0, :3, :r], kn[:, 0, :3, r:], jnp.array([[3, 4, 5]]))
