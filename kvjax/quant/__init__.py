@@ -10,9 +10,12 @@
 from kvjax.quant import formats, packing
 from kvjax.quant.base import CompressedCache, KVView
 from kvjax.quant.cache import QuantizedKVCache, quantize
+from kvjax.quant.model import (QuantizePress, convert_layer, init_model_cache, layer_factory,
+                               quantize_model)
 from kvjax.quant.spec import (NAMES, QuantSpec, fp8, fp8_supported, from_name, int8, kivi,
                               kvquant, per_token)
 
 __all__ = ["formats", "packing", "CompressedCache", "KVView", "QuantizedKVCache", "quantize",
            "QuantSpec", "NAMES", "fp8", "fp8_supported", "from_name", "int8", "kivi", "kvquant",
-           "per_token"]
+           "per_token", "QuantizePress", "convert_layer", "init_model_cache", "layer_factory",
+           "quantize_model"]
