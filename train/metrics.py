@@ -188,14 +188,17 @@ class MetricWriter:
       self._tb.add_scalars(step, scalars)
       self._tb.flush()
     if log:
-      logging.info("step %d: %s", step, ", ".join(f"{k}={_fmt(v)}" for k, v in
-                                                  sorted(scalars.items())))
+      logging.info("step %d: %s", step, format_scalars(scalars))
 
   def close(self):
     if self._jsonl:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+def format_scalars(scalars: Mapping[str, float]) -> str:
+  return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(scalars.items()))
 
 
 def _fmt(v: float) -> str:

@@ -197,7 +197,7 @@ _PROGRAMS: dict = {}
 _HOST_ONLY_KEYS = ("log_every", "eval_every", "eval_examples", "checkpoint_every",
                    "keep_checkpoints", "async_checkpoint", "export", "export_dir",
                    "tensorboard", "progress_bar", "peak_flops_per_device",
-                   "compilation_cache_dir", "distributed")
+                   "compilation_cache_dir", "distributed", "init_from")
 
 
 def _program_key(c) -> str:
@@ -321,15 +321,16 @@ class Trainer:
     return out, n
 
   def evaluate(self, eval_sets: dict) -> dict:
+    """{"eval/<source>/loss", .../token_accuracy, .../exact_match (tasks only)}."""
     out = {}
-    for name, batches in eval_sets.items():
+    for name, (batches, is_task) in eval_sets.items():
       stats = []
       for b in batches:
         arrs, n = self.eval_arrays(b)
         s = jax.device_get(self.eval_fn(self.state["params"], arrs))
         stats.append({k: v[:n] for k, v in s.items()})
       for k, v in eval_lib.summarize(stats).items():
-        if k != "examples":
+        if k != "examples" and (is_task or k != "exact_match"):
           out[f"eval/{name}/{k}"] = v
     return out
 
@@ -361,8 +362,8 @@ def make_eval_sets(c) -> dict:
     if spec.get("kind", name) == "files" and not spec.get("eval_paths"):
       continue
     src = data_lib.make_source(name, spec, c.seq_len + 1, "validation")
-    sets[name] = data_lib.eval_batches(src, c.eval_examples, c.eval_batch_size,
-                                       c.seed + EVAL_SEED_OFFSET)
+    sets[name] = (data_lib.eval_batches(src, c.eval_examples, c.eval_batch_size,
+                                        c.seed + EVAL_SEED_OFFSET), data_lib.is_task(src))
   return sets
 
 
@@ -440,8 +441,12 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
     trainer.state = state
     mixture.restore(data_state)
     logging.info("resumed from %s step %d", ckpt.directory, latest)
+    if jax.process_index() == 0:
+      _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest)
   else:
     trainer.init_state()
+    if c.init_from:
+      warm_start(trainer, c.init_from)
   eval_sets = make_eval_sets(c)
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, tensorboard=c.tensorboard, enabled=is_main)
@@ -501,16 +506,19 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
         writer.write(step, scalars, log=pbar is None)
         if pbar is not None:
           pbar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          pbar.write(f"step {step}: " + metrics_lib.format_scalars(scalars))
         summary["last"] = scalars
       if c.eval_every > 0 and step % c.eval_every == 0 and step != c.steps and eval_sets:
         ev = trainer.evaluate(eval_sets)
         writer.write(step, ev, log=True)
         summary["eval"] = ev
+        t_last, step_last = time.time(), step   # keep eval time out of tokens/s
       stop = preempt.flag or (stop_after_steps is not None
                               and step - start_step >= stop_after_steps)
       if (c.checkpoint_every > 0 and step % c.checkpoint_every == 0) or step == c.steps \
           or stop:
         save(step)
+        t_last, step_last = time.time(), step   # and the blocking part of saving
       if stop:
         logging.warning("stopping at step %d (%s)", step,
                         "SIGTERM" if preempt.flag else "stop_after_steps")
@@ -526,17 +534,75 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
     summary["eval"] = ev
   if ckpt is not None:
     ckpt.close()
-  if step == c.steps and c.export and is_main:
+  if step == c.steps and c.export:
     summary["export_dir"] = export(trainer, c.export_dir or os.path.join(workdir, "export"))
   writer.close()
   summary["trainer"] = trainer
   return summary
 
 
+def _truncate_metrics(path: str, step: int):
+  """Drops rows logged after `step` (a crash after the checkpoint); they will be redone."""
+  if not os.path.exists(path):
+    return
+  rows = metrics_lib.read_jsonl(path)
+  keep = [r for r in rows if r.get("step", 0) <= step]
+  if len(keep) != len(rows):
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+def warm_start(trainer: Trainer, path: str) -> dict:
+  """Copies the parameters of the HF-format model at `path` into a fresh state.
+
+  Parameters whose path and shape match are copied (e.g. Llama -> the same Llama with
+  sliding-window layers, or a longer max_position_embeddings); the others keep their
+  fresh initialisation. This is the weight-transfer step of conversion fine-tuning: the
+  LM fine-tune that follows is this trainer. Raises ValueError when nothing matches.
+
+  Returns:
+    {"copied": [...], "fresh": [...]} parameter paths.
+  """
+  from models import hf  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(path):
+    raise ValueError(f"init_from={path!r} is not a directory")
+  src_model = hf.from_pretrained(path, dtype=trainer.c.model.param_dtype)
+  src = {shard_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      nnx.state(src_model, nnx.Param).to_pure_dict())[0]}
+  copied, fresh = [], []
+
+  def take(p, x, sh):
+    name = shard_lib.path_str(p)
+    y = src.get(name)
+    if y is not None and tuple(y.shape) == tuple(x.shape):
+      copied.append(name)
+      return jax.device_put(np.asarray(y, dtype=x.dtype), sh)
+    fresh.append(name)
+    return x
+
+  params = jax.tree_util.tree_map_with_path(take, trainer.state["params"], trainer.param_sh)
+  if not copied:
+    raise ValueError(f"init_from={path!r}: no parameter of that model matches this one by "
+                     f"path and shape (this model has {sorted(fresh)[:8]}...)")
+  trainer.state = dict(trainer.state, params=params)
+  logging.info("warm start from %s: copied %d tensors, %d fresh: %s", path, len(copied),
+               len(fresh), fresh)
+  return {"copied": copied, "fresh": fresh}
+
+
 def export(trainer: Trainer, path: str) -> str:
-  """Writes the trained model (family exporter, e.g. HF safetensors) + tokenizer file."""
-  model = trainer.parts.merge(jax.device_get(trainer.state["params"]))
-  trainer.parts.family.export(model, path)
-  ByteTokenizer().save(path)
-  logging.info("exported model to %s", path)
+  """Writes the trained model (family exporter, e.g. HF safetensors) + tokenizer file.
+
+  Every process must call it (parameters sharded across hosts are all-gathered); process
+  0 writes.
+  """
+  params = trainer.state["params"]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    params = multihost_utils.process_allgather(params, tiled=True)
+  params = jax.device_get(params)
+  if jax.process_index() == 0:
+    trainer.parts.family.export(trainer.parts.merge(params), path)
+    ByteTokenizer().save(path)
+    logging.info("exported model to %s", path)
   return path

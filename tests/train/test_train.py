@@ -167,3 +167,18 @@ def test_sharded_fsdp_tp_and_accumulation_match_one_device(run_full, tmp_path):
   assert sorted(sharded) == [1, 2, 3]
   for k in sharded:
     np.testing.assert_allclose(sharded[k], single[k], rtol=2e-4)
+
+
+def test_warm_start_copies_matching_params(run_full):
+  """Conversion by weight transfer: the trained Llama -> the same Llama, sliding window."""
+  _, summary = run_full
+  c = tiny_config(**{"model.config.sliding_window": 8})
+  trainer = train_lib.Trainer(c)
+  trainer.init_state()
+  with pytest.raises(ValueError, match="is not a directory"):
+    train_lib.warm_start(trainer, "/nonexistent/model")
+  out = train_lib.warm_start(trainer, summary["export_dir"])
+  assert out["fresh"] == [] and len(out["copied"]) == len(jax.tree.leaves(
+      trainer.state["params"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.state["params"]),
+               jax.device_get(summary["trainer"].state["params"]))

@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
                                    # -1: never
   c.keep_checkpoints = 3           # keep the last N
   c.async_checkpoint = True
+  c.init_from = ""                 # HF-format model dir: copy matching params into a fresh
+                                   # run (warm start / conversion fine-tuning)
   c.export = False                 # write the final model (HF format) + tokenizer
   c.export_dir = ""                # default: <workdir>/export
   c.tensorboard = True             # event files in <workdir>/tensorboard
