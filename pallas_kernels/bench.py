@@ -31,7 +31,6 @@ from typing import Any, Sequence
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import pallas_kernels
 from pallas_kernels.reference import attention_reference

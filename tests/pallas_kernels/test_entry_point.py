@@ -1,7 +1,6 @@
 """pallas_kernels.attention dispatch and pallas_kernels.supports."""
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import pallas_kernels
