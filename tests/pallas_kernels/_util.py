@@ -95,6 +95,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def call_fast(fn, *arrays, static=None, **array_kwargs):
-  """fn(*arrays, **array_kwargs, **static) under one jit with fast-compile options."""
-  jitted = jax.jit(functools.partial(fn, **(static or {})), compiler_options=FAST_COMPILE)
+  """fn(*arrays, **array_kwargs, **static) under one jit (fast-compile options on CPU)."""
+  options = FAST_COMPILE if jax.default_backend() == "cpu" else None
+  jitted = jax.jit(functools.partial(fn, **(static or {})), compiler_options=options)
   return jitted(*arrays, **array_kwargs)
