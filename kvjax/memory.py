@@ -65,7 +65,14 @@ def components(cache, n_layers: int = 1) -> dict:
     for f in dataclasses.fields(cache):
       if not f.metadata.get("pytree_node", True):
         continue  # static configuration, not an array
-      nb = _leaf_bytes(getattr(cache, f.name))
+      val = getattr(cache, f.name)
+      if isinstance(val, (tuple, list)) and val and all(
+          dataclasses.is_dataclass(x) for x in val):   # composite caches (per-head parts)
+        for part in val:
+          for c, nb in components(part, n_layers).items():
+            out[c] += nb
+        continue
+      nb = _leaf_bytes(val)
       if nb:
         out[_category(cache, f.name)] += nb // n_layers
   else:
@@ -79,6 +86,9 @@ def kind_label(cache) -> str:
 
 
 def _head_dims(cache):
+  parts = getattr(cache, "parts", None)
+  if parts:
+    return _head_dims(parts[0])
   d = getattr(cache, "head_dim", None)
   dv = getattr(cache, "v_head_dim", None)
   if not isinstance(d, int):
@@ -200,11 +210,15 @@ def report(cache, tokens: Optional[Sequence[int]] = None) -> MemoryReport:
   segments = getattr(cache, "segments", None)
   if segments is not None:
     seq = np.asarray(cache.next_position) if tokens is None else np.asarray(tokens)
+    # entry e, stacked index j -> model layer (scan groups interleave layers, e.g. Gemma 2)
+    layer_of = getattr(cache, "entry_layers", None)
+    layer_of = layer_of() if layer_of is not None else None
     rows, li = [], 0
-    for seg, n in zip(segments, cache.segment_sizes):
+    for e, (seg, n) in enumerate(zip(segments, cache.segment_sizes)):
       for j in range(n):
-        rows.append(_layer_row(li, seg, j, n, seq))
+        rows.append(_layer_row(li if layer_of is None else layer_of[e][j], seg, j, n, seq))
         li += 1
+    rows.sort(key=lambda r: r.layer)
     extra = {f.name: _leaf_bytes(getattr(cache, f.name)) for f in dataclasses.fields(cache)
              if f.name != "segments" and f.metadata.get("pytree_node", True)}
     return MemoryReport(rows, extra, int(seq.sum()))

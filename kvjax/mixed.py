@@ -16,6 +16,10 @@ layer's exact nbytes. `assign_budget` solves the multiple-choice knapsack greedi
 from each layer's smallest candidate, repeatedly take the upgrade with the largest KL drop
 per extra byte that still fits); it is exact when sensitivities are convex in bytes.
 
+Per-head mixed precision (`HeadSplitCache`): a layer cache whose kv heads are split into
+contiguous groups, each group its own cache kind (e.g. retrieval heads in bf16, the rest in
+INT2, as DuoAttention/RazorAttention split heads for eviction).
+
 Evict-then-quantize (`EvictThenQuantize`): any press (kvjax.presses, or any object with
 `compress_model(model_cache, obs_list, config, ...)` or a per-layer
 `__call__(layer_cache, obs, layer_idx=...)`) followed by any quantized kind. `order`
@@ -31,12 +35,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 from kvjax.observation import Observe
+from kvjax.quant.base import KVView
 from kvjax.quant.cache import QuantizedKVCache
 from kvjax.quant.model import convert_layer, resolve_spec
 from kvjax.quant.spec import QuantSpec
@@ -134,6 +141,128 @@ class EvictThenQuantize:
       model_cache = cache_lib.ModelCache.from_layers(dense, model_cache.next_position)
     evicted = _press_call(press, model_cache, obs_list, config, room, prompt_length)
     return quantize_model(evicted, self.spec, config=config)
+
+
+# -- per-head mixed precision ---------------------------------------------------------------
+def _pad_slots(x, s, fill):
+  pad = s - x.shape[2]
+  if pad == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3), constant_values=fill)
+
+
+def _view_of(c):
+  if hasattr(c, "materialize"):
+    return c.materialize()
+  valid = c.valid_mask()
+  return KVView(c.k, c.v, jnp.where(valid, c.positions, -1), valid)
+
+
+@flax.struct.dataclass
+class HeadSplitCache:
+  """A layer cache whose kv heads [h_0, h_1), [h_1, h_2), ... are held by separate caches.
+
+  Attributes:
+    parts: tuple of layer caches; part i holds `heads[i]` consecutive kv heads (any kinds:
+      DenseKVCache, QuantizedKVCache, ...). Query heads follow their kv head (GQA order).
+    heads: static tuple of kv-head counts per part.
+  `capacity` is the smallest part's; `colsum` and `materialize` pad parts to the largest
+  part's slot count (padding slots are empty).
+  """
+
+  parts: tuple
+  heads: tuple = flax.struct.field(pytree_node=False, default=())
+
+  @classmethod
+  def from_parts(cls, parts: Sequence[Any]) -> "HeadSplitCache":
+    parts = tuple(parts)
+    if not parts:
+      raise ValueError("parts must hold at least one cache")
+    return cls(parts=parts, heads=tuple(int(p.length.shape[-1]) for p in parts))
+
+  @property
+  def capacity(self) -> int:
+    return min(p.capacity for p in self.parts)
+
+  @property
+  def length(self) -> jax.Array:
+    return jnp.concatenate([p.length for p in self.parts], axis=-1)
+
+  @property
+  def lengths(self) -> jax.Array:
+    return self.length
+
+  @property
+  def nbytes(self) -> int:
+    return cache_lib.tree_nbytes(self)
+
+  @property
+  def kind_label(self) -> str:
+    from kvjax import memory  # pylint: disable=import-outside-toplevel
+    return "heads[" + ",".join(f"{n}:{memory.kind_label(p)}"
+                               for n, p in zip(self.heads, self.parts)) + "]"
+
+  def _bounds(self):
+    out, a = [], 0
+    for n in self.heads:
+      out.append((a, a + n))
+      a += n
+    return out
+
+  def check_room(self, positions_new) -> None:
+    for p in self.parts:
+      check = getattr(p, "check_room", None)
+      if check is not None:
+        check(positions_new)
+
+  def append(self, k_new, v_new, positions_new) -> "HeadSplitCache":
+    return self.replace(parts=tuple(
+        p.append(k_new[:, a:b], v_new[:, a:b], positions_new)
+        for p, (a, b) in zip(self.parts, self._bounds())))
+
+  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
+             sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
+    g = q.shape[1] // sum(self.heads)
+    outs, new = [], []
+    for p, (a, b) in zip(self.parts, self._bounds()):
+      sl = None if sink_logits is None else sink_logits[a * g:b * g]
+      res, c = p.attend(q[:, a * g:b * g], k_new[:, a:b], v_new[:, a:b], q_positions, spec,
+                        sink_logits=sl, return_colsum=return_colsum,
+                        colsum_window=colsum_window, return_lse=return_lse)
+      outs.append(res)
+      new.append(c)
+    colsum = None
+    if return_colsum:
+      s = max(o.colsum.shape[-1] for o in outs)
+      colsum = jnp.concatenate([_pad_slots(o.colsum, s, 0.0) for o in outs], axis=1)
+    res = attn_lib.AttentionOutput(
+        jnp.concatenate([o.out for o in outs], axis=1),
+        jnp.concatenate([o.lse for o in outs], axis=1) if return_lse else None, colsum)
+    return res, self.replace(parts=tuple(new))
+
+  def materialize(self) -> KVView:
+    views = [_view_of(p) for p in self.parts]
+    s = max(v.positions.shape[-1] for v in views)
+    cat = lambda i, fill: jnp.concatenate(  # noqa: E731
+        [_pad_slots(v[i], s, fill) for v in views], axis=1)
+    return KVView(cat(0, 0), cat(1, 0), cat(2, -1), cat(3, False))
+
+  def to_dense(self, capacity=None, dtype=None):
+    from kvjax.quant.base import CompressedCache  # pylint: disable=import-outside-toplevel
+    return CompressedCache.to_dense(self, capacity or max(p.capacity for p in self.parts), dtype)
+
+
+def split_heads(layer_cache, groups: Sequence[tuple], *, config=None) -> HeadSplitCache:
+  """Converts a dense layer cache: groups = ((n_heads, kind), ...) in kv-head order."""
+  if sum(n for n, _ in groups) != layer_cache.k.shape[1]:
+    raise ValueError(f"groups cover {sum(n for n, _ in groups)} kv heads; the cache has "
+                     f"{layer_cache.k.shape[1]}")
+  parts, a = [], 0
+  for n, kind in groups:
+    sub = jax.tree.map(lambda x, a=a, n=n: x[:, a:a + n], layer_cache)
+    parts.append(convert_layer(sub, kind, config=config))
+    a += n
+  return HeadSplitCache.from_parts(parts)
 
 
 # -- per-layer sensitivity and budgeted assignment ------------------------------------------

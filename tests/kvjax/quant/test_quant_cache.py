@@ -13,6 +13,7 @@ _attend = jax.jit(lambda c, q, k, v, p: c.attend(q, k, v, p, A.AttentionSpec(bac
 _quantize = jax.jit(quant.quantize, static_argnames=("spec", "capacity", "dtype"))
 _append = jax.jit(lambda c, k, v, p: c.append(k, v, p))
 _dense_k = jax.jit(lambda c: c.to_dense().k)   # decompressed keys, packed in token order
+_append_dense_k = jax.jit(lambda c, k, v, p: c.append(k, v, p).to_dense().k)
 
 
 def outlier_keys(rng, b, h, n, d):
@@ -71,8 +72,8 @@ def test_kvquant_outliers_and_pre_rope_reduce_key_error():
                                               rope=rope),
                      "prerope+outliers": quant.kvquant(2, group_size=g, residual=g,
                                                        outlier_frac=0.07, rope=rope)}.items():
-    c = _append(quant.QuantizedKVCache.init(b, h, n + g, d, spec), k, v, pos)
-    errs[name] = float(jnp.mean((_dense_k(c)[:, :, :n] - k) ** 2))
+    back = _append_dense_k(quant.QuantizedKVCache.init(b, h, n + g, d, spec), k, v, pos)
+    errs[name] = float(jnp.mean((back[:, :, :n] - k) ** 2))
   assert errs["prerope"] < errs["kivi"], errs
   assert errs["prerope+outliers"] < 0.7 * errs["prerope"], errs
 
@@ -160,3 +161,21 @@ def test_report_of_a_layer_cache_and_a_bf16_reference():
   rep = memory.report(dense)
   assert rep.total == dense.nbytes == rep.reference and rep.layers[0].tokens == 8
   assert memory.dense_bf16_bytes(1, 2, 8, 16, 16) == tree_nbytes(dense)
+
+
+def test_per_head_split_converts_reports_and_reads_back():
+  from kvjax import mixed  # pylint: disable=import-outside-toplevel
+  dense = _headwise_dense(np.random.default_rng(6))
+  split = mixed.split_heads(dense, ((1, None), (1, quant.per_token(2, group_size=8))))
+  assert split.heads == (1, 1) and isinstance(split.parts[0], DenseKVCache)
+  np.testing.assert_array_equal(np.asarray(split.length), np.asarray(dense.lengths))
+  rep = memory.report(split)
+  assert rep.total == split.nbytes == split.parts[0].nbytes + split.parts[1].nbytes
+  assert rep.layers[0].kind == "heads[1:DenseKVCache,1:int2-g8]"
+  assert rep.layers[0].components["codes"] == 2 * 12 * 16 // 4 * 2
+  back = jax.jit(lambda c: c.to_dense())(split)
+  np.testing.assert_array_equal(np.asarray(back.positions), np.asarray(dense.positions))
+  valid = np.asarray(dense.valid_mask())[:, 0]
+  np.testing.assert_array_equal(np.asarray(back.k)[:, 0][valid], np.asarray(dense.k)[:, 0][valid])
+  with pytest.raises(ValueError, match="groups cover 3 kv heads; the cache has 2"):
+    mixed.split_heads(dense, ((1, None), (2, "int8")))
