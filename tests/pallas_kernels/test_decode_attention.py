@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels.decode_attention import decode_attention
 from tests.pallas_kernels._util import (FAST_COMPILE, call_fast, check_against_reference,
-                                        problem, require_backend)
+                                        lower_for, problem, require_backend)
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -130,9 +130,9 @@ def test_native_lowering_on_cpu(platform, lowering):
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   fn = jax.jit(functools.partial(decode_attention, platform=platform, window=256,
                                  sink_tokens=4, softcap=30.0, return_colsum=True))
-  lowered = fn.trace(q, k, k, i32(b, hkv), q_positions=i32(b, t),
-                     k_positions=i32(b, hkv, s)).lower(lowering_platforms=(lowering,))
-  assert "ragged_decode_attention" in lowered.as_text()
+  text = lower_for(fn, (q, k, k, i32(b, hkv)),
+                   dict(q_positions=i32(b, t), k_positions=i32(b, hkv, s)), lowering)
+  assert "ragged_decode_attention" in text
 
 
 def _native(platform):

@@ -9,8 +9,8 @@ import pytest
 
 from pallas_kernels import _common as C
 from pallas_kernels.flash_prefill import flash_prefill
-from tests.pallas_kernels._util import call_fast, check_against_reference, problem, \
-    require_backend
+from tests.pallas_kernels._util import (call_fast, check_against_reference, lower_for, problem,
+                                        require_backend)
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -102,9 +102,8 @@ def test_native_lowering_on_cpu(platform, lowering):
   fn = jax.jit(functools.partial(flash_prefill, platform=platform, window=256, sink_tokens=4,
                                  softcap=30.0, return_lse=True, return_colsum=True,
                                  colsum_window=64))
-  lowered = fn.trace(q, k, k, i32(b, hkv), q_positions=i32(b, t),
-                     k_positions=i32(b, hkv, t)).lower(lowering_platforms=(lowering,))
-  text = lowered.as_text()
+  text = lower_for(fn, (q, k, k, i32(b, hkv)),
+                   dict(q_positions=i32(b, t), k_positions=i32(b, hkv, t)), lowering)
   assert "flash_prefill" in text and "attention_colsum" in text
 
 
