@@ -28,8 +28,9 @@ denominator and accumulator live in VMEM scratch. GPU (Triton lowering): (B, Hkv
 num_splits); each program loops over its blocks with masked loads, keeping the state in
 registers.
 
-K/V loading is a pluggable `KVSource` (see `PlainKV`), so a quantized cache can reuse
-the kernel bodies by supplying its own arrays, block specs and dequantizing loads.
+K/V loading is a pluggable KV source (see `PlainKV`): a quantized cache reuses the kernel
+bodies and the whole pipeline (`decode_with_source`) by supplying its own arrays, block
+specs and dequantizing loads.
 """
 
 from __future__ import annotations
@@ -371,6 +372,58 @@ def check_inputs(q, k, v, k_lengths, q_positions, k_positions, sink_logits=None)
   C.check_head_dim("value head_dim", v.shape[-1])
 
 
+def decode_with_source(kv, kv_arrays, q, k_lengths, q_positions, k_positions, *,
+                       spec: C.MaskSpec, block_k: int, num_splits: int, platform: str,
+                       interpret: Any = False, num_warps: int = 4, num_stages: int = 2):
+  """The decode pipeline for any KV source (the extension point for quantized caches).
+
+  Arranges the rows, computes the block ranges, runs the TPU or GPU kernel with `kv`
+  loading `kv_arrays`, and merges the splits. Inputs must already be validated:
+  int32 positions/lengths (lengths clipped to [0, S]), `block_k` resolved for the
+  platform, 1 <= num_splits <= number of key blocks.
+
+  Returns:
+    out [B, Hq, T, Dv] float32, lse [B, Hq, T] float32 (no sink logits applied).
+  """
+  b, hq, t, d = q.shape
+  hkv = k_positions.shape[1]
+  g = hq // hkv
+  dv = kv.head_dim_v
+  # Rows r = t * G + g: all queries and all heads of a kv group in one program.
+  r = t * g
+  q_rows = q.reshape(b, hkv, g, t, d).transpose(0, 1, 3, 2, 4).reshape(b, hkv, r, d)
+  row_pos = jnp.repeat(q_positions, g, axis=1)
+  r_pad = C.round_up(r, C.SUBLANES) if platform == "tpu" else max(16, C.next_pow2(r))
+  d_pad = d if platform == "tpu" else max(16, C.next_pow2(d))
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, r_pad - r), (0, d_pad - d)))
+  row_pos = jnp.pad(row_pos, ((0, 0), (0, r_pad - r)), constant_values=-1)
+
+  if spec.window is None:
+    ranges = C.length_ranges(k_lengths, block_k)
+  else:
+    ranges = C.key_ranges(q_positions, k_positions, k_lengths, block_q=t, block_k=block_k,
+                          spec=spec)
+  ranges = ranges.packed()[:, :, 0]                          # [B, Hkv, 4]
+
+  if platform == "tpu":
+    o_parts, lse_parts = _decode_tpu(kv, kv_arrays, q_rows, row_pos, k_positions,
+                                     k_lengths, ranges, spec=spec, block_k=block_k,
+                                     num_splits=num_splits, interpret=interpret)
+  else:
+    o_parts, lse_parts = _decode_gpu(kv, kv_arrays, q_rows, row_pos, k_positions,
+                                     k_lengths, ranges, spec=spec, block_k=block_k,
+                                     num_splits=num_splits, interpret=interpret,
+                                     num_warps=num_warps, num_stages=num_stages)
+  if num_splits == 1:
+    o_rows, lse_rows = o_parts[:, :, 0], lse_parts[:, :, 0]
+  else:
+    o_rows, lse_rows = C.combine_splits(o_parts, lse_parts)
+  out = o_rows[:, :, :r].reshape(b, hkv, t, g, dv).transpose(0, 1, 3, 2, 4)
+  out = out.reshape(b, hq, t, dv)
+  lse = lse_rows[:, :, :r].reshape(b, hkv, t, g).transpose(0, 1, 3, 2).reshape(b, hq, t)
+  return out, lse
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "causal", "window", "sink_tokens", "softcap",
@@ -414,7 +467,6 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
     raise ValueError(f"colsum_window={colsum_window!r}; must be a positive int or None")
   b, hq, t, d = q.shape
   _, hkv, s, dv = v.shape
-  g = hq // hkv
   bk = resolve_block_k(platform, block_k, s)
   nkb = C.cdiv(s, bk)
   splits = default_num_splits(platform, b, hkv, nkb) if num_splits is None else num_splits
@@ -426,40 +478,11 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
   q_positions = q_positions.astype(jnp.int32)
   k_positions = k_positions.astype(jnp.int32)
   k_lengths = jnp.clip(k_lengths.astype(jnp.int32), 0, s)
-
-  # Rows r = t * G + g: all queries and all heads of a kv group in one program.
-  r = t * g
-  q_rows = q.reshape(b, hkv, g, t, d).transpose(0, 1, 3, 2, 4).reshape(b, hkv, r, d)
-  row_pos = jnp.repeat(q_positions, g, axis=1)
-  r_pad = C.round_up(r, C.SUBLANES) if platform == "tpu" else max(16, C.next_pow2(r))
-  d_pad = d if platform == "tpu" else max(16, C.next_pow2(d))
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, r_pad - r), (0, d_pad - d)))
-  row_pos = jnp.pad(row_pos, ((0, 0), (0, r_pad - r)), constant_values=-1)
-
-  if window is None:
-    ranges = C.length_ranges(k_lengths, bk)
-  else:
-    ranges = C.key_ranges(q_positions, k_positions, k_lengths, block_q=t, block_k=bk,
-                          spec=spec)
-  ranges = ranges.packed()[:, :, 0]                          # [B, Hkv, 4]
-
   kv = PlainKV(head_dim=d, head_dim_v=dv, num_slots=s)
-  if platform == "tpu":
-    o_parts, lse_parts = _decode_tpu(kv, (k, v), q_rows, row_pos, k_positions, k_lengths,
-                                     ranges, spec=spec, block_k=bk, num_splits=splits,
-                                     interpret=interpret)
-  else:
-    o_parts, lse_parts = _decode_gpu(kv, (k, v), q_rows, row_pos, k_positions, k_lengths,
-                                     ranges, spec=spec, block_k=bk, num_splits=splits,
-                                     interpret=interpret, num_warps=num_warps,
-                                     num_stages=num_stages)
-  if splits == 1:
-    o_rows, lse_rows = o_parts[:, :, 0], lse_parts[:, :, 0]
-  else:
-    o_rows, lse_rows = C.combine_splits(o_parts, lse_parts)
-  out = o_rows[:, :, :r].reshape(b, hkv, t, g, dv).transpose(0, 1, 3, 2, 4)
-  out = out.reshape(b, hq, t, dv)
-  lse = lse_rows[:, :, :r].reshape(b, hkv, t, g).transpose(0, 1, 3, 2).reshape(b, hq, t)
+  out, lse = decode_with_source(kv, (k, v), q, k_lengths, q_positions, k_positions,
+                                spec=spec, block_k=bk, num_splits=splits, platform=platform,
+                                interpret=interpret, num_warps=num_warps,
+                                num_stages=num_stages)
   if sink_logits is not None:
     out, lse = C.apply_sink_logits(out, lse, sink_logits)
   colsum = None
