@@ -79,7 +79,6 @@ KINDS = {
     "dense": Kind(lambda b, h, cap, d: DenseKVCache.init(b, h, cap, d), 0.0),
     "int8": Kind(_q(quant.int8()), 0.03),
     "fp8_e4m3": Kind(_q(quant.fp8("fp8_e4m3")), 0.3),
-    "int4": Kind(_q(quant.per_token(4)), 0.6),
     "int2_g8_r4": Kind(_q(quant.per_token(2, group_size=8, residual=4)), 2.5),
     "kivi4": Kind(_q(quant.kivi(4, group_size=4, residual=4)), 0.6),
     "kvquant4": Kind(_q(quant.kvquant(4, group_size=4, residual=4, outlier_frac=0.1,
@@ -172,8 +171,11 @@ def test_appends_keep_tokens_in_order_and_final_slots(name, steps, seed):
     valid = [min(v0, t), min(v1, t)]
     k, v, pos = chunk(rng, t, valid, offset, left)
     if (offset + np.array(valid) > cap).any():
+      with pytest.raises(ValueError, match="overflow"):   # raised before any array work
+        cache.append(jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos))
       with pytest.raises(ValueError, match="overflow"):
-        append(cache, k, v, pos)
+        cache.attend(jnp.zeros((B, HQ, T_APPEND, D)), jnp.asarray(k), jnp.asarray(v),
+                     jnp.asarray(pos), SPEC)
       return
     before = view(cache)
     cache = append(cache, k, v, pos)

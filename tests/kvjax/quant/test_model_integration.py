@@ -114,6 +114,9 @@ def test_quantize_on_append_equals_convert_after_prefill(model, prompts):
   toks, mask = _batch(long, short)
   spec = quant.kivi(2, group_size=4, residual=4)
   cache = quant.init_model_cache(CFG, 2, CAP, spec)
+  via_models = models.init_cache(CFG, 2, CAP, layer_factory=quant.layer_factory(CFG, 2, spec))
+  assert jax.tree.structure(via_models) == jax.tree.structure(cache)
+  assert [x.shape for x in jax.tree.leaves(via_models)] == [x.shape for x in jax.tree.leaves(cache)]
   la, ca = models.prefill(model, jnp.asarray(toks, jnp.int32), attention_mask=mask, cache=cache,
                           logits="last")
   lb, cb = models.prefill(model, jnp.asarray(toks, jnp.int32), attention_mask=mask,
