@@ -546,9 +546,13 @@ def _rows_mask(rows, batch):
 
 def release(cache: PagedKVCache, rows) -> PagedKVCache:
   """Drops rows' references (rows: indices or bool mask [B]); pages at zero become free."""
+  return _release(cache, _rows_mask(rows, cache.batch))
+
+
+@jax.jit
+def _release(cache: PagedKVCache, mask) -> PagedKVCache:
   if cache.stacked:
-    return jax.vmap(lambda c: release(c, rows))(cache)
-  mask = _rows_mask(rows, cache.batch)
+    return jax.vmap(lambda c: _release(c, mask))(cache)
   meta = cache._meta(None)  # pylint: disable=protected-access
   pt = meta["page_table"]
   meta = _decref(meta, mask[:, None] & (pt >= 0), pt)
@@ -582,17 +586,20 @@ def fork(cache: PagedKVCache, src, dst, n_tokens=None) -> PagedKVCache:
     if (d < 0).any() or (d >= cache.batch).any() or (s < 0).any() or (s >= cache.batch).any():
       raise ValueError(f"fork rows out of range [0, {cache.batch}): src {s.tolist()}, "
                        f"dst {d.tolist()}")
+  n = None if n_tokens is None else jnp.broadcast_to(
+      jnp.asarray(n_tokens, jnp.int32), src.shape)
+  return _fork(cache, src, dst, n)
+
+
+@jax.jit
+def _fork(cache: PagedKVCache, src, dst, n_tokens) -> PagedKVCache:
   if cache.stacked:
-    return jax.vmap(lambda c: fork(c, src, dst, n_tokens))(cache)
-  cache = release(cache, dst)
+    return jax.vmap(lambda c: _fork(c, src, dst, n_tokens))(cache)
+  cache = _release(cache, jnp.zeros((cache.batch,), bool).at[dst].set(True))
   meta = cache._meta(None)  # pylint: disable=protected-access
   pt, lengths = meta["page_table"], meta["lengths"]
   src_len = lengths[src]                                           # [K, H]
-  if n_tokens is None:
-    new_len = src_len
-  else:
-    n = jnp.atleast_1d(jnp.asarray(n_tokens, jnp.int32))
-    new_len = jnp.minimum(src_len, n[:, None])
+  new_len = src_len if n_tokens is None else jnp.minimum(src_len, n_tokens[:, None])
   p = cache.page_size
   n_share = (jnp.max(new_len, axis=-1) + p - 1) // p                 # [K]
   j = jnp.arange(cache.max_pages)
@@ -619,9 +626,9 @@ def repage(cache: PagedKVCache, k, v, positions, lengths, rows=None) -> PagedKVC
     rows: rows to rewrite (indices or bool mask [B]); default all.
   """
   if cache.stacked:
-    raise ValueError("repage works on one layer; use ModelCache helpers for stacked segments")
+    raise ValueError("repage works on one layer; use PagedPress for a ModelCache")
   mask = jnp.ones((cache.batch,), bool) if rows is None else _rows_mask(rows, cache.batch)
-  cache = release(cache, mask)
+  cache = _release(cache, mask)
   slot = jnp.arange(positions.shape[-1], dtype=jnp.int32)
   keep = (slot < lengths[..., None]) & mask[:, None, None]
   # A kept slot whose position is -1 would be skipped by the writer; give it a position
@@ -748,7 +755,7 @@ def _map_paged(mc, fn):
 
 @jax.jit
 def _fork_model(mc, src, dst, n_tokens):
-  mc = _map_paged(mc, lambda s: fork(s, src, dst, n_tokens))
+  mc = _map_paged(mc, lambda s: _fork(s, src, dst, n_tokens))
   nxt = mc.next_position[src] if n_tokens is None else n_tokens
   return mc.replace(next_position=mc.next_position.at[dst].set(nxt))
 
@@ -773,7 +780,7 @@ def fork_rows(mc: cache_lib.ModelCache, src, dst, n_tokens=None) -> cache_lib.Mo
 
 @jax.jit
 def _release_model(mc, mask):
-  mc = _map_paged(mc, lambda s: release(s, mask))
+  mc = _map_paged(mc, lambda s: _release(s, mask))
   return mc.replace(next_position=jnp.where(mask, 0, mc.next_position))
 
 
