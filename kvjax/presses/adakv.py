@@ -58,6 +58,10 @@ class AdaKVPress(base.Press):
   def compression_ratio(self) -> float:
     return self.press.compression_ratio
 
+  @property
+  def layer_invariant(self) -> bool:
+    return self.press.layer_invariant
+
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     uniform = int(self.press.keep_table(capacity, ctx).max())
     return max(1, min(capacity, math.ceil(self.head_capacity_factor * uniform)))

@@ -288,6 +288,12 @@ class Press:
     """Observations this press needs from the forward pass."""
     return Observe()
 
+  @property
+  def layer_invariant(self) -> bool:
+    """True if the press does the same (static) thing in every layer, so compress_model
+    can vmap it over a stacked segment of layers."""
+    return False
+
   def compress_layer(self, cache, obs: dict, ctx: LayerContext):
     raise NotImplementedError
 
@@ -376,22 +382,70 @@ def compress_model(layer_presses: Sequence[Optional[Press]], model_cache, obs_li
   return (new, obs) if return_obs else new
 
 
+_PRIVATE_OBS = ("next_position", "layer_index")
+
+
+def _compress_one(press, layer, obs, ctx):
+  if is_ring_window(layer):
+    c, o = layer, obs  # already bounded: sliding-window rings are left as they are
+  elif press is None:
+    c, o = pad_room(layer, ctx.room), pad_obs_room(obs, ctx.room)
+  else:
+    c, o = press.compress_layer(layer, obs, ctx)
+  return c, {k: v for k, v in o.items() if k not in _PRIVATE_OBS}
+
+
+def _entries(model_cache):
+  """[(segment entry, [layer indices it stacks])] for the ModelCache's layout."""
+  groups = getattr(model_cache, "groups", None)
+  if groups is not None:
+    out = []
+    for e, p, r, first in groups():
+      out.extend((e + j, [first + j + i * p for i in range(r)]) for j in range(p))
+    return out
+  out, a = [], 0
+  for e, n in enumerate(model_cache.segment_sizes):
+    out.append((e, list(range(a, a + n))))
+    a += n
+  return out
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _compress_model_jit(layer_presses, rooms, num_layers, rope, model_cache, obs_list):
-  layers = model_cache.layers()
+  nxt = model_cache.next_position
+  entries = _entries(model_cache)
+
+  def shared(idxs):
+    ps = {layer_presses[i] for i in idxs}
+    p = layer_presses[idxs[0]]
+    return (len(ps) == 1 and len({rooms[i] for i in idxs}) == 1 and
+            (p is None or p.layer_invariant) and
+            len({tuple(sorted(obs_list[i])) for i in idxs}) == 1)
+
+  if all(shared(idxs) for _, idxs in entries):
+    # One vmapped compression per stacked segment: compile time stays flat in depth.
+    segments, new_obs = list(model_cache.segments), [None] * len(layer_presses)
+    for e, idxs in entries:
+      press, i0 = layer_presses[idxs[0]], idxs[0]
+      ctx = LayerContext(layer_idx=i0, num_layers=num_layers, rope=rope, room=rooms[i0])
+      stacked_obs = jax.tree.map(lambda *xs: jnp.stack(xs), *[obs_list[i] for i in idxs])
+
+      def one(layer, obs, index, press=press, ctx=ctx):
+        obs = dict(obs, next_position=nxt, layer_index=index)
+        return _compress_one(press, layer, obs, ctx)
+
+      seg, obs_e = jax.vmap(one)(model_cache.segments[e], stacked_obs,
+                                 jnp.asarray(idxs, jnp.int32))
+      segments[e] = seg
+      for j, i in enumerate(idxs):
+        new_obs[i] = jax.tree.map(lambda x, j=j: x[j], obs_e)
+    return model_cache.replace(segments=tuple(segments)), new_obs
+  # Layers differ (per-layer budgets or presses): one call per layer, then regroup.
   new_layers, new_obs = [], []
-  for i, (press, layer) in enumerate(zip(layer_presses, layers)):
-    obs = dict(obs_list[i])
-    obs["next_position"] = model_cache.next_position
+  for i, (press, layer) in enumerate(zip(layer_presses, model_cache.layers())):
+    obs = dict(obs_list[i], next_position=nxt, layer_index=jnp.asarray(i, jnp.int32))
     ctx = LayerContext(layer_idx=i, num_layers=num_layers, rope=rope, room=rooms[i])
-    if is_ring_window(layer):
-      c, o = layer, obs  # already bounded: sliding-window rings are left as they are
-    elif press is None:
-      c, o = pad_room(layer, rooms[i]), pad_obs_room(obs, rooms[i])
-    else:
-      c, o = press.compress_layer(layer, obs, ctx)
-    o = dict(o)
-    o.pop("next_position", None)
+    c, o = _compress_one(press, layer, obs, ctx)
     new_layers.append(c)
     new_obs.append(o)
   return regroup_like(model_cache, new_layers), new_obs
@@ -454,6 +508,10 @@ class ScorerPress(Press):
       raise ValueError(f"merge={self.merge!r}; allowed: {MERGE_MODES}")
     if not -1 <= self.merge_threshold <= 1:
       raise ValueError(f"merge_threshold={self.merge_threshold}; must be in [-1, 1]")
+
+  @property
+  def layer_invariant(self) -> bool:
+    return True
 
   # --- the three steps ---------------------------------------------------------------
   def score(self, cache, obs: dict, ctx: LayerContext) -> jax.Array:

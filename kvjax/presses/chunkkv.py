@@ -47,6 +47,10 @@ class ChunkKVPress(base.Press):
   def compression_ratio(self) -> float:
     return self.press.compression_ratio
 
+  @property
+  def layer_invariant(self) -> bool:
+    return self.press.layer_invariant
+
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     return self.press.layer_capacity(capacity, ctx)
 

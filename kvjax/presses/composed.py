@@ -39,6 +39,10 @@ class ComposedPress(base.Press):
     return need
 
   @property
+  def layer_invariant(self) -> bool:
+    return all(p.layer_invariant for p in self.presses)
+
+  @property
   def compression_ratio(self) -> float:
     kept = 1.0
     for p in self.presses:

@@ -56,13 +56,16 @@ class PyramidKVPress(SnapKVPress):
     if not self.beta >= 1:
       raise ValueError(f"beta={self.beta}; must be >= 1")
 
+  @property
+  def layer_invariant(self) -> bool:
+    return self.budget is not None  # the pyramid differs per layer
+
   def keep_table(self, capacity, ctx):
     if self.budget is not None:
       return base.budget_table(capacity, self.budget)
-    table = np.array([
+    if self.compression_ratio == 0:
+      return np.arange(capacity + 1, dtype=np.int32)
+    return np.array([
         min(l, max(0, pyramid_keep(l, self.compression_ratio, self.window_size, self.beta,
                                    ctx.layer_idx, ctx.num_layers)))
         for l in range(capacity + 1)], np.int32)
-    if self.compression_ratio == 0:
-      return np.arange(capacity + 1, dtype=np.int32)
-    return table

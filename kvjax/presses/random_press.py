@@ -31,8 +31,10 @@ class RandomPress(base.ScorerPress):
       raise ValueError(f"seed={self.seed!r}; must be an int")
 
   def score(self, cache, obs, ctx):
-    del obs
-    key = jax.random.fold_in(jax.random.key(self.seed), ctx.layer_idx)
+    # compress_model passes the layer index as data (obs["layer_index"]) so one vmapped
+    # call serves a whole stacked segment of layers.
+    layer = obs.get("layer_index", ctx.layer_idx)
+    key = jax.random.fold_in(jax.random.key(self.seed), layer)
     b, h, s = cache.positions.shape
     heads = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32)[None, :, None], (b, h, s))
     pos = jnp.maximum(cache.positions, 0)

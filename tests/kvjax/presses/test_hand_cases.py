@@ -133,12 +133,21 @@ def test_pyramidkv_budgets_match_kvpress_formula():
   assert [pyramid_keep(100, .5, 60, 20, i, 4) for i in range(4)] == [50] * 4
 
 
-def test_compression_ratio_zero_is_identity():
+@pytest.mark.parametrize("press", [
+    P.KnormPress(), P.StreamingLLMPress(), P.H2OPress(), P.SnapKVPress(window_size=2),
+    P.PyramidKVPress(window_size=2), P.TOVAPress(), P.ExpectedAttentionPress(),
+    P.KeyDiffPress(), P.LagKVPress(), P.RandomPress(), P.ChunkKVPress(P.KnormPress()),
+    P.AdaKVPress(P.KnormPress()), P.DuoAttentionPress(head_scores=((1., 0.),)),
+    P.compose(P.KnormPress(), P.H2OPress()), P.KnormPress(budget=9)],
+    ids=lambda p: type(p).__name__)
+def test_compression_ratio_zero_is_identity(press):
   cache = helpers.make_cache(b=2, h=2, s=9, lengths=[9, 5])
-  out = P.KnormPress(compression_ratio=0.0)(cache, room=3)
+  out = press(cache, {"colsum": jnp.ones((2, 2, 9))}, room=3)
   assert out.capacity == 12
   np.testing.assert_array_equal(np.asarray(out.k[:, :, :9]), np.asarray(cache.k))
+  np.testing.assert_array_equal(np.asarray(out.v[:, :, :9]), np.asarray(cache.v))
   np.testing.assert_array_equal(np.asarray(out.positions[:, :, :9]), np.asarray(cache.positions))
+  np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(cache.lengths))
   assert (np.asarray(out.positions[:, :, 9:]) == -1).all()
 
 
