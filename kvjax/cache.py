@@ -15,10 +15,14 @@ lengths [B, Hkv]. New tokens: k_new [B, Hkv, T, D], positions [B, T] (-1 = paddi
 Valid new tokens may sit anywhere in the chunk (left or right padding); they are packed,
 in order, into the slots after each row's current length.
 
-A model's cache is a `ModelCache`: per-layer caches grouped into *segments* of consecutive
-layers with identical structure (stacked along a leading layer axis so the model can
-`lax.scan` over them), plus the position counter `next_position [B]` shared by all layers
-(so the next position after eviction is always the original length, in every layer).
+A model's cache is a `ModelCache`: per-layer caches stacked into *scan groups* (a run of
+consecutive layers of identical structure, or a repeating pattern of layers such as Gemma 2's
+local/global pairs), so the model can `lax.scan` over them, plus the position counter
+`next_position [B]` shared by all layers (so the next position after eviction is always the
+original length, in every layer).
+
+Layout rule every cache kind follows: each array leaf of a layer cache is batch-leading
+([B, ...]). `fork` (one context -> a batch of questions) and `kvjax.persist` rely on it.
 """
 
 from __future__ import annotations
@@ -217,49 +221,167 @@ def _signature(cache):
   return treedef, tuple((l.shape, str(l.dtype)) for l in leaves)
 
 
+def group_layers(keys: Sequence[Any]) -> tuple:
+  """Splits layers into scan groups: a tuple of (num_layers, period), in layer order.
+
+  A group of period p repeats the pattern keys[a : a + p] r >= 2 times (period 1: a run of
+  equal keys), so a model scans r times over a body of p layers and compile time stays flat
+  in depth (Gemma 2's local/global pairs: one group of period 2; Gemma 3's 5:1 blocks:
+  period 6). Greedy from the first layer: the period that covers the most layers wins,
+  the shortest on ties.
+
+  Args:
+    keys: one hashable per layer; layers may share a scan step only if their keys are equal.
+  """
+  keys = list(keys)
+  n = len(keys)
+  out, i = [], 0
+  while i < n:
+    run = 1
+    while i + run < n and keys[i + run] == keys[i]:
+      run += 1
+    best_p, best_cover = 1, run
+    for p in range(2, (n - i) // 2 + 1):
+      m = p
+      while i + m < n and keys[i + m] == keys[i + m - p]:
+        m += 1
+      cover = (m // p) * p
+      if m // p >= 2 and cover > best_cover:
+        best_p, best_cover = p, cover
+    out.append((best_cover, best_p))
+    i += best_cover
+  return tuple(out)
+
+
+def _check_grouping(grouping, n_layers):
+  total = 0
+  for g in grouping:
+    if len(g) != 2 or g[1] < 1 or g[0] < 1 or g[0] % g[1]:
+      raise ValueError(f"grouping entry {g}: need (num_layers, period) with num_layers a "
+                       "positive multiple of period")
+    total += g[0]
+  if total != n_layers:
+    raise ValueError(f"grouping {grouping} covers {total} layers; there are {n_layers}")
+
+
 @flax.struct.dataclass
 class ModelCache:
-  """Per-layer caches of a model, grouped into stacked segments of consecutive layers.
+  """Per-layer caches of a model, stacked into scan groups.
+
+  A *group* of period p and r repetitions covers p * r consecutive layers a .. a + p*r - 1
+  and is stored as p consecutive entries of `segments`: entry j stacks layers
+  a + j, a + j + p, ..., a + j + (r-1)*p along a leading axis of size r. Period 1 is a run
+  of consecutive layers of equal structure (one entry). The model scans r times over a body
+  of p layers (kvjax.cache.group_layers).
 
   Attributes:
-    segments: tuple of layer caches, each stacked over its layers ([n_i, ...] leaves).
+    segments: tuple of stacked layer caches ([r_i, ...] leaves; every leaf of a layer cache
+      is batch-leading, so stacked leaves are [r_i, B, ...]).
     next_position: [B] int32 position of the next token of each row (the *original*
       sequence length, unaffected by eviction).
-    segment_sizes: static tuple n_i (sum = number of layers).
+    segment_sizes: static tuple r_i (layers held by entry i; sum = number of layers).
+    segment_periods: static tuple, the period of the group each entry belongs to
+      (empty = all 1, consecutive runs).
   """
 
   segments: tuple
   next_position: jax.Array
   segment_sizes: tuple = flax.struct.field(pytree_node=False, default=())
+  segment_periods: tuple = flax.struct.field(pytree_node=False, default=())
 
   @classmethod
-  def from_layers(cls, layers: Sequence[Any], next_position) -> "ModelCache":
-    """Groups consecutive layers of identical structure and stacks them."""
-    segs, sizes = [], []
-    run = [layers[0]]
-    for c in layers[1:]:
-      if _signature(c) == _signature(run[-1]):
-        run.append(c)
-      else:
-        segs.append(stack(run))
-        sizes.append(len(run))
-        run = [c]
-    segs.append(stack(run))
-    sizes.append(len(run))
-    return cls(segments=tuple(segs), next_position=jnp.asarray(next_position, jnp.int32),
-               segment_sizes=tuple(sizes))
+  def from_layers(cls, layers: Sequence[Any], next_position, *, keys=None,
+                  grouping=None) -> "ModelCache":
+    """Stacks per-layer caches into scan groups.
 
-  def layers(self) -> list:
-    """Per-layer caches (unstacked views)."""
-    out = []
-    for seg, n in zip(self.segments, self.segment_sizes):
-      out.extend(unstack(seg, n))
+    Args:
+      layers: per-layer caches.
+      next_position: [B] int.
+      keys: optional per-layer hashables (e.g. (attention spec, structure)) that decide the
+        groups; default: each layer's structure (pytree def + leaf shapes/dtypes).
+      grouping: explicit ((num_layers, period), ...); default group_layers(keys).
+    """
+    layers = list(layers)
+    sigs = [_signature(c) for c in layers]
+    if grouping is None:
+      grouping = group_layers(sigs if keys is None else
+                              [(k, s) for k, s in zip(keys, sigs)])
+    _check_grouping(grouping, len(layers))
+    segs, sizes, periods = [], [], []
+    a = 0
+    for n, p in grouping:
+      r = n // p
+      for j in range(p):
+        idx = [a + j + i * p for i in range(r)]
+        if any(sigs[i] != sigs[idx[0]] for i in idx):
+          raise ValueError(f"layers {idx} differ in structure; they cannot share a scan group")
+        segs.append(stack([layers[i] for i in idx]))
+        sizes.append(r)
+        periods.append(p)
+      a += n
+    periods = tuple(periods) if any(p != 1 for p in periods) else ()
+    return cls(segments=tuple(segs), next_position=jnp.asarray(next_position, jnp.int32),
+               segment_sizes=tuple(sizes), segment_periods=periods)
+
+  def groups(self) -> list:
+    """[(first entry, period, repetitions, first layer)] in layer order."""
+    periods = self.segment_periods or (1,) * len(self.segments)
+    out, e, layer = [], 0, 0
+    while e < len(self.segments):
+      p, r = periods[e], self.segment_sizes[e]
+      out.append((e, p, r, layer))
+      e += p
+      layer += p * r
     return out
 
+  @property
+  def grouping(self) -> tuple:
+    """((num_layers, period), ...) of the scan groups."""
+    return tuple((p * r, p) for _, p, r, _ in self.groups())
+
+  def entry_layers(self) -> list:
+    """For each entry of `segments`, the model layer of each stacked index."""
+    out = []
+    for _, p, r, a in self.groups():
+      out.extend([a + j + i * p for i in range(r)] for j in range(p))
+    return out
+
+  def _per_layer(self, seq_of_entry):
+    """Orders per-entry lists (entry i -> its r_i items) into layer order."""
+    out = []
+    for e, p, r, _ in self.groups():
+      items = [seq_of_entry(e + j) for j in range(p)]
+      for i in range(r):
+        out.extend(items[j][i] for j in range(p))
+    return out
+
+  def layers(self) -> list:
+    """Per-layer caches (unstacked views), in layer order."""
+    return self._per_layer(lambda e: unstack(self.segments[e], self.segment_sizes[e]))
+
+  def layer_structs(self) -> list:
+    """Per-layer caches with jax.ShapeDtypeStruct leaves (no copies), in layer order."""
+    def entry(e):
+      one = jax.eval_shape(lambda s: jax.tree.map(lambda x: x[0], s), self.segments[e])
+      return [one] * self.segment_sizes[e]
+    return self._per_layer(entry)
+
+  def regroup(self, grouping) -> "ModelCache":
+    """The same layers stacked into other scan groups (copies the arrays)."""
+    if tuple(map(tuple, grouping)) == self.grouping:
+      return self
+    return ModelCache.from_layers(self.layers(), self.next_position, grouping=grouping)
+
   def map_layers(self, fn) -> "ModelCache":
-    """Applies fn(layer_index, layer_cache) -> layer_cache' to every layer, regrouping."""
+    """Applies fn(layer_index, layer_cache) -> layer_cache' to every layer.
+
+    Keeps the scan groups when the new layers still fit them, else regroups by structure.
+    """
     new = [fn(i, c) for i, c in enumerate(self.layers())]
-    return ModelCache.from_layers(new, self.next_position)
+    try:
+      return ModelCache.from_layers(new, self.next_position, grouping=self.grouping)
+    except ValueError:
+      return ModelCache.from_layers(new, self.next_position)
 
   @property
   def num_layers(self) -> int:
@@ -274,11 +396,53 @@ class ModelCache:
     return tree_nbytes(self)
 
   @property
+  def layer_nbytes(self) -> tuple:
+    """Exact bytes held by each layer's cache (next_position not included)."""
+    return tuple(c.nbytes for c in self.layer_structs())
+
+  @property
+  def layer_kinds(self) -> tuple:
+    """Per-layer cache kind names, e.g. ('WindowKVCache', 'DenseKVCache', ...)."""
+    return tuple(type(c).__name__ for c in self.layer_structs())
+
+  @property
   def capacity(self) -> tuple:
     """Per-layer static capacity."""
-    return tuple(c.capacity for c in self.layers())
+    return tuple(c.capacity for c in self.layer_structs())
 
   @property
   def length(self):
     """Per-layer [B, Hkv] lengths."""
     return tuple(c.length for c in self.layers())
+
+
+def fork(cache, n: int):
+  """Repeats every batch row n times (B -> B * n; row b becomes rows b*n .. b*n + n - 1).
+
+  Forks one prefilled (and possibly compressed) context into n questions without
+  recomputing it. Works for any cache kind because of one layout rule all kinds follow:
+  **every array leaf of a layer cache is batch-leading** ([B, ...]); in a ModelCache the
+  stacked segment leaves are [layers, B, ...] and `next_position` is [B].
+
+  Args:
+    cache: a ModelCache or a single layer cache.
+    n: copies per row (int >= 1).
+  """
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+    raise ValueError(f"n={n!r}; must be an int >= 1")
+  n = int(n)
+
+  def rep(axis, b):
+    def f(path, x):
+      if x.ndim <= axis or x.shape[axis] != b:
+        raise ValueError(f"leaf {jax.tree_util.keystr(path)} has shape {x.shape}; expected "
+                         f"batch {b} on axis {axis} (every cache leaf must be batch-leading)")
+      return jnp.repeat(x, n, axis=axis)
+    return f
+
+  if isinstance(cache, ModelCache):
+    b = cache.batch
+    segs = tuple(jax.tree_util.tree_map_with_path(rep(1, b), s) for s in cache.segments)
+    return cache.replace(segments=segs, next_position=jnp.repeat(cache.next_position, n))
+  b = cache.length.shape[0]
+  return jax.tree_util.tree_map_with_path(rep(0, b), cache)

@@ -20,32 +20,29 @@ import numpy as np
 from flax import nnx
 
 from kvjax import cache as cache_lib
+from kvjax.window import WindowKVCache
 from models import transformer as tfm
 from models.config import ModelConfig
 
 LOGITS_MODES = ("all", "last")
 
 
-def _layer_runs(config: ModelConfig, backend="auto") -> list[int]:
-  specs = tfm.layer_specs(config, backend)
-  sizes, start = [], 0
-  for i in range(1, len(specs) + 1):
-    if i == len(specs) or specs[i] != specs[start]:
-      sizes.append(i - start)
-      start = i
-  return sizes
-
-
 def init_cache(config: ModelConfig, batch: int, capacity, *, dtype=None,
-               layer_factory: Optional[Callable[[int, int], Any]] = None) -> cache_lib.ModelCache:
+               layer_factory: Optional[Callable[[int, int], Any]] = None,
+               window_cache: bool = True) -> cache_lib.ModelCache:
   """An empty ModelCache.
 
   Args:
     config: model config.
     batch: rows.
-    capacity: slots per layer (int) or a per-layer sequence of ints.
+    capacity: slots per full-attention layer (int) or a per-layer sequence of ints.
     dtype: cache dtype (default: the model's parameter dtype).
     layer_factory: optional fn(layer_index, capacity) -> layer cache, for other cache kinds.
+    window_cache: sliding-window layers get a `kvjax.WindowKVCache` ring of exactly
+      `sliding_window` slots (their `capacity` entry is ignored): decode runs to any length
+      on them in fixed memory. False: a DenseKVCache of `capacity` slots like other layers.
+
+  The caches are stacked into the model's scan groups (kvjax.cache.group_layers).
   """
   if isinstance(capacity, (int, np.integer)):
     caps = [int(capacity)] * config.num_layers
@@ -59,29 +56,13 @@ def init_cache(config: ModelConfig, batch: int, capacity, *, dtype=None,
   dt = jnp.dtype(dtype or config.dtype)
   if layer_factory is None:
     def layer_factory(i, cap):
-      del i
+      w = config.layer_window(i)
+      if window_cache and w is not None:
+        return WindowKVCache.init(batch, config.num_kv_heads, w, config.head_dim, dt)
       return cache_lib.DenseKVCache.init(batch, config.num_kv_heads, cap, config.head_dim, dt)
   layers = [layer_factory(i, cap) for i, cap in enumerate(caps)]
-  # Segment boundaries follow both cache structure and layer kind, so no scan is split.
-  sizes = []
-  runs = _layer_runs(config)
-  bounds, acc = set(), 0
-  for n in runs:
-    acc += n
-    bounds.add(acc)
-  start = 0
-  for i in range(1, len(layers) + 1):
-    same = i < len(layers) and (cache_lib._signature(layers[i]) ==  # pylint: disable=protected-access
-                                cache_lib._signature(layers[start]))  # pylint: disable=protected-access
-    if i == len(layers) or i in bounds or not same:
-      sizes.append(i - start)
-      start = i
-  segs, k = [], 0
-  for n in sizes:
-    segs.append(cache_lib.stack(layers[k:k + n]))
-    k += n
-  return cache_lib.ModelCache(segments=tuple(segs), next_position=jnp.zeros((batch,), jnp.int32),
-                              segment_sizes=tuple(sizes))
+  return cache_lib.ModelCache.from_layers(layers, jnp.zeros((batch,), jnp.int32),
+                                          keys=tfm.layer_keys(config))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "observe", "backend", "logits_mode"),
@@ -127,13 +108,14 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
             attention_mask=None, prompt_lengths=None, cache: Optional[cache_lib.ModelCache] = None,
             cache_dtype=None, press=None, decode_room: Optional[int] = None,
             logits: str = "all", backend: str = "auto",
-            observe: Optional[tfm.Observe] = None):
+            observe: Optional[tfm.Observe] = None, window_cache: bool = True):
   """Runs the prompt and returns (logits, cache).
 
   Args:
     model: a Transformer.
     tokens: int [B, T] prompt ids (padding anywhere, marked by attention_mask).
-    capacity: cache slots per layer (>= the longest prompt); default T.
+    capacity: cache slots per full-attention layer (>= the longest prompt); default T.
+      Sliding-window layers get rings of exactly `sliding_window` slots (window_cache).
     attention_mask: [B, T] 1 = token, 0 = padding (left padding supported).
     prompt_lengths: [B] valid tokens per row when rows are right-padded.
     cache: an existing (empty) ModelCache to fill instead of building one.
@@ -148,6 +130,8 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     logits: "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last token.
     backend: attention backend ("auto" | "xla" | "pallas").
     observe: extra per-layer observations to return (then returns logits, cache, obs).
+    window_cache: ring caches for sliding-window layers (see init_cache); False gives
+      every layer a DenseKVCache of `capacity` slots.
   """
   tokens = tfm.check_tokens(tokens, model.config)
   if logits not in LOGITS_MODES:
@@ -173,15 +157,19 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
       raise ValueError(f"prompt_lengths shape {pl.shape}; expected {(b,)}")
     attention_mask = jnp.arange(t)[None, :] < pl[:, None]
   if cache is None:
+    cfg = model.config
     cap = t if capacity is None else capacity
     longest = t
     if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer):
       longest = int(np.asarray(attention_mask).sum(axis=-1).max())
-    caps = [cap] * model.config.num_layers if isinstance(cap, (int, np.integer)) else list(cap)
-    if min(caps) < longest:
+    caps = [cap] * cfg.num_layers if isinstance(cap, (int, np.integer)) else list(cap)
+    # Ring caches of sliding layers hold any prompt; only dense layers need the room.
+    dense_caps = [c for i, c in enumerate(caps)
+                  if not (window_cache and cfg.layer_window(i) is not None)]
+    if dense_caps and min(dense_caps) < longest:
       raise ValueError(f"capacity={cap} is smaller than the prompt ({longest} tokens); "
                        "use capacity >= prompt length, or chunk_size with a press")
-    cache = init_cache(model.config, b, cap, dtype=cache_dtype)
+    cache = init_cache(cfg, b, cap, dtype=cache_dtype, window_cache=window_cache)
   else:
     _check_batch(tokens, cache)
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)

@@ -4,82 +4,30 @@
     models.save_pretrained(model, "out_dir")
 
 Reads a single `model.safetensors` or sharded `model-*.safetensors` with
-`model.safetensors.index.json`. Tensors are read with our own small safetensors reader (the
-format is an 8-byte header length, a JSON header, raw little-endian bytes), which handles
-bfloat16 through `ml_dtypes` and memory-maps the files. Missing or unexpected tensors raise
-a ValueError naming them.
+`model.safetensors.index.json`. Tensors are read with our own small safetensors reader
+(`kvjax.safetensors_io`: an 8-byte header length, a JSON header, raw little-endian bytes),
+which handles bfloat16 through `ml_dtypes` and memory-maps the files. Missing or unexpected
+tensors raise a ValueError naming them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Optional
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from kvjax import safetensors_io as st_io
 from models.config import ModelConfig
 from models.transformer import Transformer
 
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-# --- safetensors ------------------------------------------------------------------------
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Reads every tensor of a .safetensors file (memory-mapped numpy arrays)."""
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise ValueError(f"{path}: not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", head)
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    dt = info["dtype"]
-    if dt not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-    a, b = info["data_offsets"]
-    arr = np.frombuffer(data[a:b], dtype=_ST_DTYPES[dt]).reshape(info["shape"])
-    out[name] = arr
-  return out
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None):
-  """Writes tensors to a .safetensors file (readable by the `safetensors` package)."""
-  header, offset, blobs = {}, 0, []
-  for name in sorted(tensors):
-    arr = np.ascontiguousarray(tensors[name])
-    if arr.dtype not in _ST_NAMES:
-      raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
-    raw = arr.tobytes()
-    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + len(raw)]}
-    offset += len(raw)
-    blobs.append(raw)
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  hb = json.dumps(header, separators=(",", ":")).encode()
-  hb += b" " * (-len(hb) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(hb)))
-    f.write(hb)
-    for raw in blobs:
-      f.write(raw)
+# The reader/writer live in kvjax (kvjax.persist saves caches with them); re-exported here.
+_ST_DTYPES, _ST_NAMES = st_io.DTYPES, st_io.NAMES
+read_safetensors = st_io.read_safetensors
+write_safetensors = st_io.write_safetensors
 
 
 def load_tensors(path: str) -> dict[str, np.ndarray]:
@@ -128,6 +76,15 @@ _LAYER_MAP = {
     "b_down": ("model.layers.{i}.mlp.down_proj.bias", False),
     "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
     "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
+}
+# Gemma's sandwich norms: HF's post_attention_layernorm normalises the attention output,
+# and the MLP input norm is pre_feedforward_layernorm (NOTES.md §4).
+_SANDWICH_MAP = {
+    "post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", False),
+    "post_mlp_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", False),
 }
 _TOP_MAP = {
     "embed": ("model.embed_tokens.weight", False),
@@ -138,10 +95,14 @@ _TOP_MAP = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _layer_map(config: ModelConfig) -> dict:
+  return {**_LAYER_MAP, **_SANDWICH_MAP} if config.sandwich_norms else _LAYER_MAP
+
+
 def _expected_names(model: Transformer) -> dict:
   names = {}
   L = model.config.num_layers
-  for ours, (tmpl, tr) in _LAYER_MAP.items():
+  for ours, (tmpl, tr) in _layer_map(model.config).items():
     if hasattr(model, ours):
       names[ours] = ([tmpl.format(i=i) for i in range(L)], tr)
   for ours, (name, tr) in _TOP_MAP.items():
@@ -184,7 +145,7 @@ def from_pretrained(path: str, dtype: Optional[str] = None) -> Transformer:
   for ours, (names, tr) in expected.items():
     arrs = [np.asarray(tensors[n]) for n in names]
     arrs = [a.T if tr else a for a in arrs]
-    val = np.stack(arrs) if ours in _LAYER_MAP else arrs[0]
+    val = np.stack(arrs) if ours in Transformer.LAYER_PARAMS else arrs[0]
     param = getattr(model, ours)
     if tuple(param.value.shape) != val.shape:
       raise ValueError(f"tensor for {ours} ({names[0]}...) has shape {val.shape}; "
@@ -202,7 +163,7 @@ def save_pretrained(model: Transformer, path: str, *, max_shard_bytes: Optional[
   tensors = {}
   for ours, (names, tr) in _expected_names(model).items():
     val = np.asarray(getattr(model, ours).value)
-    if ours in _LAYER_MAP:
+    if ours in Transformer.LAYER_PARAMS:
       for i, n in enumerate(names):
         tensors[n] = val[i].T if tr else val[i]
     else:

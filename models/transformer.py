@@ -1,13 +1,19 @@
-"""Decoder-only transformer (Llama 2/3.x, Qwen2, Mistral) as one Flax NNX module.
+"""Decoder-only transformer (Llama 2/3.x, Qwen2, Mistral, Gemma 2/3 text) as one NNX module.
 
 Reads like the Llama paper (Touvron et al., 2023): token embedding -> L x [RMSNorm ->
 GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
-LM head. Qwen2 adds q/k/v biases; Mistral uses a sliding window.
+LM head. Qwen2 adds q/k/v biases; Mistral uses a sliding window. Gemma 2 (Gemma Team,
+2024) switches on, by config: (1 + w) RMSNorms, sqrt(H) embedding scale, "sandwich" norms
+on the attention and MLP outputs, GeGLU-tanh, attention and final-logit soft-capping,
+query_pre_attn_scalar, and alternating local (sliding) / global layers; Gemma 3 (2025)
+adds QK-norm and a separate RoPE base for local layers (and drops attention soft-capping).
 
 Layer parameters are stacked along a leading layer axis ([L, ...]) so the layers run under
-`lax.scan`: compile time does not grow with depth. Layers whose attention differs (window
-vs full) or whose caches differ (kind, capacity) are grouped into consecutive *segments*;
-each segment is one scan.
+`lax.scan`: compile time does not grow with depth. Layers are split into *scan groups*
+(kvjax.cache.group_layers) by their attention settings and cache structure: a run of equal
+layers is one scan over one layer; a repeating pattern (Gemma 2's local/global pairs,
+Gemma 3's 5 local : 1 global blocks) is one scan over a body of one period, so layers of
+different kinds still compile once per kind, not once per layer.
 
 Shapes: B batch, T tokens, H hidden, Hq/Hkv heads, D head_dim, F mlp, V vocab, L layers.
 """
@@ -15,10 +21,12 @@ Shapes: B batch, T tokens, H hidden, Hq/Hkv heads, D head_dim, F mlp, V vocab, L
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kvjax import attention as attn_lib
@@ -30,10 +38,22 @@ from models.config import ModelConfig
 Array = jax.Array
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, unit_offset: bool = False):
+  """RMSNorm over the last axis.
+
+  Llama: normalise in float32, cast back, then multiply by w. Gemma (unit_offset): scale by
+  (1 + w) in float32 and cast after (identical in float32, differs in bfloat16).
+  """
   xf = x.astype(jnp.float32)
   var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-  return (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype) * weight
+  y = xf * jax.lax.rsqrt(var + eps)
+  if unit_offset:
+    return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+  return y.astype(x.dtype) * weight
+
+
+def soft_cap(x, cap):
+  return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def activation(name):
@@ -58,6 +78,9 @@ class Transformer(nnx.Module):
     L, H, D, F = c.num_layers, c.hidden_size, c.head_dim, c.intermediate_size
     init = nnx.initializers.normal(0.02)
     key = rngs.params
+
+    def norm_w(shape):  # identity at init: w = 1, or w = 0 with a (1 + w) norm
+      return p(shape, zeros=c.norm_unit_offset, ones=not c.norm_unit_offset)
 
     def p(shape, zeros=False, ones=False):
       if ones:
@@ -84,27 +107,40 @@ class Transformer(nnx.Module):
       self.b_gate = p((L, F), zeros=True)
       self.b_up = p((L, F), zeros=True)
       self.b_down = p((L, H), zeros=True)
-    self.attn_norm = p((L, H), ones=True)
-    self.mlp_norm = p((L, H), ones=True)
-    self.final_norm = p((H,), ones=True)
+    self.attn_norm = norm_w((L, H))
+    self.mlp_norm = norm_w((L, H))
+    if c.sandwich_norms:
+      self.post_attn_norm = norm_w((L, H))
+      self.post_mlp_norm = norm_w((L, H))
+    if c.qk_norm:
+      self.q_norm = norm_w((L, D))
+      self.k_norm = norm_w((L, D))
+    self.final_norm = norm_w((H,))
     if not c.tie_word_embeddings:
       self.lm_head = p((H, c.vocab_size))
 
   # -- parameter plumbing ----------------------------------------------------------------
   LAYER_PARAMS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "w_gate", "w_up", "w_down",
-                  "b_gate", "b_up", "b_down", "attn_norm", "mlp_norm")
+                  "b_gate", "b_up", "b_down", "attn_norm", "mlp_norm", "post_attn_norm",
+                  "post_mlp_norm", "q_norm", "k_norm")
 
   def layer_params(self) -> dict:
     """Stacked per-layer parameters {name: [L, ...]}."""
     return {n: getattr(self, n).value for n in self.LAYER_PARAMS if hasattr(self, n)}
 
   def embed_tokens(self, tokens):
-    return jnp.take(self.embed.value, tokens, axis=0)
+    x = jnp.take(self.embed.value, tokens, axis=0)
+    if self.config.embed_scale:
+      # HF: embed * torch.tensor(H ** 0.5).to(weight.dtype) -- float32 sqrt rounded to dtype.
+      x = x * jnp.asarray(np.float32(self.config.hidden_size ** 0.5)).astype(x.dtype)
+    return x
 
   def unembed(self, x):
-    x = rms_norm(x, self.final_norm.value, self.config.rms_norm_eps)
-    w = self.embed.value.T if self.config.tie_word_embeddings else self.lm_head.value
-    return jnp.einsum("...h,hv->...v", x, w, preferred_element_type=jnp.float32)
+    c = self.config
+    x = rms_norm(x, self.final_norm.value, c.rms_norm_eps, c.norm_unit_offset)
+    w = self.embed.value.T if c.tie_word_embeddings else self.lm_head.value
+    logits = jnp.einsum("...h,hv->...v", x, w, preferred_element_type=jnp.float32)
+    return soft_cap(logits, c.final_logit_softcapping)
 
   # -- forward -----------------------------------------------------------------------------
   def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
@@ -159,30 +195,23 @@ def positions_from_mask(tokens, attention_mask=None, start=None):
 
 
 class LayerSpec(NamedTuple):
-  """Static per-layer settings that decide segment boundaries."""
+  """Static per-layer settings: layers scan together only when these are equal."""
   attn: attn_lib.AttentionSpec
   rope: rope_lib.RopeConfig
 
 
 def layer_specs(config: ModelConfig, backend: str = "auto") -> list[LayerSpec]:
-  rope = config.rope
-  return [LayerSpec(attn_lib.AttentionSpec(window=config.layer_window(i), backend=backend), rope)
+  return [LayerSpec(attn_lib.AttentionSpec(window=config.layer_window(i),
+                                           scale=config.attention_scale,
+                                           softcap=config.attn_logit_softcapping,
+                                           backend=backend),
+                    config.layer_rope(i))
           for i in range(config.num_layers)]
 
 
-def _segments(specs, cache_sizes):
-  """Splits layers into runs with equal LayerSpec that do not straddle cache segments."""
-  bounds = set()
-  acc = 0
-  for n in cache_sizes:
-    acc += n
-    bounds.add(acc)
-  segs, start = [], 0
-  for i in range(1, len(specs) + 1):
-    if i == len(specs) or i in bounds or specs[i] != specs[start]:
-      segs.append((start, i))
-      start = i
-  return segs
+def layer_keys(config: ModelConfig) -> list:
+  """Per-layer keys that decide the scan groups of a model's caches (with their structure)."""
+  return [(s.attn.window, s.attn.scale, s.attn.softcap, s.rope) for s in layer_specs(config)]
 
 
 def _proj(x, w, b=None):
@@ -199,10 +228,14 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
   """
   c = config
   b, t, _ = x.shape
-  h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+  norm = functools.partial(rms_norm, eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset)
+  h = norm(x, p["attn_norm"])
   q = _proj(h, p["wq"], p.get("bq")).reshape(b, t, c.num_heads, c.head_dim)
   k = _proj(h, p["wk"], p.get("bk")).reshape(b, t, c.num_kv_heads, c.head_dim)
   v = _proj(h, p["wv"], p.get("bv")).reshape(b, t, c.num_kv_heads, c.head_dim)
+  if c.qk_norm:  # Gemma 3: per-head RMSNorm over head_dim, before RoPE
+    q = norm(q, p["q_norm"])
+    k = norm(k, p["k_norm"])
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
   q = rope_lib.apply_rope(q, positions, spec.rope)
   k = rope_lib.apply_rope(k, positions, spec.rope)
@@ -220,12 +253,18 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
   else:
     res, new_cache = layer_cache.attend(q, k, v, positions, spec.attn, **akw)
   o = res.out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
-  x = x + _proj(o, p["wo"], p.get("bo")).astype(x.dtype)
-  h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+  o = _proj(o, p["wo"], p.get("bo"))
+  if c.sandwich_norms:
+    o = norm(o, p["post_attn_norm"])
+  x = x + o.astype(x.dtype)
+  h = norm(x, p["mlp_norm"])
   act = activation(c.hidden_act)
   g = _proj(h, p["w_gate"], p.get("b_gate"))
   u = _proj(h, p["w_up"], p.get("b_up"))
-  x = x + _proj(act(g) * u, p["w_down"], p.get("b_down")).astype(x.dtype)
+  m = _proj(act(g) * u, p["w_down"], p.get("b_down"))
+  if c.sandwich_norms:
+    m = norm(m, p["post_mlp_norm"])
+  x = x + m.astype(x.dtype)
   obs = {}
   if want_colsum:
     obs["colsum"] = res.colsum
@@ -251,62 +290,71 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
             observe: Observe = Observe(), backend: str = "auto", last_only: bool = False):
   """Runs all layers. Returns (logits [B,T,V] f32, new ModelCache | None, per-layer obs list).
 
-  With last_only, logits are [B, 1, V] at each row's last valid token (long prompts).
+  Layers run as scan groups (kvjax.cache.group_layers over attention settings and cache
+  structure); a cache stacked in other groups is regrouped first (a copy: models.init_cache
+  and models.prefill build caches in the model's own groups, so the decode loop never
+  regroups). With last_only, logits are [B, 1, V] at each row's last valid token.
   """
   c = model.config
   x = model.embed_tokens(tokens)
   params = model.layer_params()
   specs = layer_specs(c, backend)
-  cache_sizes = cache.segment_sizes if cache is not None else (c.num_layers,)
-  segs = _segments(specs, cache_sizes)
-  new_layer_segments = []
-  obs_all = []
-  # map layer index -> (cache segment id, offset)
-  seg_of_layer = []
-  for si, n in enumerate(cache_sizes):
-    seg_of_layer += [(si, j) for j in range(n)]
-  for (a, bnd) in segs:
-    spec = specs[a]
-    p_seg = jax.tree.map(lambda w, a=a, bnd=bnd: w[a:bnd], params)
-    if cache is not None:
-      si, off = seg_of_layer[a]
-      cseg = jax.tree.map(lambda z, off=off, n=bnd - a: z[off:off + n], cache.segments[si])
+  keys = layer_keys(c)
+  if cache is None:
+    grouping = cache_lib.group_layers(keys)
+  else:
+    sigs = [cache_lib._signature(s) for s in cache.layer_structs()]  # pylint: disable=protected-access
+    grouping = cache_lib.group_layers(list(zip(keys, sigs)))
+    cache = cache.regroup(grouping)
+  obs_all = [None] * c.num_layers
+  new_segments = []
+  entry = 0
+  a = 0
+  for n, per in grouping:
+    reps = n // per
+    p_grp = jax.tree.map(lambda w, a=a, n=n, per=per: w[a:a + n].reshape(
+        (n // per, per) + w.shape[1:]), params)
+    g_specs = specs[a:a + per]
+    if cache is None:
+      stacks = (None,) * per
     else:
-      cseg = None
+      stacks = tuple(cache.segments[entry:entry + per])
+    inplace = tuple(s is not None and hasattr(s, "attend_stacked") for s in stacks)
+    carried = tuple(s if ip else None for s, ip in zip(stacks, inplace))
+    scanned = tuple(None if ip else s for s, ip in zip(stacks, inplace))
 
-    if cseg is not None and hasattr(cseg, "attend_stacked"):
-      # In-place path: the stacked segment cache is carried through the scan.
-      def body(carry, xs, spec=spec):
-        x, cs = carry
-        p_l, i = xs
-        x, cs, obs = _layer(p_l, x, positions, cs, spec, c, observe, layer_index=i)
-        return (x, cs), obs
+    def body(carry, xs, g_specs=g_specs, inplace=inplace, per=per):
+      x, cs = carry
+      p_rep, i, sl = xs
+      cs = list(cs)
+      ys_c, ys_obs = [], []
+      for j in range(per):
+        p_l = jax.tree.map(lambda w, j=j: w[j], p_rep)
+        if inplace[j]:
+          x, cs[j], obs = _layer(p_l, x, positions, cs[j], g_specs[j], c, observe,
+                                 layer_index=i)
+          ys_c.append(None)
+        else:
+          x, c_new, obs = _layer(p_l, x, positions, sl[j], g_specs[j], c, observe)
+          ys_c.append(c_new)
+        ys_obs.append(obs)
+      return (x, tuple(cs)), (tuple(ys_c), tuple(ys_obs))
 
-      (x, cseg_new), obs = jax.lax.scan(body, (x, cseg), (p_seg, jnp.arange(bnd - a)))
-    else:
-      def body(x, xs, spec=spec):
-        p_l, c_l = xs
-        x, c_new, obs = _layer(p_l, x, positions, c_l, spec, c, observe)
-        return x, (c_new, obs)
-
-      x, (cseg_new, obs) = jax.lax.scan(body, x, (p_seg, cseg))
-    new_layer_segments.append((a, bnd, cseg_new))
-    for i in range(bnd - a):
-      obs_all.append(jax.tree.map(lambda o, i=i: o[i], obs))
+    (x, carried), (ys_c, ys_obs) = jax.lax.scan(
+        body, (x, carried), (p_grp, jnp.arange(reps), scanned))
+    for j in range(per):
+      new_segments.append(carried[j] if inplace[j] else ys_c[j])
+      for r in range(reps):
+        obs_all[a + r * per + j] = jax.tree.map(lambda o, r=r: o[r], ys_obs[j])
+    entry += per
+    a += n
   if last_only:
     last = jnp.argmax(positions, axis=-1)  # positions increase along valid tokens
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
   logits = model.unembed(x)
   new_cache = None
   if cache is not None:
-    # Reassemble the cache segments (a cache segment may have been split by layer specs).
-    pieces = {si: [] for si in range(len(cache.segments))}
-    for a, bnd, cseg_new in new_layer_segments:
-      si, _ = seg_of_layer[a]
-      pieces[si].append(cseg_new)
-    segments = tuple(
-        p[0] if len(p) == 1 else jax.tree.map(lambda *zs: jnp.concatenate(zs), *p)
-        for _, p in sorted(pieces.items()))
     n_new = jnp.sum(positions >= 0, axis=-1).astype(jnp.int32)
-    new_cache = cache.replace(segments=segments, next_position=cache.next_position + n_new)
+    new_cache = cache.replace(segments=tuple(new_segments),
+                              next_position=cache.next_position + n_new)
   return logits, new_cache, obs_all
