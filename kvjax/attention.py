@@ -188,9 +188,7 @@ def _check_shapes(q, k, v, k_lengths, q_positions, k_positions):
     raise ValueError(f"k_positions shape {k_positions.shape}; expected {(b, hkv, s)}")
 
 
-def _pallas_available(spec, sink_logits):
-  if sink_logits is not None:
-    return False
+def _pallas_available(spec, sink_logits, q, v):
   try:
     import pallas_kernels  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -199,7 +197,8 @@ def _pallas_available(spec, sink_logits):
   if supports is None:
     return False
   return supports(window=spec.window, sink_tokens=spec.sink_tokens, softcap=spec.softcap,
-                  causal=spec.causal)
+                  causal=spec.causal, sink_logits=sink_logits is not None,
+                  head_dim=q.shape[-1], head_dim_v=v.shape[-1], dtype=q.dtype)
 
 
 def attention(q, k, v, k_lengths, *, q_positions, k_positions, spec=AttentionSpec(),
@@ -226,17 +225,18 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, spec=AttentionSpe
   backend = spec.backend
   if backend == "auto":
     on_accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-    backend = "pallas" if on_accel and _pallas_available(spec, sink_logits) else "xla"
+    backend = "pallas" if on_accel and _pallas_available(spec, sink_logits, q, v) else "xla"
   if backend == "pallas":
-    if not _pallas_available(spec, sink_logits):
+    if not _pallas_available(spec, sink_logits, q, v):
       raise ValueError(f"backend='pallas' does not support these options ({spec}, "
                        f"sink_logits={'set' if sink_logits is not None else None}); use 'xla'")
     import pallas_kernels  # pylint: disable=import-outside-toplevel
     out, lse, colsum = pallas_kernels.attention(
         q, k, v, k_lengths, q_positions=q_positions, k_positions=k_positions,
         scale=spec.scale, window=spec.window, sink_tokens=spec.sink_tokens,
-        softcap=spec.softcap, return_lse=return_lse, return_colsum=return_colsum,
-        colsum_window=colsum_window, interpret=interpret)
+        softcap=spec.softcap, causal=spec.causal, sink_logits=sink_logits,
+        return_lse=return_lse, return_colsum=return_colsum, colsum_window=colsum_window,
+        interpret=interpret)
     return AttentionOutput(out, lse if return_lse else None, colsum if return_colsum else None)
   res = reference_attention(q, k, v, k_lengths, q_positions=q_positions,
                             k_positions=k_positions, spec=spec, sink_logits=sink_logits,

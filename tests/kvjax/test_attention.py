@@ -171,3 +171,20 @@ def test_jit_and_grad():
   f = jax.jit(lambda q: A.attention(q, k, v, kl, q_positions=qp, k_positions=kp).out.sum())
   g = jax.grad(f)(q)
   assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("t", [1, 7])
+def test_pallas_dispatch_matches_xla_in_interpret_mode(t):
+  # The dispatch point forwards every option (causal, window, sinks, softcap, sink logits).
+  q, k, v, kl, qp, kp = make(hq=4, hkv=2, t=t, s=19, d=64)
+  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(kl))
+  sl = jnp.asarray([0.3, -0.2, 0.0, 1.0], jnp.float32)
+  for causal in (True, False):
+    kw = dict(q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), sink_logits=sl,
+              return_lse=True, return_colsum=True)
+    spec = dict(window=5, sink_tokens=1, softcap=20.0, causal=causal)
+    ref = A.attention(*args, spec=A.AttentionSpec(backend="xla", **spec), **kw)
+    got = A.attention(*args, spec=A.AttentionSpec(backend="pallas", **spec), interpret=True, **kw)
+    np.testing.assert_allclose(got.out, ref.out, atol=2e-5)
+    np.testing.assert_allclose(got.lse, ref.lse, atol=2e-5)
+    np.testing.assert_allclose(got.colsum, ref.colsum, atol=2e-5)
