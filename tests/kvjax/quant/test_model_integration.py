@@ -231,10 +231,9 @@ def test_mixed_precision_plan_under_a_budget(model, prompts):
   hi = int(np.argmax(sens.kl[2] - sens.kl[1]))            # the layer int8 helps most
   assert plan[hi] == "int8"
   mc = mixed.apply_plan(cache, plan, cands, config=CFG)
+  # layers of different kinds form separate segments (mixed caches run in the model in
+  # test_left_padded_batch_matches_each_prompt_alone_and_stays_close)
   assert len(mc.segments) == 2 and sum(c.nbytes for c in mc.layers()) <= budget
-  # the mixed cache decodes in the model
-  logits, _ = models.decode(model, jnp.asarray(cont[:, :1], jnp.int32), mc, logits="last")
-  assert np.isfinite(np.asarray(logits)).all()
   with pytest.raises(ValueError, match="below the smallest plan"):
     mixed.assign_budget(sens, 100)
 

@@ -12,8 +12,10 @@ from kvjax.cache import DenseKVCache, ModelCache, tree_nbytes
 _attend = jax.jit(lambda c, q, k, v, p: c.attend(q, k, v, p, A.AttentionSpec(backend="xla")))
 _quantize = jax.jit(quant.quantize, static_argnames=("spec", "capacity", "dtype"))
 _append = jax.jit(lambda c, k, v, p: c.append(k, v, p))
+_to_dense = jax.jit(lambda c: c.to_dense())
 _dense_k = jax.jit(lambda c: c.to_dense().k)   # decompressed keys, packed in token order
 _append_dense_k = jax.jit(lambda c, k, v, p: c.append(k, v, p).to_dense().k)
+_append_to_dense = jax.jit(lambda c, k, v, p: c.append(k, v, p).to_dense())
 
 
 def outlier_keys(rng, b, h, n, d):
@@ -36,21 +38,19 @@ def test_kivi4_beats_per_token_int4_at_the_same_bytes():
   naive = quant.QuantizedKVCache.init(b, h, n + r, d,
                                       quant.per_token(4, group_size=g, residual=r))
   assert kivi.nbytes == naive.nbytes
-  kivi = _append(kivi, jnp.asarray(k), jnp.asarray(v), pos)
-  naive = _append(naive, jnp.asarray(k), jnp.asarray(v), pos)
-  assert kivi.nbytes == naive.nbytes
   assert memory.report(kivi).total == memory.report(naive).total
-  # When a fresh query attends over each
+  # When both hold the tokens (read back decompressed, in token order) and a query attends
+  back = {nm: _append_to_dense(c, jnp.asarray(k), jnp.asarray(v), pos)
+          for nm, c in (("kivi", kivi), ("naive", naive))}
+  back["exact"] = _append(DenseKVCache.init(b, h, n + r, d), jnp.asarray(k), jnp.asarray(v), pos)
   q = jnp.asarray(rng.normal(size=(b, 4, 1, d)).astype(np.float32)) * 0.5
-  qk = jnp.asarray(rng.normal(size=(b, h, 1, d)).astype(np.float32))
+  z = jnp.zeros((b, h, 1, d))
   qp = jnp.full((b, 1), n, jnp.int32)
-  exact = _append(DenseKVCache.init(b, h, n + 1, d), jnp.asarray(k), jnp.asarray(v), pos)
-  outs = {name: np.asarray(_attend(c, q, qk, qk, qp)[0].out)
-          for name, c in (("exact", exact), ("kivi", kivi), ("naive", naive))}
+  outs = {nm: np.asarray(_attend(c, q, z, z, qp)[0].out) for nm, c in back.items()}
   err = {nm: np.linalg.norm(outs[nm] - outs["exact"]) / np.linalg.norm(outs["exact"])
          for nm in ("kivi", "naive")}
-  kerr = {nm: float(np.mean((np.asarray(_dense_k(c))[:, :, :n] - k) ** 2))
-          for nm, c in (("kivi", kivi), ("naive", naive))}
+  kerr = {nm: float(np.mean((np.asarray(back[nm].k)[:, :, :n] - k) ** 2))
+          for nm in ("kivi", "naive")}
   # Then per-channel keys are much closer, in keys and in attention output
   assert kerr["kivi"] < 0.1 * kerr["naive"], kerr
   assert err["kivi"] < 0.6 * err["naive"], err
@@ -99,7 +99,7 @@ def test_quantize_keeps_headwise_tokens_and_positions(spec):
   dense = _headwise_dense(np.random.default_rng(2))
   q = _quantize(dense, spec=spec)
   np.testing.assert_array_equal(np.asarray(q.length), np.asarray(dense.lengths))
-  back = q.to_dense()
+  back = _to_dense(q)
   np.testing.assert_array_equal(np.asarray(back.positions), np.asarray(dense.positions))
   valid = np.asarray(dense.valid_mask())
   err = np.abs(np.asarray(back.k) - np.asarray(dense.k))[valid]
@@ -111,7 +111,7 @@ def test_quantize_equals_quantize_on_append():
   spec = quant.kivi(2, group_size=4, residual=8)
   k = jnp.asarray(rng.normal(size=(2, 2, 11, 16)).astype(np.float32))
   pos = jnp.asarray(np.array([np.arange(11), np.r_[np.arange(8), [-1] * 3]], np.int32))
-  dense = DenseKVCache.init(2, 2, 16, 16).append(k, k * 2, pos)
+  dense = _append(DenseKVCache.init(2, 2, 16, 16), k, k * 2, pos)
   a = _quantize(dense, spec=spec)
   b = _append(quant.QuantizedKVCache.init(2, 2, 16, 16, spec), k, k * 2, pos)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -156,8 +156,9 @@ def test_report_agrees_with_the_arrays_held_and_counts_every_component():
 
 
 def test_report_of_a_layer_cache_and_a_bf16_reference():
-  dense = DenseKVCache.init(1, 2, 8, 16, jnp.bfloat16).append(
-      jnp.ones((1, 2, 8, 16)), jnp.ones((1, 2, 8, 16)), jnp.arange(8, dtype=jnp.int32)[None])
+  dense = DenseKVCache.init(1, 2, 8, 16, jnp.bfloat16)
+  dense = dense.replace(positions=jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 2, 8)),
+                        lengths=jnp.full((1, 2), 8, jnp.int32))
   rep = memory.report(dense)
   assert rep.total == dense.nbytes == rep.reference and rep.layers[0].tokens == 8
   assert memory.dense_bf16_bytes(1, 2, 8, 16, 16) == tree_nbytes(dense)
@@ -173,7 +174,7 @@ def test_per_head_split_converts_reports_and_reads_back():
   assert rep.total == split.nbytes == split.parts[0].nbytes + split.parts[1].nbytes
   assert rep.layers[0].kind == "heads[1:DenseKVCache,1:int2-g8]"
   assert rep.layers[0].components["codes"] == 2 * 12 * 16 // 4 * 2
-  back = jax.jit(lambda c: c.to_dense())(split)
+  back = _to_dense(split)
   np.testing.assert_array_equal(np.asarray(back.positions), np.asarray(dense.positions))
   valid = np.asarray(dense.valid_mask())[:, 0]
   np.testing.assert_array_equal(np.asarray(back.k)[:, 0][valid], np.asarray(dense.k)[:, 0][valid])
