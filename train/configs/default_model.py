@@ -32,11 +32,11 @@ def model_config() -> ml_collections.ConfigDict:
 def sources(kv_pairs=None) -> ml_collections.ConfigDict:
   """The data mixture: weights are fractions of sequences, not of loss tokens."""
   return ml_collections.ConfigDict(dict(
-      stdlib=ml_collections.ConfigDict(dict(kind="stdlib", weight=0.2)),
-      passkey=ml_collections.ConfigDict(dict(kind="passkey", weight=0.35, digits=5)),
+      stdlib=ml_collections.ConfigDict(dict(kind="stdlib", weight=0.15)),
+      passkey=ml_collections.ConfigDict(dict(kind="passkey", weight=0.4, digits=5)),
       kv=ml_collections.ConfigDict(dict(kind="kv_retrieval", weight=0.3, key_chars=6,
                                         value_chars=6, num_pairs=kv_pairs)),
-      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=0.15, num_pairs=16)),
+      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=0.15, num_pairs=8)),
   ))
 
 
@@ -44,10 +44,11 @@ def sources(kv_pairs=None) -> ml_collections.ConfigDict:
 # steps (the retrieval circuit forms there, cheaply); the long stages teach the model to
 # find the needle among thousands of positions.
 STAGES = (
-    dict(seq_len=256, steps=450, batch_size=16, lr=3e-3, warmup_steps=40),
-    dict(seq_len=512, steps=150, batch_size=8, lr=2e-3, warmup_steps=20),
-    dict(seq_len=1024, steps=80, batch_size=4, lr=1e-3, warmup_steps=10),
-    dict(seq_len=2048, steps=60, batch_size=2, lr=5e-4, warmup_steps=10),
+    dict(seq_len=128, steps=500, batch_size=16, lr=3e-3, warmup_steps=30),
+    dict(seq_len=256, steps=200, batch_size=16, lr=2e-3, warmup_steps=20),
+    dict(seq_len=512, steps=100, batch_size=8, lr=1e-3, warmup_steps=10),
+    dict(seq_len=1024, steps=60, batch_size=4, lr=7e-4, warmup_steps=10),
+    dict(seq_len=2048, steps=40, batch_size=2, lr=5e-4, warmup_steps=5),
 )
 
 
@@ -61,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.warmup_steps = 50
   c.opt.weight_decay = 0.05
   c.log_every = 10
-  c.eval_every = 150
+  c.eval_every = 100
   c.eval_examples = 32
   c.eval_batch_size = 8
   c.checkpoint_every = 100

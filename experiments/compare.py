@@ -1,0 +1,657 @@
+r"""The main job: compare cache techniques on one model, task by task, in exact bytes.
+
+    python -m experiments.compare                       # default model, default grid
+    python -m experiments.compare --techniques=full,snapkv,int4,snapkv+kivi2 \
+        --ratios=0.5,0.9 --tasks=passkey,niah_single,vt --lengths=1024,2048 --n=32
+    python -m experiments.compare --model=path/to/hf_dir --tasks=longbench:/data/lb/ \
+        --max_context=4096 --mode=question_aware
+
+Protocol (DESIGN.md, "Evaluation protocol"). In the default `query_agnostic` mode each
+context is prefilled and compressed before the question is seen; the question is then fed
+through the compressed cache at positions continuing from the original context length
+(`models.decode` uses `cache.next_position`). In `question_aware` mode the context and the
+question except its last token are prefilled and compressed together (so window-based
+presses see the question), and the last question token is fed after compression, so the
+first answer token, too, is computed from the compressed cache. Every table and row says
+which mode produced it.
+
+One full-precision prefill per batch is shared by every technique: the techniques differ
+only in what they do to that cache afterwards (a press is applied to the prefill's cache
+and observations, as `models.prefill(press=...)` does), so the comparison is exact and the
+prefill is paid once. Techniques whose observations conflict (e.g. H2O's all-query
+attention mass vs SnapKV's window) get their own prefill.
+
+Scoring: answers scored by `prefix_match` (pass key, kv retrieval, needle) are read from one
+teacher-forced decode call over question + answer: the argmax at every answer position is
+the prediction, which is exactly the greedy decoder's verdict (greedy decoding leaves the
+teacher-forced path at the first wrong token). Other metrics generate greedily token by
+token. Perplexity scores a held-out continuation through the compressed cache.
+
+Memory is `kvjax.memory.report(cache).total` of the cache that answers the question
+(compressed context + room for question and answer), per sequence, and its factor is
+against a bf16 full cache holding the same tokens. Throughput: prefill tokens/s = context
+tokens / (prefill + compression) seconds, decode tokens/s = batch x single-token steps /
+seconds (`--decode_steps` steps after the question, once per technique and length),
+both measured after compilation.
+
+Outputs in --out_dir: results.jsonl, results.csv, run.json (flags, model, timings) and
+frontier.png, needle_heatmap.png, throughput.png; the table goes to stdout.
+
+Pods: every process runs this same command; `jax.distributed.initialize()` is called when
+the environment is multi-host (or --distributed=true); batches are split over processes,
+scores are gathered, and process 0 alone prints and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+DEFAULT_TECHNIQUES = ("full", "streaming_llm", "knorm", "snapkv", "expected_attention", "int8",
+                      "int4", "kivi2", "snapkv+int8")
+MODES = ("query_agnostic", "question_aware")
+
+flags.DEFINE_string("model", "default", "HF model directory (config.json + safetensors), "
+                    "'default' (the shipped models/default) or a preset name.")
+flags.DEFINE_list("techniques", list(DEFAULT_TECHNIQUES),
+                  "Techniques: 'full'; a press name (expanded with every --ratios value); "
+                  "a quantized kind; or press+kind (evict, then quantize the kept tokens). "
+                  "Run with --techniques=help to list the names.")
+flags.DEFINE_list("ratios", ["0.5", "0.75", "0.9"], "Press compression ratios (fraction of "
+                  "the context's tokens removed, kvpress's convention).")
+flags.DEFINE_list("tasks", ["passkey", "kv_retrieval", "needle", "perplexity"],
+                  "Tasks: passkey, kv_retrieval, perplexity, needle (depth x length grid), "
+                  "niah_single, niah_multikey, niah_multivalue, vt, cwe, qa, ruler (all six), "
+                  "or longbench:<path>, infinitebench:<path>, ruler_jsonl:<path>.")
+flags.DEFINE_list("lengths", ["2048"], "Context lengths (tokens) of the generated tasks.")
+flags.DEFINE_integer("n", 16, "Samples per generated task and length.")
+flags.DEFINE_list("needle_lengths", ["1024", "2048"], "Lengths of the needle grid.")
+flags.DEFINE_list("needle_depths", ["0", "0.25", "0.5", "0.75", "1"], "Depths of the grid.")
+flags.DEFINE_integer("needle_n", 2, "Samples per needle (depth, length) cell.")
+flags.DEFINE_integer("ppl_continuation", 48, "Tokens of held-out text scored after the context.")
+flags.DEFINE_enum("mode", "query_agnostic", list(MODES), "Evaluation protocol (see module doc).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per batch.")
+flags.DEFINE_integer("decode_steps", 8, "Timed single-token decode steps per technique/length.")
+flags.DEFINE_integer("max_context", 4096, "File tasks: truncate contexts (middle) to this many "
+                     "tokens.")
+flags.DEFINE_integer("file_limit", 0, "File tasks: at most this many samples per task (0: all).")
+flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+                  "dtype of the full-precision cache (the baseline every technique starts "
+                  "from; memory factors are against bf16).")
+flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
+flags.DEFINE_string("out_dir", "compare_results", "Where results and plots are written.")
+flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_integer("seed", 0, "Seed of the generated samples.")
+flags.DEFINE_string("compilation_cache", os.path.join("~", ".cache", "kvjax", "xla"),
+                    "Persistent XLA compilation cache directory ('' disables); re-runs skip "
+                    "compilation.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                  "jax.distributed.initialize(): auto (when the environment is multi-host).")
+flags.DEFINE_bool("progress", True, "tqdm progress bars.")
+
+
+# --- techniques -----------------------------------------------------------------------------
+def _press_factories() -> dict:
+  from kvjax import presses as P  # pylint: disable=import-outside-toplevel
+  return {
+      "streaming_llm": lambda r: P.StreamingLLMPress(compression_ratio=r),
+      "snapkv": lambda r: P.SnapKVPress(compression_ratio=r),
+      "h2o": lambda r: P.H2OPress(compression_ratio=r),
+      "tova": lambda r: P.TOVAPress(compression_ratio=r),
+      "knorm": lambda r: P.KnormPress(compression_ratio=r),
+      "expected_attention": lambda r: P.ExpectedAttentionPress(compression_ratio=r),
+      "keydiff": lambda r: P.KeyDiffPress(compression_ratio=r),
+      "lagkv": lambda r: P.LagKVPress(compression_ratio=r),
+      "random": lambda r: P.RandomPress(compression_ratio=r),
+      "pyramidkv": lambda r: P.PyramidKVPress(compression_ratio=r),
+      "adakv": lambda r: P.AdaKVPress(press=P.SnapKVPress(compression_ratio=r)),
+      "chunkkv": lambda r: P.ChunkKVPress(press=P.SnapKVPress(compression_ratio=r)),
+  }
+
+
+def quant_names() -> tuple:
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  return tuple(quant.NAMES)
+
+
+def known_techniques() -> list[str]:
+  return ["full"] + sorted(_press_factories()) + list(quant_names()) + ["<press>+<kind>"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictThenQuantize:
+  """A press, then the kept tokens quantized to `kind` (room added after quantization)."""
+  press: Any
+  kind: str
+
+  @property
+  def observe(self):
+    return self.press.observe
+
+  def compress_model(self, cache, obs=None, config=None, *, room=0, prompt_length=None):
+    from kvjax import quant  # pylint: disable=import-outside-toplevel
+    kept = self.press.compress_model(cache, obs, config, room=0, prompt_length=prompt_length)
+    return quant.quantize_model(kept, self.kind, room=room, config=config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Technique:
+  """One row of the comparison: a label and the press-like object that makes its cache."""
+  label: str
+  family: str                       # full | press | quant | press+quant
+  press: Optional[str] = None
+  ratio: Optional[float] = None
+  quant: Optional[str] = None
+
+  def build(self):
+    """An object with `observe` and `compress_model(cache, obs, config, room=, ...)`."""
+    from kvjax import quant as q  # pylint: disable=import-outside-toplevel
+    if self.family == "full":
+      return None
+    if self.family == "quant":
+      return q.QuantizePress(self.quant)
+    press = _press_factories()[self.press](self.ratio)
+    return press if self.family == "press" else EvictThenQuantize(press, self.quant)
+
+
+def parse_techniques(names: Sequence[str], ratios: Sequence[float]) -> list[Technique]:
+  """Technique names -> Techniques (presses expanded over ratios); ValueError lists names."""
+  presses, quants = _press_factories(), quant_names()
+  for r in ratios:
+    if not 0 < r < 1:
+      raise ValueError(f"--ratios: {r} is not in (0, 1) (the fraction of tokens removed)")
+  out: list[Technique] = []
+
+  def unknown(n):
+    return ValueError(f"unknown technique {n!r}; known: {', '.join(known_techniques())}")
+
+  for name in names:
+    name = name.strip()
+    if name == "full":
+      out.append(Technique("full", "full"))
+    elif name in presses:
+      out += [Technique(f"{name}@{r:g}", "press", press=name, ratio=r) for r in ratios]
+    elif name in quants:
+      out.append(Technique(name, "quant", quant=name))
+    elif "+" in name:
+      p, k = name.split("+", 1)
+      if p not in presses or k not in quants:
+        raise unknown(name)
+      out += [Technique(f"{p}@{r:g}+{k}", "press+quant", press=p, ratio=r, quant=k)
+              for r in ratios]
+    else:
+      raise unknown(name)
+  if not out:
+    raise ValueError("no techniques given")
+  labels = [t.label for t in out]
+  dup = sorted({l for l in labels if labels.count(l) > 1})
+  if dup:
+    raise ValueError(f"technique(s) given twice: {dup}")
+  return out
+
+
+# --- batches ----------------------------------------------------------------------------------
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+@dataclasses.dataclass
+class Batch:
+  samples: list
+  index: list                 # global sample indices
+  ctx: Any                    # [B, Tc] int32, left-padded
+  ctx_mask: Any               # [B, Tc] or None (no padding)
+  ctx_lengths: list           # context tokens per row (BOS included)
+  chunk: Any                  # [B, Tq] int32, right-padded: question (+ answer[:-1])
+  chunk_mask: Any             # [B, Tq]
+  chunk_lengths: list
+  read_from: list             # per row: first chunk index whose logits predict the target
+  targets: list               # per row: target token ids (answer or continuation)
+  kind: str                   # "teacher" | "generate" | "nll"
+
+
+def make_batch(samples, index, tokenizer, mode: str, pad_id: int, chunk_multiple: int = 64,
+               batch_size: Optional[int] = None) -> Batch:
+  """Token arrays of one batch (all rows of one scoring kind).
+
+  A short last batch is filled up to `batch_size` with copies of its last sample (index
+  -1, never scored), so every batch of a length has one shape and compiles once.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  samples, index = list(samples), list(index)
+  if batch_size is not None and len(samples) < batch_size:
+    fill = batch_size - len(samples)
+    samples += [samples[-1]] * fill
+    index += [-1] * fill
+  metric = samples[0].metric
+  kind = "nll" if metric == "nll" else ("teacher" if metric == "prefix_match" else "generate")
+  ctxs, chunks, read_from, targets = [], [], [], []
+  for s in samples:
+    c, q = s.prompt_tokens(tokenizer)
+    if kind == "nll":
+      tgt = q[1:]
+      ch = q[:-1] if len(q) > 1 else q
+      start = 0
+      if mode == "question_aware":
+        raise ValueError("perplexity has no question; run it in query_agnostic mode")
+    else:
+      if mode == "question_aware":
+        c, q = c + q[:-1], q[-1:]
+      tgt = tokenizer.encode(s.answers[0]) if kind == "teacher" else []
+      ch = q + tgt[:-1]
+      start = len(q) - 1
+    ctxs.append(c)
+    chunks.append(ch)
+    read_from.append(start)
+    targets.append(tgt)
+  tc = max(map(len, ctxs))
+  if any(len(c) != tc for c in ctxs):
+    tc = _round_up(tc, 64)
+  tq = _round_up(max(map(len, chunks)), chunk_multiple)
+  ctx = np.full((len(samples), tc), pad_id, np.int32)
+  cmask = np.zeros((len(samples), tc), np.int32)
+  chunk = np.full((len(samples), tq), pad_id, np.int32)
+  qmask = np.zeros((len(samples), tq), np.int32)
+  for i, (c, ch) in enumerate(zip(ctxs, chunks)):
+    ctx[i, tc - len(c):] = c
+    cmask[i, tc - len(c):] = 1
+    chunk[i, :len(ch)] = ch
+    qmask[i, :len(ch)] = 1
+  return Batch(samples, index, ctx, None if cmask.all() else cmask,
+               [len(c) for c in ctxs], chunk, qmask, [len(c) for c in chunks], read_from,
+               targets, kind)
+
+
+# --- the evaluation loop ----------------------------------------------------------------------
+def _observe_groups(built: dict) -> list:
+  """[(Observe, [labels])]: techniques whose observation requests merge share a prefill."""
+  from kvjax.observation import Observe  # pylint: disable=import-outside-toplevel
+  groups: list = []
+  for label, obj in built.items():
+    need = getattr(obj, "observe", None) or Observe()
+    for g in groups:
+      try:
+        merged = g[0].merge(need)
+      except ValueError:
+        continue
+      g[0] = merged
+      g[1].append(label)
+      break
+    else:
+      groups.append([need, [label]])
+  return [(g[0], g[1]) for g in groups]
+
+
+@dataclasses.dataclass
+class Accum:
+  """Per (technique, sample) results and per (technique, length) measurements."""
+  scores: dict = dataclasses.field(default_factory=dict)     # (label, idx) -> (value, weight)
+  preds: dict = dataclasses.field(default_factory=dict)      # (label, idx) -> prediction
+  kv: dict = dataclasses.field(default_factory=dict)         # (label, length) -> (bytes, factor)
+  prefill_s: dict = dataclasses.field(default_factory=dict)  # (group, shape) -> [seconds]
+  compress_s: dict = dataclasses.field(default_factory=dict)  # (label, shape) -> [seconds]
+  prefill_group: dict = dataclasses.field(default_factory=dict)  # label -> group index
+  decode: dict = dataclasses.field(default_factory=dict)     # (label, length) -> tokens/s
+
+
+def _block(x):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.block_until_ready(x)
+
+
+def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: dict,
+                   groups: list, acc: Accum, *, length_key: int, room: int, cache_dtype,
+                   backend: str, decode_steps: int, tokenizer, timing_done: set):
+  """Runs every technique on one batch; fills `acc`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import models  # pylint: disable=import-outside-toplevel
+  from kvjax import memory  # pylint: disable=import-outside-toplevel
+  from kvjax.presses import base as press_base  # pylint: disable=import-outside-toplevel
+  from experiments.tasks import metrics  # pylint: disable=import-outside-toplevel
+
+  cfg = model.config
+  ctx = jnp.asarray(batch.ctx)
+  b, tc = batch.ctx.shape
+  shape = (b, tc)
+  for gi, (need, labels) in enumerate(groups):
+    t0 = time.perf_counter()
+    kw = dict(logits="last", backend=backend, cache_dtype=cache_dtype, observe=need)
+    if batch.ctx_mask is not None:
+      kw["attention_mask"] = jnp.asarray(batch.ctx_mask)
+    _, cache, obs = models.prefill(model, ctx, **kw)
+    _block(cache)
+    acc.prefill_s.setdefault((gi, length_key, shape), []).append(time.perf_counter() - t0)
+    for label in labels:
+      acc.prefill_group[label] = gi
+      obj = built[label]
+      t0 = time.perf_counter()
+      if obj is None:   # full cache: the prefill's cache plus decode room (new arrays)
+        c = press_base.compress_model([None] * cache.num_layers, cache, None, cfg, rooms=room)
+      else:
+        c = obj.compress_model(cache, obs, cfg, room=room, prompt_length=tc)
+      _block(c)
+      acc.compress_s.setdefault((label, length_key, shape), []).append(
+          time.perf_counter() - t0)
+      if (label, length_key) not in acc.kv:
+        rep = memory.report(c, tokens=[tc + room] * b)
+        acc.kv[(label, length_key)] = (rep.total / b, rep.factor)
+      # decode donates its cache; a technique may pass arrays of the shared prefill cache
+      # through (e.g. next_position), so it gets its own copy.
+      c = jax.tree.map(jnp.copy, c)
+      logits, c = models.decode(model, jnp.asarray(batch.chunk), c,
+                                attention_mask=jnp.asarray(batch.chunk_mask), backend=backend,
+                                check_capacity=False)
+      logits = np.asarray(jax.device_get(logits), np.float32)
+      last_ids = None
+      if batch.kind == "teacher":
+        for i, s in enumerate(batch.samples):
+          n_a = len(batch.targets[i])
+          pos = batch.read_from[i] + np.arange(n_a)
+          pred_ids = logits[i, pos].argmax(-1)
+          pred = tokenizer.decode(pred_ids.tolist())
+          acc.preds[(label, batch.index[i])] = pred
+          acc.scores[(label, batch.index[i])] = (metrics.score(s.metric, pred, s.answers), 1.0)
+      elif batch.kind == "nll":
+        lse = _logsumexp(logits)
+        for i in range(b):
+          tgt = np.asarray(batch.targets[i])
+          rows = np.arange(len(tgt))
+          nll = lse[i, rows] - logits[i, rows, tgt]
+          acc.scores[(label, batch.index[i])] = (float(nll.sum()), float(len(tgt)))
+      else:  # greedy generation
+        last = np.asarray(batch.chunk_lengths) - 1
+        nxt = logits[np.arange(b), last].argmax(-1).astype(np.int32)
+        out = [nxt]
+        steps = max(s.max_new_tokens for s in batch.samples) - 1
+        for _ in range(steps):
+          lg, c = models.decode(model, jnp.asarray(nxt)[:, None], c, logits="last",
+                                backend=backend, check_capacity=False)
+          nxt = np.asarray(lg[:, -1]).argmax(-1).astype(np.int32)
+          out.append(nxt)
+        gen = np.stack(out, 1)
+        for i, s in enumerate(batch.samples):
+          pred = tokenizer.decode(gen[i, :s.max_new_tokens].tolist())
+          acc.preds[(label, batch.index[i])] = pred
+          meta = {k: s.meta[k] for k in ("all_classes", "options") if k in s.meta}
+          acc.scores[(label, batch.index[i])] = (
+              metrics.score(s.metric, pred, s.answers, **meta), 1.0)
+      last_ids = jnp.asarray(np.full((b, 1), tokenizer.encode(" ")[0], np.int32))
+      if decode_steps and (label, length_key) not in timing_done:
+        # one untimed step compiles; then decode_steps timed single-token steps
+        lg, c = models.decode(model, last_ids, c, logits="last", backend=backend,
+                              check_capacity=False)
+        _block(lg)
+        t0 = time.perf_counter()
+        for _ in range(decode_steps):
+          lg, c = models.decode(model, last_ids, c, logits="last", backend=backend,
+                                check_capacity=False)
+        _block(lg)
+        acc.decode[(label, length_key)] = b * decode_steps / (time.perf_counter() - t0)
+        timing_done.add((label, length_key))
+      del c
+
+
+def _logsumexp(x):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  m = x.max(-1, keepdims=True)
+  return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def _warm_median(xs: list) -> Optional[float]:
+  """Median of the timings after the first (which includes compilation); None if only one."""
+  return statistics.median(xs[1:]) if len(xs) > 1 else None
+
+
+def build_samples(task_names, lengths, n, needle_lengths, needle_depths, needle_n, seed,
+                  ppl_continuation, max_context, file_limit) -> list:
+  """All samples of the run, in a fixed order (every process builds the same list)."""
+  from experiments import tasks as T  # pylint: disable=import-outside-toplevel
+  out = []
+  for name in T.expand(task_names):
+    if name == "needle":
+      out += T.synthetic.needle_grid(needle_lengths, needle_depths, needle_n, seed)
+    elif ":" in name:
+      res = T.load_file_task(name, max_context_tokens=max_context,
+                             limit=file_limit or None)
+      if res.errors:
+        logging.warning("%s: %d malformed line(s) skipped: %s", name, len(res.errors),
+                        res.errors[:5])
+      if not res.samples:
+        raise ValueError(f"{name}: no usable samples ({len(res.errors)} malformed lines)")
+      out += res.samples
+    else:
+      task = T.perplexity.HeldOutPerplexity(ppl_continuation) if name == "perplexity" \
+          else T.make(name)
+      for length in lengths:
+        out += task.samples(int(length), n, seed)
+  return out
+
+
+def _length_of(sample, tokenizer) -> int:
+  if "length" in sample.meta and sample.meta["length"]:
+    return int(sample.meta["length"])
+  return sum(map(len, sample.prompt_tokens(tokenizer)))
+
+
+def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
+        mode: str = "query_agnostic", batch_size: int = 8, cache_dtype: str = "bfloat16",
+        backend: str = "auto", decode_steps: int = 8, progress: bool = True,
+        model_name: str = "") -> tuple[list, dict]:
+  """Evaluates every technique on every sample; returns (rows, info).
+
+  Batches are split over JAX processes (batch i runs on process i % process_count) and the
+  per-sample scores are gathered, so every process returns the same rows.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; allowed: {MODES}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}; must be >= 1")
+  pad_id = getattr(tokenizer, "pad_id", None)
+  pad_id = 0 if pad_id is None else int(pad_id)
+  built = {t.label: t.build() for t in techniques}
+  groups = _observe_groups(built)
+  # Group samples: same task, same length, same scoring kind -> batches.
+  keyed: dict = {}
+  for i, s in enumerate(samples):
+    key = (s.task, _length_of(s, tokenizer), s.metric == "nll", s.metric == "prefix_match")
+    keyed.setdefault(key, []).append(i)
+  plan = []
+  for key, idxs in keyed.items():
+    for j in range(0, len(idxs), batch_size):
+      plan.append((key, idxs[j:j + batch_size]))
+  # Room after compression: the longest chunk + generation + timed decode steps.
+  rooms = {}
+  for key, idxs in plan:
+    need = 0
+    for i in idxs:
+      s = samples[i]
+      c, q = s.prompt_tokens(tokenizer)
+      extra = len(tokenizer.encode(s.answers[0])) if s.answers else 0
+      need = max(need, len(q) + extra + s.max_new_tokens)
+    rooms[key[1]] = max(rooms.get(key[1], 0), _round_up(need, 64) + decode_steps + 1)
+  pid, nproc = jax.process_index(), jax.process_count()
+  acc = Accum()
+  timing_done: set = set()
+  bar = None
+  mine = [p for k, p in enumerate(plan) if k % nproc == pid]
+  if progress and pid == 0:
+    from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm.tqdm(total=len(mine) * len(techniques), desc="compare (batch x technique)",
+                    dynamic_ncols=True, file=sys.stderr)
+  t_start = time.time()
+  cdt = jnp.dtype(cache_dtype)
+  for key, idxs in mine:
+    batch = make_batch([samples[i] for i in idxs], idxs, tokenizer, mode, pad_id,
+                       batch_size=batch_size)
+    evaluate_batch(model, batch, techniques, built, groups, acc, length_key=key[1],
+                   room=rooms[key[1]], cache_dtype=cdt, backend=backend,
+                   decode_steps=decode_steps, tokenizer=tokenizer, timing_done=timing_done)
+    if bar is not None:
+      bar.update(len(techniques))
+  if bar is not None:
+    bar.close()
+  # Gather per-sample scores from every process.
+  labels = [t.label for t in techniques]
+  val = np.full((len(labels), len(samples), 2), np.nan, np.float64)
+  for (label, i), (v, w) in acc.scores.items():
+    if i >= 0:   # -1: filler rows of a short last batch
+      val[labels.index(label), i] = (v, w)
+  if nproc > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    allv = np.asarray(multihost_utils.process_allgather(val))
+    val = np.where(np.isnan(allv), -np.inf, allv).max(0)
+    val[np.isinf(val)] = np.nan
+  rows = []
+  lengths = sorted({k[1] for k, _ in plan})
+  for t in techniques:
+    ti = labels.index(t.label)
+    # cells: (task, length, depth-for-needle)
+    cells: dict = {}
+    for i, s in enumerate(samples):
+      depth = s.meta.get("depth") if s.task == "needle" else None
+      cells.setdefault((s.task, _length_of(s, tokenizer), depth, s.metric), []).append(i)
+    for (task, length, depth, metric), idxs in cells.items():
+      v = val[ti, idxs]
+      ok = ~np.isnan(v[:, 0])
+      if not ok.any():
+        continue
+      if metric == "nll":
+        score = float(math.exp(v[ok, 0].sum() / max(v[ok, 1].sum(), 1.0)))
+        metric = "perplexity"
+      else:
+        score = float(v[ok, 0].mean())
+      kvb, kvf = acc.kv.get((t.label, length), (None, None))
+      pf = _prefill_rate(acc, t.label, length)
+      rows.append(dict(mode=mode, technique=t.label, family=t.family, press=t.press,
+                       ratio=t.ratio, quant=t.quant, task=task, metric=metric, length=length,
+                       depth=depth, n=int(ok.sum()), score=score, kv_bytes=kvb, kv_factor=kvf,
+                       prefill_tok_s=pf, decode_tok_s=acc.decode.get((t.label, length)),
+                       model=model_name))
+  info = {"seconds": time.time() - t_start, "lengths": lengths, "batches": len(plan),
+          "prefill_groups": [(str(g[0]), g[1]) for g in groups], "rooms": rooms,
+          "predictions": {f"{l}|{i}": p for (l, i), p in list(acc.preds.items())[:2000]
+                          if i >= 0}}
+  return rows, info
+
+
+def _prefill_rate(acc: Accum, label: str, length: int) -> Optional[float]:
+  """Context tokens / (shared prefill + this technique's compression), warm timings only."""
+  gi = acc.prefill_group.get(label)
+  tokens = seconds = 0.0
+  for (g, lk, shape), xs in acc.prefill_s.items():
+    if g != gi or lk != length:
+      continue
+    cs = acc.compress_s.get((label, lk, shape), [])
+    warm = min(len(xs), len(cs)) - 1          # the first of each shape compiles
+    if warm < 1:
+      continue
+    seconds += sum(xs[1:warm + 1]) + sum(cs[1:warm + 1])
+    tokens += warm * shape[0] * shape[1]
+  return tokens / seconds if seconds else None
+
+
+# --- main -------------------------------------------------------------------------------------
+def _floats(xs, name):
+  try:
+    return [float(x) for x in xs]
+  except ValueError as e:
+    raise app.UsageError(f"--{name}: {e}") from e
+
+
+def _ints(xs, name):
+  try:
+    return [int(x) for x in xs]
+  except ValueError as e:
+    raise app.UsageError(f"--{name}: {e}") from e
+
+
+def load_model(name: str, dtype: Optional[str] = None):
+  """(model, tokenizer) for an HF dir / 'default' / preset; clear errors otherwise."""
+  from models import presets  # pylint: disable=import-outside-toplevel
+  if name != "default" and name not in presets.PRESETS and not os.path.isdir(name):
+    raise ValueError(f"--model={name!r}: no such directory (give an HF model directory with "
+                     f"config.json + *.safetensors, 'default', or a preset: "
+                     f"{sorted(presets.PRESETS)})")
+  if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+    raise ValueError(f"--model={name!r} has no config.json; it is not an HF model directory")
+  if name == "default" and not os.path.exists(os.path.join(presets.DEFAULT_DIR, "config.json")):
+    logging.warning("models/default/ is not shipped in this checkout: using the random-weight "
+                    "'tiny' preset; accuracies will be near zero")
+  return presets.load_model_and_tokenizer(name, dtype=dtype)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.techniques == ["help"]:
+    print("techniques:", ", ".join(known_techniques()))
+    return
+  if FLAGS.compilation_cache:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  train_lib.maybe_initialize_distributed(FLAGS.distributed)
+  import jax  # pylint: disable=import-outside-toplevel
+  from experiments import plots  # pylint: disable=import-outside-toplevel
+  from experiments import results  # pylint: disable=import-outside-toplevel
+  from experiments import tasks as T  # pylint: disable=import-outside-toplevel
+  from models import presets  # pylint: disable=import-outside-toplevel
+
+  ratios = _floats(FLAGS.ratios, "ratios")
+  try:
+    techniques = parse_techniques(FLAGS.techniques, ratios)
+    T.expand(FLAGS.tasks)
+    model, tok = load_model(FLAGS.model)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  t0 = time.time()
+  samples = build_samples(FLAGS.tasks, _ints(FLAGS.lengths, "lengths"), FLAGS.n,
+                          _ints(FLAGS.needle_lengths, "needle_lengths"),
+                          _floats(FLAGS.needle_depths, "needle_depths"), FLAGS.needle_n,
+                          FLAGS.seed, FLAGS.ppl_continuation, FLAGS.max_context,
+                          FLAGS.file_limit)
+  name = "models/default" if FLAGS.model == "default" else FLAGS.model
+  rows, info = run(model, tok, techniques, samples, mode=FLAGS.mode,
+                   batch_size=FLAGS.batch_size, cache_dtype=FLAGS.cache_dtype,
+                   backend=FLAGS.backend, decode_steps=FLAGS.decode_steps,
+                   progress=FLAGS.progress, model_name=name)
+  if jax.process_index() != 0:
+    return
+  title = (f"kvjax compare: {name} ({presets.count_params(model):,} params), "
+           f"{jax.devices()[0].platform} x{jax.device_count()}, mode={FLAGS.mode}")
+  meta = {"flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
+          "model": name, "params": presets.count_params(model),
+          "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+          "processes": jax.process_count(), "wall_seconds": time.time() - t0, **info}
+  paths = results.write(rows, FLAGS.out_dir, meta)
+  print(results.table(rows, title=title))
+  verdict = results.frontier_verdict(rows)
+  if verdict:
+    print("\nlargest compression factor within 1 point of full-cache mean accuracy:")
+    for fam, (f, t) in verdict.items():
+      print(f"  {fam:<28} " + (f"{f:.2f}x ({t})" if f else "none of the tested settings"))
+  if FLAGS.plots:
+    paths.update(plots.all_plots(rows, FLAGS.out_dir, title))
+  print(f"\n{len(samples)} samples x {len(techniques)} techniques in "
+        f"{time.time() - t0:.0f}s; wrote " + ", ".join(sorted(paths.values())))
+
+
+if __name__ == "__main__":
+  app.run(main)

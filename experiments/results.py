@@ -1,0 +1,177 @@
+"""Results of a comparison: rows -> results.jsonl, results.csv and a text table.
+
+A row is one (technique, task, length[, depth]) cell:
+
+  mode            "query_agnostic" | "question_aware" (DESIGN.md, "Evaluation protocol")
+  technique       label, e.g. "full", "snapkv@0.75", "int4", "snapkv@0.5+kivi2"
+  family          "full" | "press" | "quant" | "press+quant"
+  press, ratio, quant   the parts (ratio = kvpress compression_ratio, fraction removed)
+  task, metric, length, depth, n    what was measured and on how many samples
+  score           mean metric (accuracy in [0, 1]); for perplexity: exp(mean NLL)
+  kv_bytes        exact bytes of the cache per sequence (kvjax.memory.report(...).total / batch)
+                  when the question is answered: the compressed context plus the room
+                  for question and answer
+  kv_factor       kvjax.memory's factor: a bf16 full cache of the same tokens / kv_bytes
+  prefill_tok_s   context tokens / (prefill + compression) seconds
+  decode_tok_s    single-token decode steps per second x batch
+
+`write` appends nothing: it rewrites both files from the rows it is given.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Iterable, Mapping, Optional, Sequence
+
+FIELDS = ("mode", "technique", "family", "press", "ratio", "quant", "task", "metric", "length",
+          "depth", "n", "score", "kv_bytes", "kv_factor", "prefill_tok_s", "decode_tok_s",
+          "model")
+
+
+def _clean(v):
+  if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+    return None
+  if hasattr(v, "item"):
+    return v.item()
+  return v
+
+
+def write(rows: Sequence[Mapping], out_dir: str, meta: Optional[Mapping] = None) -> dict:
+  """Writes results.jsonl + results.csv (+ run.json with `meta`); returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"jsonl": os.path.join(out_dir, "results.jsonl"),
+           "csv": os.path.join(out_dir, "results.csv")}
+  extra = sorted({k for r in rows for k in r} - set(FIELDS))
+  with open(paths["jsonl"], "w") as f:
+    for r in rows:
+      f.write(json.dumps({k: _clean(v) for k, v in r.items()}, sort_keys=True) + "\n")
+  with open(paths["csv"], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(FIELDS) + extra, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if _clean(r.get(k)) is None else _clean(r.get(k)))
+                  for k in list(FIELDS) + extra})
+  if meta is not None:
+    paths["run"] = os.path.join(out_dir, "run.json")
+    with open(paths["run"], "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True, default=str)
+  return paths
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _fmt_bytes(n) -> str:
+  if n is None:
+    return "-"
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+    n /= 1024
+
+
+def summary(rows: Iterable[Mapping], length: Optional[int] = None) -> list[dict]:
+  """One dict per technique: bytes/factor/throughput at `length`, a score per task.
+
+  Needle rows (task "needle") are averaged over depths and lengths; other tasks are taken
+  at `length` (default: the longest length present).
+  """
+  rows = list(rows)
+  if length is None:
+    length = max((r["length"] for r in rows if r["task"] != "needle"), default=None)
+  order, out = [], {}
+  for r in rows:
+    t = r["technique"]
+    if t not in out:
+      order.append(t)
+      out[t] = {"technique": t, "family": r["family"], "mode": r["mode"], "scores": {},
+                "_needle": [], "kv_bytes": None, "kv_factor": None, "prefill_tok_s": None,
+                "decode_tok_s": None}
+    o = out[t]
+    if r["task"] == "needle":
+      o["_needle"].append((r["score"], r["n"]))
+    elif r["length"] == length:
+      o["scores"][r["task"]] = r["score"]
+    if r["length"] == length and r.get("kv_bytes") is not None and o["kv_bytes"] is None:
+      for k in ("kv_bytes", "kv_factor", "prefill_tok_s", "decode_tok_s"):
+        o[k] = r.get(k)
+  for o in out.values():
+    nd = o.pop("_needle")
+    if nd:
+      o["scores"]["needle"] = sum(s * n for s, n in nd) / max(sum(n for _, n in nd), 1)
+  return [out[t] for t in order]
+
+
+def table(rows: Iterable[Mapping], length: Optional[int] = None, title: str = "") -> str:
+  """The comparison as a fixed-width text table (one line per technique)."""
+  rows = list(rows)
+  if not rows:
+    return "(no results)"
+  if length is None:
+    length = max((r["length"] for r in rows if r["task"] != "needle"), default=None)
+  summ = summary(rows, length)
+  tasks = []
+  for s in summ:
+    for t in s["scores"]:
+      if t not in tasks:
+        tasks.append(t)
+  tasks.sort(key=lambda t: (t == "perplexity", t == "needle", t))
+  head = ["technique", "KV bytes/seq", "x vs bf16"] + \
+      [("ppl" if t == "perplexity" else t) for t in tasks] + ["prefill tok/s", "decode tok/s"]
+  lines = []
+  for s in summ:
+    cells = [s["technique"], _fmt_bytes(s["kv_bytes"]),
+             "-" if s["kv_factor"] is None else f"{s['kv_factor']:.2f}"]
+    for t in tasks:
+      v = s["scores"].get(t)
+      cells.append("-" if v is None else (f"{v:.2f}" if t == "perplexity" else f"{100 * v:.1f}"))
+    for k in ("prefill_tok_s", "decode_tok_s"):
+      v = s[k]
+      cells.append("-" if v is None else f"{v:,.0f}")
+    lines.append(cells)
+  widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+  fmt = lambda c: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
+                            for i, (x, w) in enumerate(zip(c, widths)))
+  mode = rows[0]["mode"]
+  out = []
+  if title:
+    out.append(title)
+  out.append(f"mode: {mode} | task scores: accuracy % at {length} tokens "
+             f"(needle: mean over the depth x length grid); ppl: held-out perplexity")
+  out += [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines]
+  return "\n".join(out)
+
+
+def frontier_verdict(rows: Iterable[Mapping], tolerance: float = 0.01,
+                     tasks: Optional[Sequence[str]] = None) -> dict:
+  """Per family (press name, quant kind, combination): the largest compression factor whose
+  mean accuracy over `tasks` (default: every accuracy task) is within `tolerance`
+  (absolute) of the full cache's. Returns {family: (factor or None, technique or None)}.
+  """
+  summ = summary(rows)
+  full = next((s for s in summ if s["technique"] == "full"), None)
+  if full is None:
+    return {}
+  acc_tasks = [t for t in (tasks or full["scores"]) if t != "perplexity" and t in full["scores"]]
+  if not acc_tasks:
+    return {}
+  ref = sum(full["scores"][t] for t in acc_tasks) / len(acc_tasks)
+  best: dict = {}
+  for s in summ:
+    if s["technique"] == "full":
+      continue
+    fam = s["technique"].split("@")[0] if "+" not in s["technique"] else \
+        s["technique"].split("@")[0] + "+" + s["technique"].split("+")[-1]
+    best.setdefault(fam, (None, None))
+    if any(t not in s["scores"] for t in acc_tasks):
+      continue
+    acc = sum(s["scores"][t] for t in acc_tasks) / len(acc_tasks)
+    if acc >= ref - tolerance and s["kv_factor"] is not None:
+      if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
+        best[fam] = (s["kv_factor"], s["technique"])
+  return best

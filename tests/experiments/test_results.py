@@ -1,0 +1,64 @@
+"""The results writer, table and frontier verdict on handmade rows."""
+
+import csv
+import json
+import os
+
+from experiments import plots, results
+
+
+def _row(tech, fam, task, score, length=2048, depth=None, kvb=1000.0, kvf=1.0, ratio=None):
+  return dict(mode="query_agnostic", technique=tech, family=fam, press=None, ratio=ratio,
+              quant=None, task=task, metric="prefix_match", length=length, depth=depth, n=4,
+              score=score, kv_bytes=kvb, kv_factor=kvf, prefill_tok_s=100.0,
+              decode_tok_s=float("nan") if tech == "x" else 50.0, model="m")
+
+
+ROWS = [
+    _row("full", "full", "passkey", 1.0), _row("full", "full", "kv_retrieval", 0.9),
+    _row("full", "full", "perplexity", 3.0),
+    _row("snapkv@0.5", "press", "passkey", 1.0, kvb=500, kvf=2.0, ratio=0.5),
+    _row("snapkv@0.5", "press", "kv_retrieval", 0.9, kvb=500, kvf=2.0, ratio=0.5),
+    _row("snapkv@0.9", "press", "passkey", 0.5, kvb=100, kvf=10.0, ratio=0.9),
+    _row("snapkv@0.9", "press", "kv_retrieval", 0.2, kvb=100, kvf=10.0, ratio=0.9),
+    _row("int4", "quant", "passkey", 1.0, kvb=280, kvf=3.6),
+    _row("int4", "quant", "kv_retrieval", 0.85, kvb=280, kvf=3.6),
+    _row("full", "full", "needle", 1.0, length=1024, depth=0.0),
+    _row("full", "full", "needle", 0.5, length=1024, depth=1.0),
+]
+
+
+def test_write_round_trip(tmp_path):
+  paths = results.write(ROWS, str(tmp_path), meta={"model": "m"})
+  back = results.read_jsonl(paths["jsonl"])
+  assert len(back) == len(ROWS) and back[0]["technique"] == "full"
+  with open(paths["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert rows[0]["score"] == "1.0" and rows[0]["depth"] == ""
+  assert list(rows[0])[:len(results.FIELDS)] == list(results.FIELDS)
+  with open(paths["run"]) as f:
+    assert json.load(f) == {"model": "m"}
+  # rewritten, not appended
+  results.write(ROWS[:2], str(tmp_path))
+  assert len(results.read_jsonl(paths["jsonl"])) == 2
+
+
+def test_table_says_the_mode_and_every_technique():
+  t = results.table(ROWS)
+  assert "mode: query_agnostic" in t
+  lines = t.splitlines()
+  full = next(l for l in lines if l.startswith("full"))
+  assert "100.0" in full and "90.0" in full and "3.00" in full and "75.0" in full  # needle mean
+  assert any(l.startswith("snapkv@0.9") and "50.0" in l for l in lines)
+
+
+def test_frontier_verdict_within_one_point():
+  v = results.frontier_verdict(ROWS, tasks=["passkey", "kv_retrieval"])
+  assert v["snapkv"] == (2.0, "snapkv@0.5")     # 0.9 falls 60 points short
+  assert v["int4"] == (None, None)              # mean 0.925 < 0.95 - 0.01
+
+
+def test_plots_write_pngs(tmp_path):
+  got = plots.all_plots(ROWS, str(tmp_path))
+  assert set(got) == {"frontier", "needle", "throughput"}
+  assert all(os.path.getsize(p) > 1000 for p in got.values())
