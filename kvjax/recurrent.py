@@ -41,7 +41,6 @@ K conv width, W recurrence width.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Union
 
 import flax.struct

@@ -21,7 +21,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 from flax import nnx

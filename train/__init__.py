@@ -1,0 +1,1 @@
+"""Training loops for the architectures that need retraining (see train/README.md)."""

@@ -16,7 +16,10 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 import optax
-from jax.experimental import mesh_utils
+try:
+  from jax.experimental import mesh_utils
+except ImportError:  # pragma: no cover - moved in some jax versions
+  mesh_utils = None
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,7 +39,7 @@ def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None
                      f"{n} are available (use data=-1 to fill)")
   try:
     arr = mesh_utils.create_device_mesh((data, model), devices=devices)
-  except (ValueError, AssertionError, NotImplementedError):
+  except (AttributeError, ValueError, AssertionError, NotImplementedError):
     arr = np.asarray(devices).reshape(data, model)
   return Mesh(arr, AXES)
 

@@ -248,7 +248,7 @@ def _build_programs(c, mesh: Mesh) -> dict:
       eval_fn=jax.jit(functools.partial(eval_step, parts=parts, compute_dtype=cd),
                       in_shardings=(param_sh, eval_sh), out_shardings=rep),
       meta=ckpt_lib.make_meta(c.model.family, parts.kwargs, parts.abstract_params,
-                              list(c.data.sources.keys())))
+                              list(active_sources(c))))
 
 
 class Trainer:
@@ -344,10 +344,18 @@ def _to_dict(cfg) -> dict:
 
 
 # --- data from config -------------------------------------------------------------------------
+def active_sources(c) -> dict:
+  """Data sources with a positive weight (weight 0 switches a declared source off)."""
+  out = {n: _to_dict(s) for n, s in c.data.sources.items()
+         if _to_dict(s).get("weight", 1.0) > 0}
+  if not out:
+    raise ValueError(f"no data source has a positive weight: {_to_dict(c.data.sources)}")
+  return out
+
+
 def make_mixture(c) -> data_lib.Mixture:
   srcs, weights = {}, {}
-  for name, spec in c.data.sources.items():
-    spec = _to_dict(spec)
+  for name, spec in active_sources(c).items():
     weights[name] = spec.get("weight", 1.0)
     srcs[name] = data_lib.make_source(name, spec, c.seq_len + 1, "train")
   return data_lib.Mixture(srcs, weights, c.seed)
@@ -357,8 +365,7 @@ def make_eval_sets(c) -> dict:
   sets = {}
   if c.eval_examples <= 0:
     return sets
-  for name, spec in c.data.sources.items():
-    spec = _to_dict(spec)
+  for name, spec in active_sources(c).items():
     if spec.get("kind", name) == "files" and not spec.get("eval_paths"):
       continue
     src = data_lib.make_source(name, spec, c.seq_len + 1, "validation")

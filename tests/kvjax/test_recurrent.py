@@ -13,6 +13,11 @@ from kvjax import attention as attn_lib
 from kvjax import recurrent as rec
 
 
+def randn(seed, *shape):
+  """Test inputs from numpy (jax.random would compile a kernel per shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 # --- RingKVCache ------------------------------------------------------------------------------
 def naive_window_attention(q, k, v, q_pos, k_pos, *, window, sinks, dilation):
   """Loops over queries: softmax over keys with k <= q, in window or sink, on the stride."""
@@ -46,11 +51,11 @@ def ring_run(q, k, v, *, window, sinks, dilation, chunks):
     (4, 0, 1, (7, 1, 1, 1, 1, 1)),      # prompt longer than the window
     (3, 2, 1, (2, 5, 1, 1, 3)),         # sinks, chunk crossing the window
     (3, 1, 2, (5, 1, 1, 1, 4)),         # dilated with a sink
-    (2, 0, 3, (1,) * 9 + (3,)),         # dilated, token by token
+    (2, 0, 3, (3, 1, 1, 1, 1, 3)),      # dilated, token by token
 ])
 def test_ring_attention_equals_brute_force_mask(window, sinks, dilation, chunks):
   n, d = sum(chunks), 8
-  q, k, v = (jax.random.normal(jax.random.key(i), (1, 1, n, d)) for i in range(3))
+  q, k, v = (randn(i, 1, 1, n, d) for i in range(3))
   out, cache = ring_run(q, k, v, window=window, sinks=sinks, dilation=dilation, chunks=chunks)
   ref = naive_window_attention(np.asarray(q[0, 0]), np.asarray(k[0, 0]), np.asarray(v[0, 0]),
                                np.arange(n), np.arange(n), window=window, sinks=sinks,
@@ -113,12 +118,11 @@ def test_ring_rejects_a_mismatched_spec():
 
 # --- linear attention ---------------------------------------------------------------------------
 def _inputs(vector, b=2, h=2, t=11, dk=4, dv=3, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q, k = (jax.random.normal(x, (b, h, t, dk)) for x in ks[:2])
-  v = jax.random.normal(ks[2], (b, h, t, dv))
+  q, k = randn(seed, b, h, t, dk), randn(seed + 1, b, h, t, dk)
+  v = randn(seed + 2, b, h, t, dv)
   shape = (b, h, t, dk) if vector else (b, h, t)
-  log_a = -jax.nn.softplus(jax.random.normal(ks[3], shape)) * 2.0  # decays in (0, 1)
-  s0 = jax.random.normal(ks[4], (b, h, dk, dv))
+  log_a = -np.logaddexp(0.0, np.asarray(randn(seed + 3, *shape))) * 2.0  # decays in (0, 1)
+  s0 = randn(seed + 4, b, h, dk, dv)
   return q, k, v, log_a, s0
 
 
@@ -141,7 +145,7 @@ def test_chunked_and_recurrent_equal_the_naive_loop(vector):
   rec_o, rec_s = jax.jit(rec.linear_attention_recurrent)(q, k, v, log_a, s0)
   np.testing.assert_allclose(rec_o, ref_o, atol=1e-4)
   np.testing.assert_allclose(rec_s, ref_s, atol=1e-4)
-  for c in (1, 4, 11, 16):  # 11 % 4 != 0; one chunk; chunk > T
+  for c in (4, 16):  # T = 11 is not a multiple of 4; 16 > T is a single chunk
     o, s = jax.jit(functools.partial(rec.linear_attention_chunked, chunk_size=c))(
         q, k, v, log_a, s0)
     np.testing.assert_allclose(o, ref_o, atol=1e-4, err_msg=f"chunk={c}")
@@ -169,10 +173,16 @@ def test_chunked_gradients_equal_recurrent_gradients_at_strong_decay():
 def test_padding_tokens_leave_the_state_unchanged():
   q, k, v, log_a, s0 = _inputs(False, b=1, t=6)
   valid = jnp.array([[False, True, True, False, True, False]])
-  o, s = rec.linear_attention_chunked(q, k, v, log_a, s0, valid, chunk_size=4)
   idx = np.array([1, 2, 4])
-  o_ref, s_ref = rec.linear_attention_recurrent(q[:, :, idx], k[:, :, idx], v[:, :, idx],
-                                                log_a[:, :, idx], s0)
+
+  @jax.jit
+  def run(q, k, v, log_a, s0):
+    got = rec.linear_attention_chunked(q, k, v, log_a, s0, valid, chunk_size=4)
+    ref = rec.linear_attention_recurrent(q[:, :, idx], k[:, :, idx], v[:, :, idx],
+                                         log_a[:, :, idx], s0)
+    return got, ref
+
+  (o, s), (o_ref, s_ref) = run(q, k, v, log_a, s0)
   np.testing.assert_allclose(s, s_ref, atol=1e-5)
   np.testing.assert_allclose(o[:, :, idx], o_ref, atol=1e-5)
 
@@ -189,50 +199,64 @@ def test_linear_state_protocol():
 
 # --- diagonal scan, conv ------------------------------------------------------------------------
 def test_diagonal_scan_parallel_equals_sequential_with_padding():
-  a = jax.random.uniform(jax.random.key(0), (2, 7, 3))
-  x = jax.random.normal(jax.random.key(1), (2, 7, 3))
-  h0 = jax.random.normal(jax.random.key(2), (2, 3))
+  a = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 7, 3)), jnp.float32)
+  x, h0 = randn(1, 2, 7, 3), randn(2, 2, 3)
   valid = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
-  hp, lp = rec.diagonal_scan(a, x, h0, valid, parallel=True)
-  hs, ls = rec.diagonal_scan(a, x, h0, valid, parallel=False)
+
+  @jax.jit
+  def run(a, x, h0):
+    return (rec.diagonal_scan(a, x, h0, valid, parallel=True),
+            rec.diagonal_scan(a, x, h0, valid, parallel=False),
+            rec.diagonal_scan(a[1:, :4], x[1:, :4], h0[1:])[1])
+
+  (hp, lp), (hs, ls), l4 = run(a, x, h0)
   np.testing.assert_allclose(hp, hs, atol=1e-5)
   np.testing.assert_allclose(lp, ls, atol=1e-5)
-  _, l4 = rec.diagonal_scan(a[1:, :4], x[1:, :4], h0[1:])
   np.testing.assert_allclose(lp[1], l4[0], atol=1e-5)  # trailing padding: state unchanged
 
 
 def test_conv_window_carries_exactly_the_last_inputs():
-  w = jax.random.normal(jax.random.key(0), (3, 2))
+  w = randn(0, 3, 2)
   b = jnp.zeros((2,))
-  x = jax.random.normal(jax.random.key(1), (1, 7, 2))
-  full, _ = rec.causal_conv1d(x, w, b, jnp.zeros((1, 2, 2)))
-  state = rec.ConvState.init(1, 3, 2)
-  outs = []
-  for s, e in ((0, 3), (3, 4), (4, 7)):
-    y, state = state.apply(x[:, s:e], w, b, jnp.arange(s, e)[None])
-    outs.append(y)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-6)
-  np.testing.assert_allclose(state.window, x[:, 5:7])
-  # right padding: the window stops at the last valid input
-  pos = jnp.array([[0, 1, 2, -1, -1]])
-  _, st2 = rec.ConvState.init(1, 3, 2).apply(x[:, :5], w, b, pos)
-  np.testing.assert_allclose(st2.window, x[:, 1:3])
+  x = randn(1, 1, 7, 2)
+
+  @jax.jit
+  def run(x):
+    full, _ = rec.causal_conv1d(x, w, b, jnp.zeros((1, 2, 2)))
+    state = rec.ConvState.init(1, 3, 2)
+    outs = []
+    for s, e in ((0, 3), (3, 4), (4, 7)):
+      y, state = state.apply(x[:, s:e], w, b, jnp.arange(s, e)[None])
+      outs.append(y)
+    # right padding: the window stops at the last valid input
+    _, padded = rec.ConvState.init(1, 3, 2).apply(x[:, :5], w, b, jnp.array([[0, 1, 2, -1, -1]]))
+    return full, jnp.concatenate(outs, 1), state.window, padded.window
+
+  full, chunked, window, padded_window = run(x)
+  np.testing.assert_allclose(chunked, full, atol=1e-6)
+  np.testing.assert_allclose(window, x[:, 5:7])
+  np.testing.assert_allclose(padded_window, x[:, 1:3])
 
 
 # --- latent cache --------------------------------------------------------------------------------
 def test_latent_cache_attend_equals_mqa_over_concatenated_keys_and_overflow_raises():
   r, dr, h = 6, 2, 3
   c = rec.LatentKVCache.init(1, 5, r, dr)
-  kn = jax.random.normal(jax.random.key(0), (1, 1, 4, r + dr))
-  q = jax.random.normal(jax.random.key(1), (1, h, 4, r + dr))
+  kn, q = randn(0, 1, 1, 4, r + dr), randn(1, 1, h, 4, r + dr)
   pos = jnp.array([[0, 1, -1, 2]])  # padding inside the chunk is skipped
   spec = attn_lib.AttentionSpec(scale=0.3)
-  res, c2 = c.attend(q, kn, None, pos, spec)
-  keep = kn[:, :, jnp.array([0, 1, 3])]
-  ref = attn_lib.reference_attention(q, keep, keep[..., :r], jnp.array([[3]]),
-                                     q_positions=pos, k_positions=jnp.array([[[0, 1, 2]]]),
-                                     spec=spec)
-  np.testing.assert_allclose(res.out, ref.out, atol=1e-6)
+
+  @jax.jit
+  def run(c, q, kn):
+    res, c2 = c.attend(q, kn, None, pos, spec)
+    keep = kn[:, :, jnp.array([0, 1, 3])]
+    ref = attn_lib.reference_attention(q, keep, keep[..., :r], jnp.array([[3]]),
+                                       q_positions=pos, k_positions=jnp.array([[[0, 1, 2]]]),
+                                       spec=spec)
+    return res.out, ref.out, c2
+
+  out, ref, c2 = run(c, q, kn)
+  np.testing.assert_allclose(out, ref, atol=1e-6)
   np.testing.assert_array_equal(c2.lengths, [3])
   assert c2.nbytes == 5 * (r + dr) * 4 + 5 * 4 + 4
   with pytest.raises(ValueError, match="latent cache overflow"):

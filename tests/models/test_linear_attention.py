@@ -9,10 +9,10 @@ from tests.models import family_checks as fc
 DIMS = dict(num_heads=2, key_dim=8, value_dim=16, chunk_size=4)  # 13, 10, 5 not multiples of 4
 
 
-@pytest.mark.parametrize("cls, decay", [(la.GLAConfig, "gla"), (la.RetNetConfig, "retnet"),
-                                        (la.LinearAttentionConfig, "mamba2")])
-def test_cached_equals_parallel_and_state_is_constant(cls, decay):
-  cfg = cls(**fc.BASE, **DIMS, num_layers=2, decay=decay)
+# decay="mamba2" shares retnet's scalar-decay kernels; its gate is checked in closed form below
+@pytest.mark.parametrize("cls", [la.GLAConfig, la.RetNetConfig])
+def test_cached_equals_parallel_and_state_is_constant(cls):
+  cfg = cls(**fc.BASE, **DIMS, num_layers=2)
   m = fc.build(cfg)
   cache = fc.check_cached_equals_parallel(m)
   fc.check_constant_memory(m)

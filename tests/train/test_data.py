@@ -103,3 +103,28 @@ def test_make_source_errors():
     data.make_source("x", {"kind": "nope"}, 33)
   with pytest.raises(ValueError, match="needs paths"):
     data.make_source("mine", {"kind": "files"}, 33)
+
+
+def test_configs_load_and_user_files_switch_on(tmp_path):
+  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from train.configs import default, mqar_tiny, text_lm  # pylint: disable=import-outside-toplevel
+  for mod in (default, mqar_tiny, text_lm):
+    c = mod.get_config()
+    assert c.steps > 0 and c.model.family == "llama"
+  p = tmp_path / "docs.jsonl"
+  p.write_text("".join(json.dumps({"text": f"document number {i} " * 5}) + "\n"
+                       for i in range(20)))
+  c = text_lm.get_config()
+  c.seq_len = 32
+  c.eval_examples = 4
+  c.data.sources.stdlib.weight = 0.0
+  c.data.sources.files.weight = 1.0
+  c.data.sources.files.paths = str(p)
+  c.data.sources.files.eval_paths = str(p)
+  assert list(train_lib.active_sources(c)) == ["files"]
+  b = train_lib.make_mixture(c).next_batch(4)
+  assert b["inputs"].shape == (4, 32) and bytes(b["inputs"][0][:8].tolist()).isascii()
+  assert list(train_lib.make_eval_sets(c)) == ["files"]
+  c.data.sources.files.weight = 0.0
+  with pytest.raises(ValueError, match="no data source has a positive weight"):
+    train_lib.active_sources(c)

@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.warmup_steps = 100
   c.opt.weight_decay = 0.1
   c.data.sources = ml_collections.ConfigDict(dict(
-      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=8)),
+      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=8,
+                                          key_vocab=128, value_vocab=128)),
   ))
   c.log_every = 50
   c.eval_every = 250
