@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax import cache as cache_lib
+from kvjax import presses as press_lib
 from kvjax.window import WindowKVCache
 from models import transformer as tfm
 from models.config import ModelConfig
@@ -108,7 +109,8 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
             attention_mask=None, prompt_lengths=None, cache: Optional[cache_lib.ModelCache] = None,
             cache_dtype=None, press=None, decode_room: Optional[int] = None,
             logits: str = "all", backend: str = "auto",
-            observe: Optional[tfm.Observe] = None, window_cache: bool = True):
+            observe: Optional[tfm.Observe] = None, window_cache: bool = True,
+            chunk_size: Optional[int] = None):
   """Runs the prompt and returns (logits, cache).
 
   Args:
@@ -132,11 +134,25 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     observe: extra per-layer observations to return (then returns logits, cache, obs).
     window_cache: ring caches for sliding-window layers (see init_cache); False gives
       every layer a DenseKVCache of `capacity` slots.
+    chunk_size: feed the prompt `chunk_size` tokens at a time (int >= 1). Without a press
+      the result equals one-shot prefill (up to float rounding); with a press, the cache
+      starts with `chunk_size` slots and is compressed after every chunk, keeping room for
+      the next one, so KV memory stays at about the press's budget + chunk_size whatever
+      the prompt length (the last compression leaves the decode room instead). Ratio
+      presses (compression_ratio) then remove that fraction of what is held at every
+      chunk; use `budget=` for a fixed final size. chunk_size >= T is one-shot prefill.
   """
   tokens = tfm.check_tokens(tokens, model.config)
   if logits not in LOGITS_MODES:
     raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
   b, t = tokens.shape
+  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or
+                                 isinstance(chunk_size, bool) or chunk_size < 1):
+    raise ValueError(f"chunk_size={chunk_size!r}; must be an int >= 1 (or None)")
+  chunked = chunk_size is not None and int(chunk_size) < t
+  if chunked and observe is not None:
+    raise ValueError("observe= is not supported with chunk_size < prompt length (each chunk "
+                     "has its own observations)")
   _check_decode_room(decode_room)
   if decode_room is not None and press is None:
     raise ValueError(f"decode_room={decode_room} only applies with a press; without one "
@@ -156,7 +172,14 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     if pl.shape != (b,):
       raise ValueError(f"prompt_lengths shape {pl.shape}; expected {(b,)}")
     attention_mask = jnp.arange(t)[None, :] < pl[:, None]
-  if cache is None:
+  check_cache = cache
+  if cache is None and chunked and press is not None:
+    # Compressed after every chunk: dense layers start with room for one chunk and grow
+    # by a chunk until the press fits (e.g. budget > chunk_size).
+    kw = dict(dtype=cache_dtype, window_cache=window_cache)
+    cache = init_cache(model.config, b, int(chunk_size), **kw)
+    check_cache = jax.eval_shape(lambda: init_cache(model.config, b, t, **kw))
+  elif cache is None:
     cfg = model.config
     cap = t if capacity is None else capacity
     longest = t
@@ -170,12 +193,18 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
       raise ValueError(f"capacity={cap} is smaller than the prompt ({longest} tokens); "
                        "use capacity >= prompt length, or chunk_size with a press")
     cache = init_cache(cfg, b, cap, dtype=cache_dtype, window_cache=window_cache)
+    check_cache = cache
   else:
     _check_batch(tokens, cache)
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   need = observe or tfm.Observe()
   if press is not None:
     need = need.merge(getattr(press, "observe", tfm.Observe()))
+  if chunked:
+    if press is not None:  # checked against the whole prompt, as one-shot prefill is
+      _validate_press(press, check_cache, int(chunk_size))
+    return _prefill_chunks(model, tokens, positions, cache, chunk_size=int(chunk_size),
+                           press=press, room=room, need=need, logits=logits, backend=backend)
   _check_room(cache, positions)
   graphdef, state = nnx.split(model)
   out, cache, obs = _run(graphdef, state, tokens, positions, cache, observe=need,
@@ -184,6 +213,60 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     cache = _apply_press(model, press, cache, obs, room=room, prompt_length=t)
   if observe is not None:
     return out, cache, obs
+  return out, cache
+
+
+def _validate_press(press, cache, prompt_length) -> None:
+  """press.validate() against every layer a press compresses (sliding rings are skipped)."""
+  validate = getattr(press, "validate", None)
+  if validate is None:
+    return
+  for layer in cache.layer_structs():
+    if not isinstance(layer, WindowKVCache):
+      validate(capacity=layer.capacity, prompt_length=prompt_length, num_layers=cache.num_layers)
+
+
+def _press_fits(press, cache, prompt_length) -> bool:
+  try:
+    _validate_press(press, cache, prompt_length)
+  except ValueError:
+    return False
+  return True
+
+
+def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room, need, logits,
+                    backend):
+  """Chunked prefill: C tokens at a time, compressing after each chunk when a press is set."""
+  b, t = tokens.shape
+  c = chunk_size
+  n = -(-t // c)
+  pad = n * c - t  # the last chunk is padded (position -1) so every chunk has one shape
+  toks = jnp.pad(tokens, ((0, 0), (0, pad)))
+  pos = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+  if press is None:
+    _check_room(cache, positions)
+  valid = np.asarray(positions) >= 0
+  last_chunk = np.where(valid.any(-1), (t - 1 - np.argmax(valid[:, ::-1], -1)) // c, 0)
+  graphdef, state = nnx.split(model)
+  outs, last = [], None
+  for i in range(n):
+    sl = slice(i * c, (i + 1) * c)
+    if press is not None:
+      _check_room(cache, pos[:, sl])
+    out, cache, obs = _run(graphdef, state, toks[:, sl], pos[:, sl], cache, observe=need,
+                           backend=backend, logits_mode=logits)
+    if press is not None:
+      r = room if i == n - 1 else c
+      if _press_fits(press, cache, c):
+        cache = _apply_press(model, press, cache, obs, room=r, prompt_length=c)
+      else:  # too small for the press yet (budget > held slots): grow by the room
+        cache = press_lib.compress_model([None] * cache.num_layers, cache, rooms=r)
+    if logits == "all":
+      outs.append(out)
+    else:  # keep each row's logits from the chunk that holds its last token
+      here = jnp.asarray(last_chunk == i)[:, None, None]
+      last = out if last is None else jnp.where(here, out, last)
+  out = jnp.concatenate(outs, axis=1)[:, :t] if logits == "all" else last
   return out, cache
 
 
