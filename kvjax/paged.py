@@ -177,6 +177,14 @@ class PagedKVCache:
   dtype: str = _static("float32")
   quant: Any = _static()
 
+  # Component of each field in memory reports (kvjax.memory); quantized pools hold codes in
+  # k_pages / v_pages but are reported under "kv" (the dict is per class).
+  BYTE_CATEGORIES = {
+      "k_pages": "kv", "v_pages": "kv", "k_scale": "scales", "v_scale": "scales",
+      "k_zero": "zeros", "v_zero": "zeros", "pos_pages": "index", "page_table": "index",
+      "lengths": "index", "refcount": "index", "free_stack": "index", "num_free": "index",
+      "overflow": "index"}
+
   # Mesh axes of each leaf's dims (kvjax.sharding): pools shard over kv heads, tables over
   # batch; the pool is replicated over `data` because any row may use any page.
   PARTITION = {

@@ -175,13 +175,14 @@ def test_alloc_free_never_leaks_and_rows_are_isolated(program):
 def test_all_or_nothing_when_pool_runs_out():
   """Under jit an append that lacks pages changes no row and raises the overflow flag."""
   c = paged.PagedKVCache.init(2, 1, 1, num_pages=3, page_size=2)
-  k = jnp.arange(1, 5, dtype=jnp.float32).reshape(1, 1, 4, 1).repeat(2, 0)
-  c = c.append(k[:, :, :3], k[:, :, :3], jnp.asarray([[0, 1, 2], [-1, -1, -1]]))  # 2 pages
+  k = jnp.arange(1, 4, dtype=jnp.float32).reshape(1, 1, 3, 1).repeat(2, 0)
+  write = jax.jit(lambda c, k, p: paged._write(c, None, k, k, p[:, None])[0])
+  c = write(c, k, jnp.asarray([[0, 1, 2], [-1, -1, -1]]))  # 2 pages
   before = _view1(c)
   pos = jnp.asarray([[3, -1, -1], [0, 1, 2]])       # row 1 needs 2 pages, 1 is free
   with pytest.raises(paged.OutOfPages, match="needs 2 new pages but only 1"):
-    c.append(k[:, :, :3], k[:, :, :3], pos)
-  c2 = jax.jit(lambda c, k, p: paged._write(c, None, k, k, p[:, None])[0])(c, k[:, :, :3], pos)
+    c.append(k, k, pos)
+  c2 = write(c, k, pos)
   assert bool(c2.overflow)
   assert _view1(c2) == before
   paged.check_invariants(c2)
