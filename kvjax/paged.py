@@ -798,16 +798,14 @@ def release_rows(mc: cache_lib.ModelCache, rows) -> cache_lib.ModelCache:
 
 
 def pages_in_use(mc) -> np.ndarray:
-  """Pages in use per layer ([L] int) of a ModelCache (or of one PagedKVCache)."""
+  """Pages in use per layer ([L] int, layer order) of a ModelCache (or of one PagedKVCache)."""
   if isinstance(mc, PagedKVCache):
     return np.atleast_1d(np.asarray(mc.pages_in_use))
-  out = []
-  for seg, n in zip(mc.segments, mc.segment_sizes):
+  out = np.zeros((mc.num_layers,), np.int64)
+  for seg, layers in zip(mc.segments, mc.entry_layers()):
     if isinstance(seg, PagedKVCache):
-      out.extend(np.atleast_1d(np.asarray(seg.pages_in_use)).tolist())
-    else:
-      out.extend([0] * n)
-  return np.asarray(out, np.int64)
+      out[layers] = np.atleast_1d(np.asarray(seg.pages_in_use))
+  return out
 
 
 def overflowed(mc) -> bool:
@@ -816,28 +814,20 @@ def overflowed(mc) -> bool:
   return any(bool(np.any(np.asarray(s.overflow))) for s in segs if isinstance(s, PagedKVCache))
 
 
-def _restack(mc: cache_lib.ModelCache, layers) -> tuple:
-  segs, k = [], 0
-  for n in mc.segment_sizes:
-    segs.append(cache_lib.stack(layers[k:k + n]))
-    k += n
-  return tuple(segs)
-
-
 @jax.jit
 def _to_dense_model(mc):
   layers = [c.to_dense() if isinstance(c, PagedKVCache) else c for c in mc.layers()]
-  return cache_lib.ModelCache.from_layers(layers, mc.next_position)
+  return cache_lib.ModelCache.from_layers(layers, mc.next_position, grouping=mc.grouping)
 
 
 @jax.jit
-def _repage_model(mc, dense_mc):
+def _repage_model(mc, dense_mc, rows):
   new = []
   for c, d in zip(mc.layers(), dense_mc.layers()):
     if isinstance(c, PagedKVCache):
-      c = repage(c, d.k, d.v, d.positions, d.lengths)
+      c = repage(c, d.k, d.v, d.positions, d.lengths, rows)
     new.append(c)
-  return mc.replace(segments=_restack(mc, new))
+  return cache_lib.ModelCache.from_layers(new, mc.next_position, grouping=mc.grouping)
 
 
 def to_dense(mc: cache_lib.ModelCache) -> cache_lib.ModelCache:
@@ -860,10 +850,13 @@ class PagedPress:
   def observe(self):
     return self.press.observe
 
-  def compress_model(self, model_cache, obs_list=None, config=None, **kw):
+  def compress_model(self, model_cache, obs_list=None, config=None, *, rows=None, **kw):
+    """Compresses every row (or only `rows`: indices or bool mask [B]) of every paged layer."""
     kw.pop("room", None)  # pages are allocated on demand; no room to reserve
+    mask = (jnp.ones((model_cache.batch,), bool) if rows is None
+            else _rows_mask(rows, model_cache.batch))
     dense = self.press.compress_model(to_dense(model_cache), obs_list, config, **kw)
-    return _repage_model(model_cache, dense)
+    return _repage_model(model_cache, dense, mask)
 
   def maybe_compress(self, cache, step):
     """Decode-time use (kvjax.generate(decode_press=...)) for presses with maybe_compress."""
@@ -871,7 +864,7 @@ class PagedPress:
     if inner is None:
       raise ValueError(f"{type(self.press).__name__} has no maybe_compress")
     dense = inner(to_dense(cache), step)
-    return _repage_model(cache, dense)
+    return _repage_model(cache, dense, jnp.ones((cache.batch,), bool))
 
 
 class PagedModel:

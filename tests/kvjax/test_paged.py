@@ -14,7 +14,6 @@ import models
 from kvjax import attention as A
 from kvjax import paged
 from kvjax.cache import DenseKVCache
-from kvjax.observation import Observe
 
 # -- layer level ------------------------------------------------------------------------------
 
@@ -300,38 +299,11 @@ def test_model_out_of_pages_is_a_clean_error():
     models.prefill(m, _toks(1, 20), cache=_paged_cache(1, capacity=20, num_pages=4))
 
 
-class _KeepEnds:
-  """A minimal press (the kvjax press protocol): keep the first `sink` and last `recent`
-  valid slots of every row/head; written here so the test does not depend on presses."""
-
-  observe = Observe()
-
-  def __init__(self, sink, recent, capacity):
-    self.sink, self.recent, self.capacity = sink, recent, capacity
-
-  def compress_model(self, mc, obs_list=None, config=None, **kw):
-    del obs_list, config, kw
-    keep = self.sink + self.recent
-
-    def one(c):
-      n = c.lengths[..., None]                                     # [B, H, 1]
-      j = jnp.arange(keep)
-      idx = jnp.where(j < self.sink, j, n - keep + j)
-      idx = jnp.where(n <= keep, jnp.minimum(j, n - 1), idx)
-      g = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), 2)
-      lengths = jnp.minimum(c.lengths, keep)
-      pos = jnp.where(j < lengths[..., None], g(c.positions), -1)
-      out = DenseKVCache.init(*c.k.shape[:2], self.capacity, c.k.shape[-1])   # room to decode
-      return out.replace(k=out.k.at[:, :, :keep].set(g(c.k)),
-                         v=out.v.at[:, :, :keep].set(g(c.v)),
-                         positions=out.positions.at[:, :, :keep].set(pos), lengths=lengths)
-
-    return kvjax.ModelCache.from_layers([one(c) for c in mc.layers()], mc.next_position)
-
-
 def test_press_on_paged_cache_frees_pages_and_matches_dense():
+  """A kvjax press (KNorm, half the tokens) on a paged cache = on a dense cache; pages freed."""
+  from kvjax.presses import KnormPress  # pylint: disable=import-outside-toplevel
   m, tok = _model(), _toks(2, 12)
-  press = _KeepEnds(2, 3, capacity=16)
+  press = KnormPress(compression_ratio=0.5)
   _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
   _, dc = models.prefill(m, tok[:, :5], capacity=16)
   for i in range(5, 10):
@@ -339,7 +311,7 @@ def test_press_on_paged_cache_frees_pages_and_matches_dense():
     _, dc = models.decode(m, tok[:, i:i + 1], dc)
   assert paged.pages_in_use(pc).tolist() == [6, 6]
   pc = paged.PagedPress(press).compress_model(pc, None, CFG)
-  dc = press.compress_model(dc)
+  dc = press.compress_model(dc, None, CFG, room=8)        # capacity 8 + 8: same shapes
   assert paged.pages_in_use(pc).tolist() == [4, 4]           # 10 tokens -> 5 kept: 2 pages/row
   np.testing.assert_array_equal(pc.next_position, [10, 10])
   paged.check_invariants(pc.segments[0])
@@ -347,3 +319,8 @@ def test_press_on_paged_cache_frees_pages_and_matches_dense():
     lp, pc = models.decode(m, tok[:, i:i + 1], pc)
     ld, dc = models.decode(m, tok[:, i:i + 1], dc)
     np.testing.assert_allclose(lp, ld, atol=1e-5)
+  # only some rows: row 1 keeps all its pages
+  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
+  pc = paged.PagedPress(press).compress_model(pc, None, CFG, rows=[0])
+  assert paged.pages_in_use(pc).tolist() == [3, 3]           # row 0: 5 -> 2 tokens
+  np.testing.assert_array_equal(paged.to_dense(pc).segments[0].lengths[0], [[2, 2], [5, 5]])
