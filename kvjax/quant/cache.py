@@ -9,7 +9,9 @@ Layout (what a fused kernel reads; Sq = quantized slots, R = spec.residual, Dp =
 
   k_codes   [B, Hkv, Sq, Dp] uint8   integer codes packed along D (kvjax.quant.packing:
                                      code j*per+i in bits [i*bits, (i+1)*bits) of byte j),
-            [B, Hkv, Sq, D] float8   for FP8
+            [B, Hkv, Sq, D] uint8    for FP8: float8 bit patterns (bitcast to read; uint8
+                                     storage keeps scatters cheap: XLA CPU converted whole
+                                     float8_e4m3fn buffers on every scatter)
   k_scale   [B, Hkv, Sq, D // g]     k_axis="token": a scale per token and channel group g
             [B, Hkv, Sq // G, D]     k_axis="channel": a scale per channel and token group G
   k_zero    same as k_scale          asymmetric int only (the group minimum), else None
@@ -68,7 +70,8 @@ def _encode(x, spec: QuantSpec, axis: str, bits: int, out_dtype):
   else:
     q = formats.quantize_fp8(x, fmt=spec.fmt, group=g, scale_dtype=spec.scale_dtype,
                              exclude=exclude)
-    codes = q.codes
+    # stored as uint8 bit patterns: XLA would convert a whole float8 buffer on each scatter
+    codes = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
   return codes, q.scale, q.zero, ov, oi
 
 
@@ -78,7 +81,7 @@ def _decode(codes, scale, zero, ov, oi, spec: QuantSpec, axis: str, bits: int, d
     x = formats.dequantize_int(packing.unpack(codes, bits, d), scale, zero, bits=bits,
                                axis=axis, group=g)
   else:
-    x = formats.dequantize_fp8(codes, scale, group=g)
+    x = formats.dequantize_fp8(codes, scale, fmt=spec.fmt, group=g)
   if ov is not None:
     x = formats.merge_outliers(x, ov, oi)
   return x

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 INT_BITS = (2, 4, 8)
 FP8_FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
@@ -153,7 +154,10 @@ def fp8_dtype(fmt: str):
 
 def quantize_fp8(x, *, fmt: str = "fp8_e4m3", group: Optional[int] = None,
                  scale_dtype="float16", exclude=None) -> Quantized:
-  """Per-token FP8 with a scale per group of channels: x [..., S, D] -> codes float8."""
+  """Per-token FP8 with a scale per group of channels.
+
+  x [..., S, D] -> codes [..., S, D] float8, scale [..., S, D // group].
+  """
   dt = fp8_dtype(fmt)
   sdt = jnp.dtype(scale_dtype)
   d = x.shape[-1]
@@ -169,11 +173,40 @@ def quantize_fp8(x, *, fmt: str = "fp8_e4m3", group: Optional[int] = None,
   return Quantized(y.astype(dt).reshape(x.shape), scale[..., 0], None)
 
 
-def dequantize_fp8(codes, scale, *, group: Optional[int] = None, dtype=jnp.float32):
+def _fmt_of(dtype) -> Optional[str]:
+  for name, dt in FP8_FORMATS.items():
+    if jnp.dtype(dtype) == jnp.dtype(dt):
+      return name
+  return None
+
+
+def fp8_to_float(codes, fmt: Optional[str] = None):
+  """FP8 codes -> float32. Codes are float8 arrays, or uint8 bit patterns of `fmt`.
+
+  On CPU through a 256-entry table: XLA's CPU float8_e4m3fn conversion is several times
+  slower than a gather; elsewhere the native conversion.
+  """
+  own = _fmt_of(codes.dtype)
+  if own is not None:
+    fmt = own
+    codes = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+  elif codes.dtype != jnp.uint8 or fmt is None:
+    raise ValueError(f"fp8 codes must be float8, or uint8 with fmt=...; got dtype "
+                     f"{codes.dtype} and fmt={fmt!r} (allowed: {tuple(FP8_FORMATS)})")
+  dt = fp8_dtype(fmt)
+  if jax.default_backend() == "cpu":
+    table = np.arange(256, dtype=np.uint8).view(np.dtype(dt)).astype(np.float32)
+    return jnp.asarray(table)[codes.astype(jnp.int32)]
+  return jax.lax.bitcast_convert_type(codes, dt).astype(jnp.float32)
+
+
+def dequantize_fp8(codes, scale, *, fmt: Optional[str] = None, group: Optional[int] = None,
+                   dtype=jnp.float32):
+  """Inverse of `quantize_fp8` (codes: float8, or their uint8 bit patterns with `fmt`)."""
   d = codes.shape[-1]
   group = d if group is None else group
   s = _expand_scale(scale.astype(jnp.float32), "token", codes.shape, group)
-  return (codes.astype(jnp.float32) * s).astype(dtype)
+  return (fp8_to_float(codes, fmt) * s).astype(dtype)
 
 
 def fp8_error_bound(x, scale, fmt: str, group: Optional[int] = None):

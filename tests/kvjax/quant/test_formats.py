@@ -114,7 +114,7 @@ def test_outliers_are_exact_and_shrink_the_step():
 @jax.jit(static_argnames=("fmt", "group"))
 def _fp8_round_trip(x, *, fmt, group):
   q = formats.quantize_fp8(x, fmt=fmt, group=group)
-  y = formats.dequantize_fp8(q.codes, q.scale, group=group)
+  y = formats.dequantize_fp8(q.codes, q.scale, fmt=fmt, group=group)
   return q, y, formats.fp8_error_bound(x, q.scale, fmt, group)
 
 
@@ -123,6 +123,11 @@ def test_fp8_round_trip_within_half_an_ulp(fmt, group):
   x = _heavy(2, (2, 2, 16, 16)) * jnp.asarray(np.logspace(-3, 2, 16, dtype=np.float32))
   q, y, bound = _fp8_round_trip(x, fmt=fmt, group=group)
   assert q.codes.dtype == formats.fp8_dtype(fmt)
+  bits = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)   # how caches store them
+  np.testing.assert_array_equal(np.asarray(formats.fp8_to_float(bits, fmt)),
+                                np.asarray(q.codes.astype(jnp.float32)))
+  with pytest.raises(ValueError, match="uint8 with fmt"):
+    formats.fp8_to_float(bits)
   bound = bound * (1 + 1e-6) + 1e-30
   assert (np.abs(np.asarray(y - x)) <= np.asarray(bound)).all()
   assert np.isfinite(np.asarray(y)).all()
