@@ -77,6 +77,8 @@ class WindowKVCache:
   total: jax.Array
   sink: int = flax.struct.field(pytree_node=False, default=0)
 
+  BYTE_CATEGORIES = {"total": "index"}  # kvjax.memory: the write counter is bookkeeping
+
   @classmethod
   def init(cls, batch: int, kv_heads: int, window: int, head_dim: int, dtype=jnp.float32,
            v_head_dim: Optional[int] = None, sink: int = 0) -> "WindowKVCache":
