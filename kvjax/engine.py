@@ -1,0 +1,418 @@
+"""A continuous-batching serving loop over a paged KV cache.
+
+The engine keeps a fixed set of B rows (one compiled batch shape) backed by a paged
+ModelCache (kvjax.paged). Requests queue up; each step it
+
+  1. resumes swapped-out requests (oldest first) and admits queued ones into free rows
+     while the pool has pages for them (admission control: a request that can never fit
+     is rejected at submit with a ValueError naming the sizes);
+  2. builds one batch: rows still prefilling feed their next prompt chunk (up to `chunk`
+     tokens; chunked prefill, Agrawal et al., 2024 "Sarathi"), decoding rows feed their
+     last token; every other row is padding, so finished rows cost no pages;
+  3. checks the step's page need against the free list; on a shortfall asks the policy
+     (kvjax.policy) for actions -- compress rows with a press, swap rows out to host --
+     and, if it returns none, preempts the latest-admitted row by swapping (vLLM);
+  4. runs `model.decode(tokens [B, T], cache, attention_mask, logits="last")` (T = 1 when no
+     row is prefilling, else `chunk`: two compiled shapes), samples, and retires rows that
+     hit EOS or max_new_tokens, releasing their pages at once;
+  5. lets the policy act after the step (e.g. LengthAdaptive compresses fresh prompts).
+
+Shared prefixes (a system prompt) are prefilled once into a reserved row with
+`register_prefix`; requests naming it fork that row's pages (kvjax.paged.fork_rows), so
+the prefix is stored once however many requests use it, and copy-on-write keeps their
+continuations private.
+
+The model is duck-typed (kvjax never imports models): `model.decode(tokens, cache, *,
+attention_mask, logits, check_capacity)` and `model.config`; `make_cache(batch)` returns an
+empty ModelCache whose attention layers are PagedKVCache (same pool geometry in every layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import offload
+from kvjax import paged
+from kvjax import policy as policy_lib
+from kvjax.generate import sample
+
+
+@dataclasses.dataclass
+class Request:
+  """A generation request and, once served, its result."""
+
+  prompt: Sequence[int]
+  max_new_tokens: int = 32
+  prefix: Optional[int] = None
+  id: int = -1
+  output: list = dataclasses.field(default_factory=list)
+  status: str = "new"          # queued | prefilling | running | swapped | done | rejected
+  error: Optional[str] = None
+  submit_step: int = -1
+  first_token_step: int = -1
+  finish_step: int = -1
+  submit_time: float = 0.0
+  first_token_time: float = 0.0
+  finish_time: float = 0.0
+  preemptions: int = 0
+  compressions: int = 0
+
+
+@dataclasses.dataclass
+class _Row:
+  req: Optional[Request]        # None for a prefix row
+  pending: list                 # prompt tokens not yet in the cache
+  last: Optional[int] = None    # sampled token not yet fed
+  admitted: int = 0
+  just_prefilled: bool = False
+
+
+@dataclasses.dataclass
+class _Swapped:
+  req: Request
+  data: Any                     # offload.SwappedRows
+  last: Optional[int]
+  pending: list
+  pages: int
+  admitted: int
+
+
+class Engine:
+  """Continuous batching over a paged cache (see module docstring).
+
+  Args:
+    model: decode(tokens, cache, ...) and config (duck-typed).
+    make_cache: fn(batch) -> empty paged ModelCache.
+    max_batch: rows B (prefix rows included).
+    chunk: prompt tokens fed per step while prefilling.
+    policy: a kvjax.policy.Policy (default: preempt by swapping only).
+    eos_id: stop a request when it samples this id.
+    temperature, top_p, top_k, seed: sampling (temperature 0 = greedy).
+    watermark: free pages kept in reserve when admitting (room for running rows to grow).
+    backend: attention backend passed to decode.
+  """
+
+  def __init__(self, model, make_cache: Callable[[int], Any], *, max_batch: int = 8,
+               chunk: int = 16, policy: Optional[policy_lib.Policy] = None,
+               eos_id: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, watermark: int = 1, backend: str = "auto"):
+    if max_batch < 1 or chunk < 1 or watermark < 0:
+      raise ValueError(f"max_batch={max_batch}, chunk={chunk} must be >= 1 and "
+                       f"watermark={watermark} >= 0")
+    self.model = model
+    self.cache = make_cache(max_batch)
+    segs = [s for s in self.cache.segments if isinstance(s, paged.PagedKVCache)]
+    if not segs:
+      raise ValueError("make_cache must build a ModelCache with PagedKVCache layers")
+    geo = {(s.num_pages, s.page_size, s.max_pages) for s in segs}
+    if len(geo) != 1:
+      raise ValueError(f"every paged layer needs the same pool geometry; got {sorted(geo)}")
+    self.num_pages, self.page_size, self.max_pages = geo.pop()
+    self.capacity = self.page_size * self.max_pages
+    self.max_batch, self.chunk, self.watermark = max_batch, chunk, watermark
+    self.policy = policy if policy is not None else policy_lib.Policy()
+    self.eos_id, self.backend = eos_id, backend
+    self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    self.key = jax.random.key(seed)
+    self.rows: list = [None] * max_batch
+    self.queue: list = []
+    self.swapped: list = []
+    self.done: list = []
+    self.prefixes: dict = {}      # id -> (row, length)
+    self.step_count = 0
+    self._ids = itertools.count()
+    self._admit_seq = itertools.count()
+    self.stats = dict(steps=0, decode_calls=0, prefill_steps=0, tokens_generated=0,
+                      prompt_tokens=0, swaps_out=0, swaps_in=0, compressions=0,
+                      peak_pages=0, rejected=0, model_seconds=0.0)
+
+  # -- requests ---------------------------------------------------------------------------------
+  def register_prefix(self, tokens: Sequence[int]) -> int:
+    """Prefills a shared prefix into a reserved row; returns its id for Request.prefix."""
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+      raise ValueError("a prefix needs at least one token")
+    paged.check_request(self._probe, len(tokens))
+    row = self._free_row()
+    if row is None:
+      raise ValueError(f"no free row for a prefix (max_batch={self.max_batch})")
+    self.rows[row] = _Row(None, list(tokens), admitted=next(self._admit_seq))
+    while self.rows[row].pending:
+      self._step_rows([row])
+    pid = len(self.prefixes)
+    self.prefixes[pid] = (row, len(tokens))
+    return pid
+
+  def submit(self, prompt, max_new_tokens: int = 32, prefix: Optional[int] = None) -> Request:
+    """Queues a request. Raises ValueError if it could never fit one row / the pool."""
+    req = prompt if isinstance(prompt, Request) else Request(list(prompt), max_new_tokens,
+                                                             prefix)
+    req.prompt = [int(t) for t in req.prompt]
+    if not req.prompt:
+      raise ValueError("a request needs at least one prompt token")
+    if req.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={req.max_new_tokens}; must be >= 1")
+    if req.prefix is not None and req.prefix not in self.prefixes:
+      raise ValueError(f"prefix={req.prefix} is not registered ({sorted(self.prefixes)})")
+    plen = self.prefixes[req.prefix][1] if req.prefix is not None else 0
+    total = plen + len(req.prompt) + req.max_new_tokens
+    try:
+      paged.check_request(self._probe, total)
+    except ValueError as e:
+      req.status, req.error = "rejected", str(e)
+      self.stats["rejected"] += 1
+      raise ValueError(f"request rejected: prefix {plen} + prompt {len(req.prompt)} + "
+                       f"max_new_tokens {req.max_new_tokens} = {total} tokens: {e}") from e
+    req.id = next(self._ids)
+    req.status = "queued"
+    req.submit_step, req.submit_time = self.step_count, time.perf_counter()
+    self.queue.append(req)
+    return req
+
+  @property
+  def busy(self) -> bool:
+    return bool(self.queue or self.swapped or any(
+        r is not None and r.req is not None for r in self.rows))
+
+  def run(self, requests: Sequence = (), *, max_steps: Optional[int] = None,
+          callback: Optional[Callable[["Engine"], None]] = None) -> list:
+    """Submits requests and steps until every request is done; returns them in order."""
+    reqs = [self.submit(r) for r in requests]
+    n = 0
+    while self.busy:
+      if max_steps is not None and n >= max_steps:
+        break
+      self.step()
+      n += 1
+      if callback is not None:
+        callback(self)
+    return reqs
+
+  # -- the step -----------------------------------------------------------------------------------
+  def step(self) -> list:
+    """One engine step. Returns the requests that finished in it."""
+    self._resume_and_admit()
+    active = [i for i, r in enumerate(self.rows) if r is not None and r.req is not None]
+    if not active:
+      if self.queue or self.swapped:
+        raise RuntimeError(
+            f"engine stalled: {len(self.queue)} queued / {len(self.swapped)} swapped requests "
+            f"but nothing runs and only {self._free_pages()} of {self.num_pages} pages are "
+            f"free (prefix rows hold the rest?); watermark={self.watermark}")
+      return []
+    finished = self._step_rows(active)
+    self._apply(self.policy.after_step(self._view(0)))
+    for r in self.rows:
+      if r is not None:
+        r.just_prefilled = False
+    return finished
+
+  def _step_rows(self, rows: list) -> list:
+    rows = self._make_room(rows)
+    if not rows:
+      return []
+    t = self.chunk if any(self.rows[r].pending for r in rows) else 1
+    b = self.max_batch
+    tokens = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    fed = {}
+    for r in rows:
+      st = self.rows[r]
+      if st.pending:
+        piece = st.pending[:t]
+        fed[r] = "prompt"
+      else:
+        piece = [st.last]
+        fed[r] = "token"
+      tokens[r, :len(piece)] = piece
+      mask[r, :len(piece)] = 1
+    t0 = time.perf_counter()
+    logits, self.cache = self.model.decode(jnp.asarray(tokens), self.cache,
+                                           attention_mask=jnp.asarray(mask), logits="last",
+                                           check_capacity=False, backend=self.backend)
+    self.key, sub = jax.random.split(self.key)
+    ids = np.asarray(sample(logits[:, -1], sub, **self.sampling))
+    self.stats["model_seconds"] += time.perf_counter() - t0
+    if paged.overflowed(self.cache):  # the page check above makes this unreachable
+      raise RuntimeError("paged cache overflowed despite the page check (engine bug)")
+    self.stats["decode_calls"] += 1
+    self.stats["prefill_steps"] += int(t > 1)
+    self.stats["peak_pages"] = max(self.stats["peak_pages"], self._used_pages())
+    self.step_count += 1
+    self.stats["steps"] = self.step_count
+    finished = []
+    now = time.perf_counter()
+    for r in rows:
+      st = self.rows[r]
+      if fed[r] == "prompt":
+        n = int(mask[r].sum())
+        del st.pending[:n]
+        if st.req is not None:
+          self.stats["prompt_tokens"] += n
+        if st.pending:
+          continue
+        st.just_prefilled = True
+        if st.req is None:       # a prefix row: nothing to sample
+          continue
+      req = st.req
+      tok = int(ids[r])
+      req.output.append(tok)
+      self.stats["tokens_generated"] += 1
+      if req.first_token_step < 0:
+        req.first_token_step, req.first_token_time = self.step_count, now
+      req.status = "running"
+      st.last = tok
+      if len(req.output) >= req.max_new_tokens or (self.eos_id is not None
+                                                   and tok == self.eos_id):
+        req.status = "done"
+        req.finish_step, req.finish_time = self.step_count, now
+        self.cache = paged.release_rows(self.cache, [r])
+        self.rows[r] = None
+        self.done.append(req)
+        finished.append(req)
+    return finished
+
+  # -- pages: admission, pressure, actions --------------------------------------------------------
+  @property
+  def _probe(self):
+    """The first paged entry: every layer sees the same appends, so one answers for all."""
+    return next(s for s in self.cache.segments if isinstance(s, paged.PagedKVCache))
+
+  def _meta(self, name: str) -> np.ndarray:
+    """A table of layer 0 of the probe entry, on the host."""
+    s = self._probe
+    a = getattr(s, name)
+    return np.asarray(a[0] if s.stacked else a)
+
+  def _free_pages(self) -> int:
+    return int(np.asarray(self._probe.num_free).reshape(-1).min())
+
+  def _used_pages(self) -> int:
+    return self.num_pages - self._free_pages()
+
+  def _free_row(self) -> Optional[int]:
+    for i, r in enumerate(self.rows):
+      if r is None:
+        return i
+    return None
+
+  def _resume_and_admit(self):
+    while self.swapped:
+      row = self._free_row()
+      sw = self.swapped[0]
+      if row is None or sw.pages + self.watermark > self._free_pages():
+        return  # resume before admitting anything new (FIFO fairness)
+      self.swapped.pop(0)
+      self.cache = offload.swap_in_rows(self.cache, sw.data, [row])
+      self.rows[row] = _Row(sw.req, sw.pending, sw.last, sw.admitted)
+      sw.req.status = "running" if not sw.pending else "prefilling"
+      self.stats["swaps_in"] += 1
+    while self.queue:
+      row = self._free_row()
+      if row is None:
+        return
+      req = self.queue[0]
+      plen = self.prefixes[req.prefix][1] if req.prefix is not None else 0
+      first = min(len(req.prompt), self.chunk)
+      need = (paged.pages_needed(plen + first, self.page_size)
+              - plen // self.page_size)  # full prefix pages are shared, the last is copied
+      if need + self.watermark > self._free_pages():
+        return
+      self.queue.pop(0)
+      if req.prefix is not None:
+        src = self.prefixes[req.prefix][0]
+        self.cache = paged.fork_rows(self.cache, [src], [row], plen)
+      self.rows[row] = _Row(req, list(req.prompt), admitted=next(self._admit_seq))
+      req.status = "prefilling"
+
+  def _step_need(self, rows) -> np.ndarray:
+    """Head-wise positions [B, Hkv, T] of the pending step (for the page check)."""
+    t = self.chunk if any(self.rows[r].pending for r in rows) else 1
+    pos = np.full((self.max_batch, t), -1, np.int32)
+    nxt = np.asarray(self.cache.next_position)
+    for r in rows:
+      st = self.rows[r]
+      n = min(len(st.pending), t) if st.pending else 1
+      pos[r, :n] = nxt[r] + np.arange(n)
+    h = self._probe.kv_heads
+    return jnp.asarray(np.broadcast_to(pos[:, None, :], (self.max_batch, h, t)))
+
+  def _make_room(self, rows: list) -> list:
+    """Applies policy actions (then preemption) until the step's pages fit; returns rows."""
+    for _ in range(4 * self.max_batch + 4):
+      try:
+        paged.check_admission(self._probe, self._step_need(rows))
+        return rows
+      except paged.OutOfPages as e:
+        needed, free = e.needed, e.free
+      view = self._view(needed, rows)
+      acts = self.policy.on_pressure(view)
+      before = self._free_pages()
+      self._apply(acts)
+      if self._free_pages() <= before:
+        # The policy freed nothing: preempt the latest-admitted request by swapping.
+        cand = [r for r in rows if self.rows[r] is not None and self.rows[r].req is not None]
+        if len(cand) <= 1:
+          raise paged.OutOfPages(needed, free, "Engine (a single request exceeds the pool)")
+        latest = max(cand, key=lambda r: self.rows[r].admitted)
+        self._apply([policy_lib.SwapOut((latest,))])
+      rows = [r for r in rows if self.rows[r] is not None]
+    raise RuntimeError("engine could not make room for the step")
+
+  def _apply(self, actions):
+    for a in actions:
+      if isinstance(a, policy_lib.Compress):
+        rows = [r for r in a.rows if self.rows[r] is not None and self.rows[r].req is not None]
+        if not rows:
+          continue
+        cfg = getattr(self.model, "config", None)
+        self.cache = paged.PagedPress(a.press).compress_model(self.cache, None, cfg, rows=rows)
+        for r in rows:
+          self.rows[r].req.compressions += 1
+        self.stats["compressions"] += len(rows)
+      elif isinstance(a, policy_lib.SwapOut):
+        for r in a.rows:
+          st = self.rows[r]
+          if st is None or st.req is None:
+            continue
+          pages = self._row_pages(r)[0]
+          data, self.cache = offload.swap_out_rows(self.cache, [r], compress=a.compress)
+          self.swapped.append(_Swapped(st.req, data, st.last, st.pending, pages, st.admitted))
+          st.req.status = "swapped"
+          st.req.preemptions += 1
+          self.rows[r] = None
+          self.stats["swaps_out"] += 1
+        self.swapped.sort(key=lambda s: s.admitted)
+      else:
+        raise ValueError(f"unknown policy action {a!r}")
+
+  def _row_pages(self, r):
+    pt = self._meta("page_table")[r]
+    held = pt[pt >= 0]
+    rc = self._meta("refcount")
+    return len(held), int((rc[held] == 1).sum())
+
+  def _view(self, needed: int, rows=None) -> policy_lib.PoolView:
+    del rows
+    lengths = self._meta("lengths").max(-1)
+    nxt = np.asarray(self.cache.next_position)
+    out = []
+    for i, st in enumerate(self.rows):
+      if st is None or st.req is None:
+        continue
+      pages, private = self._row_pages(i)
+      out.append(policy_lib.RowView(
+          row=i, request_id=st.req.id, state="prefilling" if st.pending else "running",
+          tokens=int(lengths[i]), position=int(nxt[i]), pages=pages, private_pages=private,
+          admitted=st.admitted, compressions=st.req.compressions,
+          just_prefilled=st.just_prefilled))
+    return policy_lib.PoolView(num_pages=self.num_pages, page_size=self.page_size,
+                               free_pages=self._free_pages(), needed=int(needed),
+                               rows=tuple(out))
