@@ -93,7 +93,7 @@ def test_generate_loop_serves_the_family_with_left_padding():
   out = kvjax.generate(m, jnp.asarray(tok), max_new_tokens=4, attention_mask=mask)
   # Then every generated token is the argmax of the parallel forward of the row alone
   seq = np.zeros((2, 13), np.int32)  # the cached check's shape: its forward compile is reused
-  seq[0] = np.concatenate([tok[0], out.tokens[0]])
+  seq[0, :10] = np.concatenate([tok[0], out.tokens[0]])
   seq[1, :7] = np.concatenate([tok[1, 3:], out.tokens[1]])  # causal: trailing zeros unseen
   logits = np.asarray(fc.jit_forward(m)(jnp.asarray(seq)))
   np.testing.assert_array_equal(out.tokens[0], logits[0, 5:9].argmax(-1))
