@@ -163,13 +163,21 @@ class Engine:
       raise ValueError(f"prefix={req.prefix} is not registered ({sorted(self.prefixes)})")
     plen = self.prefixes[req.prefix][1] if req.prefix is not None else 0
     total = plen + len(req.prompt) + req.max_new_tokens
+    what = (f"prefix {plen} + prompt {len(req.prompt)} + max_new_tokens "
+            f"{req.max_new_tokens} = {total} tokens")
     try:
       paged.check_request(self._probe, total)
+      # Prefix rows hold their pages for good; a request shares their full pages.
+      held = sum(self._row_pages(r)[0] for r, _ in self.prefixes.values())
+      need = paged.pages_needed(total, self.page_size) - plen // self.page_size
+      if need > self.num_pages - held:
+        raise ValueError(f"needs {need} pages of page_size={self.page_size} beyond the shared "
+                         f"prefix, but only {self.num_pages - held} of num_pages="
+                         f"{self.num_pages} are not held by prefixes")
     except ValueError as e:
       req.status, req.error = "rejected", str(e)
       self.stats["rejected"] += 1
-      raise ValueError(f"request rejected: prefix {plen} + prompt {len(req.prompt)} + "
-                       f"max_new_tokens {req.max_new_tokens} = {total} tokens: {e}") from e
+      raise ValueError(f"request rejected: {what}: {e}") from e
     req.id = next(self._ids)
     req.status = "queued"
     req.submit_step, req.submit_time = self.step_count, time.perf_counter()
@@ -314,6 +322,7 @@ class Engine:
       self.rows[row] = _Row(sw.req, sw.pending, sw.last, sw.admitted)
       sw.req.status = "running" if not sw.pending else "prefilling"
       self.stats["swaps_in"] += 1
+    budget = self._free_pages() - self.watermark
     while self.queue:
       row = self._free_row()
       if row is None:
@@ -321,10 +330,11 @@ class Engine:
       req = self.queue[0]
       plen = self.prefixes[req.prefix][1] if req.prefix is not None else 0
       first = min(len(req.prompt), self.chunk)
-      need = (paged.pages_needed(plen + first, self.page_size)
-              - plen // self.page_size)  # full prefix pages are shared, the last is copied
-      if need + self.watermark > self._free_pages():
+      # Pages its first chunk needs: full prefix pages are shared, the partial one is copied.
+      need = paged.pages_needed(plen + first, self.page_size) - plen // self.page_size
+      if need > budget:
         return
+      budget -= need
       self.queue.pop(0)
       if req.prefix is not None:
         src = self.prefixes[req.prefix][0]
@@ -354,16 +364,16 @@ class Engine:
         needed, free = e.needed, e.free
       view = self._view(needed, rows)
       acts = self.policy.on_pressure(view)
-      before = self._free_pages()
+      before = (self._free_pages(), len(rows))
       self._apply(acts)
-      if self._free_pages() <= before:
-        # The policy freed nothing: preempt the latest-admitted request by swapping.
-        cand = [r for r in rows if self.rows[r] is not None and self.rows[r].req is not None]
-        if len(cand) <= 1:
-          raise paged.OutOfPages(needed, free, "Engine (a single request exceeds the pool)")
-        latest = max(cand, key=lambda r: self.rows[r].admitted)
-        self._apply([policy_lib.SwapOut((latest,))])
       rows = [r for r in rows if self.rows[r] is not None]
+      if (self._free_pages(), len(rows)) == before:
+        # The policy changed nothing: preempt the latest-admitted request by swapping.
+        if len(rows) <= 1:
+          raise paged.OutOfPages(needed, free, "Engine (a single request exceeds the pool)")
+        latest = max(rows, key=lambda r: self.rows[r].admitted)
+        self._apply([policy_lib.SwapOut((latest,))])
+        rows = [r for r in rows if self.rows[r] is not None]
     raise RuntimeError("engine could not make room for the step")
 
   def _apply(self, actions):
