@@ -82,6 +82,10 @@ class MQAR:
 
   Differences from Zoology: query slots are uniform instead of power-law placed, and the
   filler is one fixed token (Zoology uses 0) that the model sees like any other token.
+  With `query_replacement=True` queries are drawn with replacement (num_queries may exceed
+  num_pairs): the answer can then no longer be guessed as "a value not yet asked for",
+  so only key-value association lowers the loss (a denser training signal; evaluate on
+  the standard form).
   """
   length: int = 256
   num_pairs: int = 16
@@ -89,14 +93,16 @@ class MQAR:
   key_vocab: int = 128
   value_vocab: int = 128
   filler: int = SEP
+  query_replacement: bool = False
 
   def __post_init__(self):
     q = self.queries
-    if not 1 <= self.num_pairs <= min(self.key_vocab, self.value_vocab):
+    if not 1 <= self.num_pairs <= self.key_vocab:
       raise ValueError(f"MQAR: num_pairs={self.num_pairs}; must be in "
-                       f"[1, {min(self.key_vocab, self.value_vocab)}] (distinct keys)")
-    if not 1 <= q <= self.num_pairs:
-      raise ValueError(f"MQAR: num_queries={q}; must be in [1, num_pairs={self.num_pairs}]")
+                       f"[1, key_vocab={self.key_vocab}] (distinct keys)")
+    if not 1 <= q <= (10 ** 9 if self.query_replacement else self.num_pairs):
+      raise ValueError(f"MQAR: num_queries={q}; must be in [1, num_pairs={self.num_pairs}] "
+                       "(or set query_replacement=True)")
     if self.key_vocab + self.value_vocab > 256:
       raise ValueError(f"MQAR: key_vocab + value_vocab = {self.key_vocab + self.value_vocab}; "
                        "must be <= 256 (byte ids)")
@@ -117,7 +123,7 @@ class MQAR:
     toks[2:2 + 2 * n:2] = values
     region = self.length - 1 - 2 * n
     slots = np.sort(rng.choice(region // 2, q, replace=False))
-    which = rng.choice(n, q, replace=False)
+    which = rng.choice(n, q, replace=self.query_replacement)
     starts = 1 + 2 * n + 2 * slots
     toks[starts] = keys[which]
     toks[starts + 1] = values[which]

@@ -83,3 +83,13 @@ def test_copy_answer_recoverable():
 def test_bad_settings_raise(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_mqar_query_replacement_asks_keys_repeatedly():
+  task = tasks.MQAR(length=65, num_pairs=8, num_queries=24, query_replacement=True)
+  ex = task.example(2, 0)
+  t = ex.tokens
+  kv = dict(zip(t[1:17:2].tolist(), t[2:18:2].tolist()))
+  asked = [int(t[p - 1]) for p in ex.answer_positions]
+  assert len(asked) == 24 and len(set(asked)) < 24            # some key asked twice
+  assert all(kv[k] == int(t[p]) for k, p in zip(asked, ex.answer_positions))

@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.weight_decay = 0.1
   c.data.sources = ml_collections.ConfigDict(dict(
       mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=8,
-                                          key_vocab=128, value_vocab=128)),
+                                          key_vocab=128, value_vocab=128,
+                                          num_queries=ml_collections.config_dict.placeholder(int),
+                                          query_replacement=False)),
   ))
   c.log_every = 50
   c.eval_every = 250
