@@ -34,7 +34,7 @@ flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 flags.DEFINE_integer("max_tokens", 1024, "Max tokens per request (prefix + prompt + new).")
 flags.DEFINE_integer("chunk", 32, "Prompt tokens fed per step while prefilling.")
 flags.DEFINE_integer("watermark", 1, "Free pages kept in reserve when admitting requests.")
-flags.DEFINE_enum("policy", "swap", ["swap", "swap_int8", "compress", "length"],
+flags.DEFINE_enum("policy", "swap", ["none", "swap", "swap_int8", "compress", "length"],
                   "What to do under memory pressure (see module docstring).")
 flags.DEFINE_enum("press", "knorm", ["knorm", "streaming_llm", "keydiff", "random"],
                   "Query-agnostic press used by --policy=compress/length.")
@@ -46,44 +46,6 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("seed", 0, "PRNG seed (sampling and synthetic prompts).")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
 flags.DEFINE_string("out", None, "Optional JSON output path.")
-
-
-def make_press(name: str, ratio: float):
-  from kvjax import presses  # pylint: disable=import-outside-toplevel
-  cls = {"knorm": presses.KnormPress, "streaming_llm": presses.StreamingLLMPress,
-         "keydiff": presses.KeyDiffPress, "random": presses.RandomPress}[name]
-  return cls(compression_ratio=ratio)
-
-
-def make_policy(name: str, press_name: str, ratio: float, threshold: int):
-  from kvjax import policy  # pylint: disable=import-outside-toplevel
-  if name == "swap":
-    return policy.SwapOnPressure()
-  if name == "swap_int8":
-    return policy.SwapOnPressure(compress="int8")
-  press = make_press(press_name, ratio)
-  if name == "compress":
-    return policy.CompressOnPressure(press, min_tokens=threshold // 4 or 1)
-  return policy.Tiered([policy.LengthAdaptive(((threshold, None), (None, press))),
-                        policy.SwapOnPressure()])
-
-
-def make_cache_fn(config, *, num_pages: int, page_size: int, max_tokens: int,
-                  quant: str = "none"):
-  """fn(batch) -> an empty paged ModelCache for `config`."""
-  import models  # pylint: disable=import-outside-toplevel
-  from kvjax import paged  # pylint: disable=import-outside-toplevel
-  spec = None
-  if quant != "none":
-    from kvjax import quant as quant_lib  # pylint: disable=import-outside-toplevel
-    spec = quant_lib.from_name(quant)
-
-  def make(batch):
-    fac = paged.layer_factory(batch, config.num_kv_heads, config.head_dim,
-                              num_pages=num_pages, page_size=page_size, quant=spec,
-                              dtype=config.dtype)
-    return models.init_cache(config, batch, max_tokens, layer_factory=fac)
-  return make
 
 
 def load_prompts(path, n, tokenizer, seed):
@@ -103,18 +65,26 @@ def load_prompts(path, n, tokenizer, seed):
 
 def main(argv):
   del argv
+  import models  # pylint: disable=import-outside-toplevel
   from kvjax import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from kvjax import paged, policy  # pylint: disable=import-outside-toplevel
   from models import presets  # pylint: disable=import-outside-toplevel
 
   model, tok = presets.load_model_and_tokenizer(FLAGS.model)
   prompts = load_prompts(FLAGS.prompts_file, FLAGS.num_requests, tok, FLAGS.seed)
   if not prompts:
     raise app.UsageError("no prompts")
-  make = make_cache_fn(model.config, num_pages=FLAGS.num_pages, page_size=FLAGS.page_size,
-                       max_tokens=FLAGS.max_tokens, quant=FLAGS.quant)
+  spec = None
+  if FLAGS.quant != "none":
+    from kvjax import quant  # pylint: disable=import-outside-toplevel
+    spec = quant.from_name(FLAGS.quant)
+  make = paged.model_cache_fn(models.init_cache, model.config, num_pages=FLAGS.num_pages,
+                              page_size=FLAGS.page_size, max_tokens=FLAGS.max_tokens,
+                              quant=spec)
   eng = engine_lib.Engine(
       model, make, max_batch=FLAGS.max_batch, chunk=FLAGS.chunk,
-      policy=make_policy(FLAGS.policy, FLAGS.press, FLAGS.ratio, FLAGS.length_threshold),
+      policy=policy.from_name(FLAGS.policy, press=FLAGS.press, ratio=FLAGS.ratio,
+                              threshold=FLAGS.length_threshold),
       eos_id=getattr(tok, "eos_id", None), temperature=FLAGS.temperature, seed=FLAGS.seed,
       watermark=FLAGS.watermark, backend=FLAGS.backend)
   prefix = None

@@ -752,6 +752,22 @@ def layer_factory(batch: int, kv_heads: int, head_dim: int, *, num_pages: int, p
   return make
 
 
+def model_cache_fn(init_cache: Callable, config, *, num_pages: int, page_size: int,
+                   max_tokens: int, quant=None, dtype=None) -> Callable[[int], Any]:
+  """fn(batch) -> an empty paged ModelCache, through the model's own `init_cache`.
+
+  kvjax never imports models, so the caller passes it: `model_cache_fn(models.init_cache,
+  cfg, num_pages=256, page_size=16, max_tokens=4096)`. `config` is duck-typed
+  (num_kv_heads, head_dim, dtype); max_tokens sets each row's page-table width.
+  """
+  def make(batch):
+    fac = layer_factory(batch, config.num_kv_heads, config.head_dim, num_pages=num_pages,
+                        page_size=page_size, quant=quant,
+                        dtype=dtype if dtype is not None else config.dtype)
+    return init_cache(config, batch, max_tokens, layer_factory=fac)
+  return make
+
+
 def _paged_segments(mc: cache_lib.ModelCache):
   return [isinstance(s, PagedKVCache) for s in mc.segments]
 

@@ -25,5 +25,42 @@ from kvjax.policy.base import Action, Compress, Policy, PoolView, RowView, SwapO
 from kvjax.policy.length import LengthAdaptive
 from kvjax.policy.pressure import CompressOnPressure, SwapOnPressure
 
+NAMES = ("none", "swap", "swap_int8", "compress", "length")
+PRESSES = ("knorm", "streaming_llm", "keydiff", "random")
+
+
+def make_press(name: str, ratio: float):
+  """A query-agnostic press by name (kvjax.presses), with compression_ratio=ratio."""
+  from kvjax import presses  # pylint: disable=import-outside-toplevel
+  table = {"knorm": presses.KnormPress, "streaming_llm": presses.StreamingLLMPress,
+           "keydiff": presses.KeyDiffPress, "random": presses.RandomPress}
+  if name not in table:
+    raise ValueError(f"press={name!r}; allowed: {PRESSES}")
+  return table[name](compression_ratio=ratio)
+
+
+def from_name(name: str, *, press: str = "knorm", ratio: float = 0.5,
+              threshold: int = 256) -> Policy:
+  """A policy by name (the launchers' --policy flag).
+
+  none: the engine's fallback only (swap the latest request); swap / swap_int8:
+  SwapOnPressure exact / int8; compress: CompressOnPressure(press, min_tokens=threshold//4)
+  then swap; length: LengthAdaptive (prompts longer than `threshold` get the press) + swap.
+  """
+  if name == "none":
+    return Policy()
+  if name == "swap":
+    return SwapOnPressure()
+  if name == "swap_int8":
+    return SwapOnPressure(compress="int8")
+  if name == "compress":
+    return CompressOnPressure(make_press(press, ratio), min_tokens=max(threshold // 4, 1))
+  if name == "length":
+    return Tiered([LengthAdaptive(((threshold, None), (None, make_press(press, ratio)))),
+                   SwapOnPressure()])
+  raise ValueError(f"policy={name!r}; allowed: {NAMES}")
+
+
 __all__ = ["Action", "Compress", "SwapOut", "Policy", "PoolView", "RowView", "Tiered",
-           "SwapOnPressure", "CompressOnPressure", "LengthAdaptive"]
+           "SwapOnPressure", "CompressOnPressure", "LengthAdaptive", "from_name",
+           "make_press", "NAMES", "PRESSES"]
