@@ -2,11 +2,18 @@
 
     python -m train.main --config=train/configs/mqar_tiny.py --workdir=/tmp/mqar_tiny
 
-Sequences of 64 tokens hold 8 key-value pairs, then 8 queries at random slots; only the 8
-answers count in the loss. Two attention layers can solve it with an induction-head
-circuit (Olsson et al., 2022), so held-out exact match (all 8 answers right) climbs close
-to 1.0; see the numbers this recipe was run with in the train/ README section of the
-report.
+Sequences of 32 tokens hold 4 key-value pairs (keys from 128 byte ids, values from 128
+others), then 12 queries drawn with replacement; only the 12 answers count in the loss.
+Queries with replacement matter: with each key asked once (Zoology's form), a small model
+first learns to answer "a value of this context not asked for yet", which scores
+1/4, 1/3, 1/2, 1 on the four queries, and in our CPU runs stayed on that plateau for 3000
+steps (token accuracy 0.55, exact match 0.05); asking keys repeatedly removes the shortcut
+and the induction-head circuit (Olsson et al., 2022) forms within ~500 steps.
+
+Measured (one run, 2-core CPU shared with other jobs, 1000 steps, 2m50s wall including a
+26s compile): held-out exact match (all 12 answers right) 0.959, token accuracy 0.995.
+The exported model scores exact match 0.965 on standard MQAR (4 pairs, each key asked
+once; `evaluate.task_accuracy`) and 0.71 at twice the trained length (T=64).
 """
 
 import ml_collections
@@ -16,9 +23,9 @@ from train.configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
-  c.steps = 1500
+  c.steps = 1000
   c.batch_size = 32
-  c.seq_len = 64
+  c.seq_len = 32
   c.model.config.hidden_size = 64
   c.model.config.intermediate_size = 128
   c.model.config.num_layers = 2
@@ -30,10 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.opt.warmup_steps = 100
   c.opt.weight_decay = 0.1
   c.data.sources = ml_collections.ConfigDict(dict(
-      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=8,
-                                          key_vocab=128, value_vocab=128,
-                                          num_queries=ml_collections.config_dict.placeholder(int),
-                                          query_replacement=False)),
+      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=4,
+                                          key_vocab=128, value_vocab=128, num_queries=12,
+                                          query_replacement=True)),
   ))
   c.log_every = 50
   c.eval_every = 250
