@@ -41,6 +41,11 @@ def test_without_press_equals_one_shot_left_padded_and_chunk_ge_prompt_is_one_sh
   for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   np.testing.assert_array_equal(c2.next_position, [11, 7])
+  # logits="last" takes each row's last token from whichever chunk holds it
+  kw = dict(prompt_lengths=jnp.array([11, 6]), capacity=14, chunk_size=4)  # row 1 ends in chunk 2
+  every, _ = models.prefill(m, tok, **kw)
+  last, _ = models.prefill(m, tok, logits="last", **kw)
+  np.testing.assert_allclose(last[:, 0], np.asarray(every)[[0, 1], [10, 5]], atol=1e-5)
   # chunk_size >= prompt length runs the one-shot path: bit-identical
   same, c3 = models.prefill(m, tok, attention_mask=mask, capacity=14, chunk_size=11)
   np.testing.assert_array_equal(same, one)
@@ -76,11 +81,6 @@ def test_press_inside_the_loop_bounds_memory_and_keeps_logits(monkeypatch):
   for b in range(2):
     ref = m(jnp.concatenate([tok[b:b + 1, :lengths[b]], nxt[b:b + 1]], 1))[:, -1]
     np.testing.assert_allclose(lg2[b, 0], ref[0], atol=1e-5)
-  # logits="last" picks each row's last token, whichever chunk holds it
-  last, _ = models.prefill(m, tok, prompt_lengths=lengths, press=press, chunk_size=3,
-                           logits="last", window_cache=False)
-  for b in range(2):
-    np.testing.assert_allclose(last[b, 0], lg[b, lengths[b] - 1], atol=1e-5)
 
 
 def test_gemma2_rings_chunked_matches_transformers():
