@@ -153,10 +153,13 @@ class Technique:
   press: Optional[str] = None
   ratio: Optional[float] = None
   quant: Optional[str] = None
+  custom: Any = dataclasses.field(default=None, compare=False)  # your own press object
 
   def build(self):
     """An object with `observe` and `compress_model(cache, obs, config, room=, ...)`."""
     from kvjax import quant as q  # pylint: disable=import-outside-toplevel
+    if self.custom is not None:
+      return self.custom
     if self.family == "full":
       return None
     if self.family == "quant":

@@ -5,7 +5,7 @@ r"""Staged training: one config, a list of stages, each warm-started from the la
 
 The config file defines `get_config()` (a train/configs/default.py-style config) and
 `STAGES`, a sequence of dicts of overrides (`seq_len`, `steps`, `batch_size`, `lr`, and
-optionally `warmup_steps`, `eval_examples`). Stage i trains in `<workdir>/stage<i>` with
+optionally `warmup_steps`, `eval_examples`, and `weights`: {source name: mixture weight}). Stage i trains in `<workdir>/stage<i>` with
 `init_from` = stage i-1's export (parameters copied, fresh optimizer and LR schedule), the
 usual curriculum for long context (short sequences first). A stage whose export exists is
 skipped, and an interrupted stage resumes from its checkpoint, so re-running the same
@@ -40,7 +40,8 @@ flags.DEFINE_string("out", "", "Copy the final model, its loss curve (CSV + PNG)
 flags.DEFINE_integer("max_stages", 0, "Run only the first N stages (0: all).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGE_KEYS = ("seq_len", "steps", "batch_size", "lr", "warmup_steps", "eval_examples")
+STAGE_KEYS = ("seq_len", "steps", "batch_size", "lr", "warmup_steps", "eval_examples",
+              "weights")
 
 
 def load_recipe(path: str):
@@ -67,6 +68,11 @@ def stage_config(base, stage: Mapping, index: int, workdir: str, init_from: str)
   c.opt.lr = float(stage.get("lr", c.opt.lr))
   c.opt.warmup_steps = int(stage.get("warmup_steps", min(c.opt.warmup_steps, c.steps // 4)))
   c.eval_examples = int(stage.get("eval_examples", c.eval_examples))
+  for name, w in dict(stage.get("weights") or {}).items():
+    if name not in c.data.sources:
+      raise ValueError(f"stage {index}: weights names source {name!r}; sources: "
+                       f"{sorted(c.data.sources.keys())}")
+    c.data.sources[name].weight = float(w)
   c.init_from = init_from
   c.export = True
   c.export_dir = os.path.join(workdir, f"stage{index}", "export")
@@ -92,6 +98,9 @@ def run(base, stages: Sequence[Mapping], workdir: str, out: str = "") -> dict:
     else:
       t0 = time.time()
       r = train_lib.train_and_evaluate(c, sdir)
+      if r["step"] < c.steps:   # preempted (SIGTERM): checkpointed; re-run to resume
+        raise SystemExit(f"stage {i} stopped at step {r['step']} of {c.steps}; run the same "
+                         "command again to resume")
       s = {"stage": i, **{k: stage.get(k) for k in STAGE_KEYS if k in stage},
            "final_step": r["step"], "eval": r["eval"], "last": r["last"],
            "seconds": time.time() - t0, "compile_seconds": r.get("compile_seconds")}

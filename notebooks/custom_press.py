@@ -1,0 +1,74 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Write your own press in 20 lines
+#
+# A press scores every cached slot; the framework does the rest (protected sink and
+# recent slots, per-row budgets from `compression_ratio`, gathering into a smaller cache
+# whose bytes really shrink, room for decoding). Below: keep the tokens whose *values*
+# have the largest norm (a value-side cousin of Knorm), with the question fed only after
+# compression, and compare it with two built-in presses on the default model.
+
+# %%
+import importlib.util
+import subprocess
+import sys
+
+REPO = "git+https://github.com/kvjax/kvjax.git"   # or your fork
+if importlib.util.find_spec("kvjax") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", REPO], check=True)
+
+# %%
+import dataclasses
+import os
+
+import jax.numpy as jnp
+
+import models
+from experiments import compare, results
+from experiments import tasks as T
+from kvjax.presses import base
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueNormPress(base.ScorerPress):
+  """Keep the slots whose value vectors are longest (plus 4 attention sinks)."""
+
+  n_sink: int = 4
+
+  def protected(self):
+    return max(self.protect_sinks, self.n_sink), self.protect_recent
+
+  def score(self, cache, obs, ctx):
+    del obs, ctx                      # needs no attention statistics
+    v = cache.v.astype(jnp.float32)   # [batch, kv_heads, slots, head_dim]
+    return jnp.linalg.norm(v, axis=-1)  # [batch, kv_heads, slots]: higher = keep
+
+
+# %% [markdown]
+# Any press runs inside `models.prefill(press=...)` and `kvjax.generate(press=...)`; to put
+# it in a comparison, wrap it in a `compare.Technique` with `custom=`.
+
+# %%
+SMOKE = os.environ.get("KVJAX_NOTEBOOK_SMOKE") == "1"   # CI: tiny settings
+LENGTH, N = (256, 2) if SMOKE else (2048, 16)
+model, tok = models.presets.load_model_and_tokenizer("default")
+ratio = 0.75
+techniques = compare.parse_techniques(["full"] if SMOKE else ["full", "knorm", "snapkv"],
+                                      [ratio]) + [
+    compare.Technique(f"value_norm@{ratio}", "press", press="value_norm", ratio=ratio,
+                      custom=ValueNormPress(compression_ratio=ratio))]
+samples = T.make("passkey").samples(LENGTH, N) + T.make("kv_retrieval").samples(LENGTH, N)
+rows, _ = compare.run(model, tok, techniques, samples, batch_size=min(N, 8), decode_steps=2)
+print(results.table(rows))
