@@ -167,7 +167,7 @@ def test_sharded_fsdp_tp_and_accumulation_match_one_device(run_full, tmp_path):
   sharded, single = _losses(str(tmp_path)), _losses(full_dir)
   assert sorted(sharded) == [1, 2, 3]
   for k in sharded:
-    np.testing.assert_allclose(sharded[k], single[k], rtol=2e-4)
+    np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5)   # measured 9e-8
 
 
 def test_warm_start_copies_matching_params(run_full):
