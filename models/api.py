@@ -205,6 +205,8 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
       _validate_press(press, check_cache, int(chunk_size))
     return _prefill_chunks(model, tokens, positions, cache, chunk_size=int(chunk_size),
                            press=press, room=room, need=need, logits=logits, backend=backend)
+  if press is not None:  # fail before the prompt runs, not after it
+    _validate_press(press, check_cache, t)
   _check_room(cache, positions)
   graphdef, state = nnx.split(model)
   out, cache, obs = _run(graphdef, state, tokens, positions, cache, observe=need,

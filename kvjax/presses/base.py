@@ -310,6 +310,10 @@ class Press:
     """Static checks against the cache capacity / prompt length (ValueError)."""
     del capacity, prompt_length, num_layers
 
+  def validate_model(self, model_cache, prompt_length: Optional[int] = None) -> None:
+    """validate() against every pressed layer of a ModelCache (before any work is done)."""
+    validate_layers([self] * model_cache.num_layers, model_cache, prompt_length)
+
   def __call__(self, cache, obs: Optional[dict] = None, *, layer_idx: int = 0,
                num_layers: int = 1, rope: Optional[rope_lib.RopeConfig] = None,
                room: int = 0):
@@ -372,10 +376,7 @@ def compress_model(layer_presses: Sequence[Optional[Press]], model_cache, obs_li
     obs_list = [{} for _ in range(n)]
   if len(obs_list) != n:
     raise ValueError(f"obs_list has {len(obs_list)} entries; the cache has {n} layers")
-  caps = model_cache.capacity
-  for p, c in zip(layer_presses, caps):
-    if p is not None:
-      p.validate(capacity=c, prompt_length=prompt_length, num_layers=n)
+  validate_layers(layer_presses, model_cache, prompt_length)
   obs_list = [{k: v for k, v in dict(o or {}).items() if v is not None} for o in obs_list]
   new, obs = _compress_model_jit(tuple(layer_presses), rooms, num_layers, rope, model_cache,
                                  obs_list)
@@ -408,6 +409,23 @@ def _entries(model_cache):
     out.append((e, list(range(a, a + n))))
     a += n
   return out
+
+
+def _segment_layers(model_cache):
+  """[(stacked segment, [layer indices])] without copying arrays."""
+  return [(model_cache.segments[e], idxs) for e, idxs in _entries(model_cache)]
+
+
+def validate_layers(layer_presses, model_cache, prompt_length=None) -> None:
+  """Static checks of each layer's press against that layer's capacity (rings skipped)."""
+  n = model_cache.num_layers
+  for seg, idxs in _segment_layers(model_cache):
+    if is_ring_window(seg):
+      continue
+    cap = seg.positions.shape[-1]
+    for i in idxs:
+      if layer_presses[i] is not None:
+        layer_presses[i].validate(capacity=cap, prompt_length=prompt_length, num_layers=n)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

@@ -69,3 +69,17 @@ def tiny_model(seed=0, **overrides):
             num_kv_heads=2, head_dim=16, max_position_embeddings=4096)
   kw.update(overrides)
   return models.Transformer(models.ModelConfig(**kw), rngs=nnx.Rngs(seed))
+
+
+def run(press, cache, obs=None, **kw):
+  """press(cache, obs, **kw) under jit (one compile is cheaper than eager op-by-op)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda c, o: press(c, o, **kw))(cache, dict(obs or {}))
+
+
+def score(press, cache, obs=None, ctx=None):
+  """press.score under jit."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from kvjax.presses import base  # pylint: disable=import-outside-toplevel
+  ctx = ctx or base.LayerContext()
+  return jax.jit(lambda c, o: press.score(c, o, ctx))(cache, dict(obs or {}))

@@ -130,19 +130,6 @@ def test_press_invariants(name, lengths, per_head, seed):
     np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(c)[0])
 
 
-def test_batch_equals_each_row_alone():
-  # Literal check (B=1 shapes) on two presses; test_press_invariants covers every press by
-  # perturbing the other rows at a fixed shape.
-  cache = helpers.make_cache(b=B, h=H, s=S, d=D, lengths=[[16, 16], [9, 9], [3, 3]])
-  obs = helpers.make_obs(cache, g=G, w=4)
-  for press in (PRESSES["snapkv"], PRESSES["adakv"]):
-    out = press(cache, obs, room=1)
-    for i in range(B):
-      alone = press(helpers.row(cache, i), helpers.row_obs(obs, i), room=1)
-      for a, c in zip(jax.tree.leaves(out), jax.tree.leaves(alone)):
-        np.testing.assert_array_equal(np.asarray(a)[i:i + 1], np.asarray(c))
-
-
 def test_jit_traces_once_per_shape():
   traces = []
   press = P.SnapKVPress(compression_ratio=0.5, window_size=2)
