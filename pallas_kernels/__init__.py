@@ -6,7 +6,12 @@ TPU, Triton on GPU). Both follow docs/CONVENTIONS.md exactly; `reference.py` is 
 pure-jnp definition they are tested against.
 
 Files: decode_attention.py (ragged split-K decode), flash_prefill.py (long-T flash
-attention), colsum.py (per-slot attention mass from saved lse), reference.py, bench.py.
+attention), colsum.py (per-slot attention mass from saved lse), quantized_decode.py
+(decode straight from INT8 / FP8 / KIVI INT4 / INT2 caches + residual window),
+paged_decode.py (decode over a page pool + page tables), reference.py, bench.py.
+
+`quantized_attention` / `paged_attention` are the entry points of the last two (decode
+only: T <= DECODE_MAX_QUERIES), with `supports_quantized` / `supports_paged`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels import decode_attention as _decode
 from pallas_kernels import flash_prefill as _prefill
+from pallas_kernels import paged_decode as _paged
+from pallas_kernels import quantized_decode as _quantized
 from pallas_kernels.colsum import attention_colsum
 from pallas_kernels.reference import attention_reference
 
@@ -26,7 +33,8 @@ from pallas_kernels.reference import attention_reference
 # decode_attention`, `pallas_kernels.flash_prefill.flash_prefill`); they are not re-exported
 # here so that the module names are never shadowed by functions.
 __all__ = ["attention", "supports", "attention_colsum", "attention_reference",
-           "DECODE_MAX_QUERIES", "resolve_platform"]
+           "DECODE_MAX_QUERIES", "resolve_platform", "quantized_attention",
+           "supports_quantized", "paged_attention", "supports_paged"]
 
 DECODE_MAX_QUERIES = 16  # T up to this uses the decode kernel (all T x G rows in a program)
 
@@ -131,3 +139,107 @@ def supports(**static_args) -> bool:
   except (ValueError, TypeError):
     return False
   return all(v is None or (isinstance(v, (bool, int)) and not v) for v in a.values())
+
+
+def quantized_attention(q, k_codes, k_scale, v_codes, v_scale, k_lengths, *, q_positions,
+                        k_positions, platform=None, interpret=False, **kwargs):
+  """Decode attention read straight from a quantized cache (`quantized_decode.py`).
+
+  Args:
+    q, k_codes, k_scale, v_codes, v_scale, k_lengths, q_positions, k_positions: see
+      `quantized_decode.quantized_decode_attention` (kvjax.quant layout).
+    platform, interpret: as for `attention`.
+    **kwargs: k_zero, v_zero, residual arrays, sink_logits, format and mask options,
+      block_k, num_splits.
+
+  Returns:
+    (out [B, Hq, T, Dv] in q.dtype, lse [B, Hq, T] float32).
+  """
+  kind = resolve_platform(platform, interpret)
+  return _quantized.quantized_decode_attention(
+      q, k_codes, k_scale, v_codes, v_scale, k_lengths, q_positions=q_positions,
+      k_positions=k_positions, platform=kind, interpret=interpret, **kwargs)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, lengths, *, q_positions, platform=None,
+                    interpret=False, **kwargs):
+  """Decode attention over a page pool + page tables (`paged_decode.py`).
+
+  Args:
+    q, k_pages, v_pages, page_table, lengths, q_positions: see
+      `paged_decode.paged_decode_attention` (kvjax.paged layout).
+    platform, interpret: as for `attention`.
+    **kwargs: pos_pages, scales / zeros of quantized pools, sink_logits, format and mask
+      options, pages_per_block (TPU), block_k (GPU), num_splits.
+
+  Returns:
+    (out [B, Hq, T, Dv] in q.dtype, lse [B, Hq, T] float32).
+  """
+  kind = resolve_platform(platform, interpret)
+  return _paged.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
+                                       q_positions=q_positions, platform=kind,
+                                       interpret=interpret, **kwargs)
+
+
+def _supports_formats(a, axes: bool) -> bool:
+  """Pops the storage-format keys from `a`; False if the kernels cannot read them."""
+  fmt = a.pop("fmt", "float" if not axes else "int")
+  k_bits, v_bits = a.pop("k_bits", 8), a.pop("v_bits", 8)
+  k_axis, v_axis = a.pop("k_axis", "token"), a.pop("v_axis", "token")
+  group = a.pop("group_size", None)
+  a.pop("symmetric", None)
+  if not axes and (k_axis, v_axis) != ("token", "token"):
+    return False
+  if axes and fmt == "float":
+    return False
+  try:
+    def one(bits, axis):
+      if fmt == "float":
+        return _quantized.KVFormat("float")
+      return _quantized.KVFormat(fmt, bits if fmt == "int" else 8, axis, group)
+    kf, vf = one(k_bits, k_axis), one(v_bits, v_axis)
+  except (ValueError, TypeError):
+    return False
+  for key, f in (("head_dim", kf), ("head_dim_v", vf)):
+    d = a.get(key)
+    if d is None:
+      continue
+    if d % f.per or (f.has_scale and f.axis == "token" and d % f.channel_group(d)):
+      return False
+  return True
+
+
+def _supports_decode(a) -> bool:
+  """Options of the decode-only quantized / paged kernels (no colsum, T <= 16)."""
+  if a.pop("return_colsum", False) or a.pop("colsum_window", None) is not None:
+    return False
+  t = a.get("num_queries")
+  if t is not None and t > DECODE_MAX_QUERIES:
+    return False
+  return supports(**a)
+
+
+def supports_quantized(**static_args) -> bool:
+  """Whether `quantized_attention` reads this cache format with these options.
+
+  Format keys (kvjax QuantSpec names): fmt ("int" | "fp8_e4m3" | "fp8_e5m2"), k_bits,
+  v_bits, k_axis, v_axis, group_size, symmetric; plus every key of `supports`. Unsupported:
+  return_colsum / colsum_window (the fused kernels return out and lse only), more than
+  DECODE_MAX_QUERIES queries, and any other truthy key (pre_rope=True, outlier_frac=0.01).
+  """
+  a = dict(static_args)
+  a.pop("quantized", None)
+  return _supports_formats(a, axes=True) and _supports_decode(a)
+
+
+def supports_paged(**static_args) -> bool:
+  """Whether `paged_attention` handles this pool format with these options.
+
+  Format keys: fmt ("float" default, "int", "fp8_e4m3", "fp8_e5m2"), k_bits, v_bits,
+  group_size (per-token scales only); plus every key of `supports`. Unsupported as for
+  `supports_quantized`.
+  """
+  a = dict(static_args)
+  a.pop("paged", None)
+  a.pop("quantized", None)
+  return _supports_formats(a, axes=False) and _supports_decode(a)

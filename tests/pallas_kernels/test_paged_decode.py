@@ -207,3 +207,24 @@ def test_native_gpu():
 def test_native_tpu():
   require_backend("tpu")
   _native("tpu")
+
+
+def test_supports_paged():
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  ok = dict(head_dim=128, dtype=BF16, num_q_heads=32, num_kv_heads=8, num_queries=1,
+            window=4096, sink_tokens=4, platform="gpu")
+  assert pallas_kernels.supports_paged(**ok)
+  assert pallas_kernels.supports_paged(**ok, fmt="int", k_bits=4, v_bits=4, group_size=32)
+  assert pallas_kernels.supports_paged(**ok, fmt="fp8_e4m3")
+  for bad in (dict(k_axis="channel", group_size=32), dict(return_colsum=True),
+              dict(num_queries=17), dict(fmt="int", k_bits=3), dict(platform="metal")):
+    assert not pallas_kernels.supports_paged(**{**ok, **bad}), bad
+
+
+def test_entry_point_resolves_platform(monkeypatch):
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  seen = {}
+  monkeypatch.setattr(pd, "paged_decode_attention", lambda *a, **kw: seen.update(kw) or "ran")
+  q, pos, kw, static = _small()
+  assert pallas_kernels.paged_attention(q, *pos, **kw, **static, platform="cuda") == "ran"
+  assert seen["platform"] == "gpu" and seen["fmt"] == "float"

@@ -250,3 +250,30 @@ def test_native_gpu():
 def test_native_tpu():
   require_backend("tpu")
   _native("tpu")
+
+
+def test_supports_quantized():
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  kivi = dict(fmt="int", k_bits=4, v_bits=2, k_axis="channel", v_axis="token", group_size=32,
+              head_dim=128, head_dim_v=128, dtype=BF16, num_q_heads=32, num_kv_heads=8,
+              num_queries=1, window=4096, sink_tokens=4, softcap=30.0, platform="tpu")
+  assert pallas_kernels.supports_quantized(**kivi)
+  assert pallas_kernels.supports_quantized(fmt="fp8_e5m2", head_dim=64, return_lse=True)
+  for bad in (dict(return_colsum=True), dict(colsum_window=8), dict(num_queries=17),
+              dict(pre_rope=True), dict(outlier_frac=0.01), dict(fmt="float"),
+              dict(k_bits=3), dict(head_dim=100), dict(group_size=None),
+              dict(platform="cpu")):
+    assert not pallas_kernels.supports_quantized(**{**kivi, **bad}), bad
+
+
+def test_entry_point_resolves_platform(monkeypatch):
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  seen = {}
+  monkeypatch.setattr(qd, "quantized_decode_attention",
+                      lambda *a, **kw: seen.update(kw) or "ran")
+  q, pos, kw, skw = _small()
+  assert pallas_kernels.quantized_attention(q, *pos, **kw, **skw, platform="cpu",
+                                            interpret=True) == "ran"
+  assert seen["platform"] == "gpu" and seen["interpret"] and seen["k_bits"] == 4
+  with pytest.raises(ValueError, match="interpret=True"):
+    pallas_kernels.quantized_attention(q, *pos, **kw, **skw, platform="cpu")
