@@ -14,10 +14,12 @@ from kvjax.presses import KnormPress, SnapKVPress
 
 CFG = models.ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2)
 NEW = 6
-PROMPTS = [list(np.random.default_rng(0).integers(0, 256, size=n)) for n in (3, 9, 5, 12, 7)]
+# Every sequence + NEW fits 16 tokens: the geometry of tests/kvjax/test_paged.py (2 rows,
+# 7 pages of 4, 16 tokens per row), so the decode compiles are shared with it.
+PROMPTS = [list(np.random.default_rng(0).integers(0, 256, size=n)) for n in (9, 8, 10, 7, 9)]
 PREFIX = list(np.random.default_rng(1).integers(0, 256, size=6))
 SUFFIXES = [list(np.random.default_rng(2 + i).integers(0, 256, size=n))
-            for i, n in enumerate((2, 5, 4))]
+            for i, n in enumerate((2, 4, 3))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,33 +28,46 @@ def _model():
 
 
 def _make(num_pages=7):
-  fac = lambda b: paged.layer_factory(b, CFG.num_kv_heads, CFG.head_dim,  # noqa: E731
-                                      num_pages=num_pages, page_size=4)
-  return lambda b: models.init_cache(CFG, b, 24, layer_factory=fac(b))
+  return paged.model_cache_fn(models.init_cache, CFG, num_pages=num_pages, page_size=4,
+                              max_tokens=16)
+
+
+def _engine(**kw):
+  return engine.Engine(_model(), _make(kw.pop("num_pages", 7)), max_batch=2, chunk=4, **kw)
 
 
 @functools.lru_cache(maxsize=None)
 def _reference():
-  """Greedy continuations of every test sequence, one batched dense-cache run."""
+  """Greedy continuations, each sequence fed token by token through a dense cache (no
+  paging, no chunks, no engine), two sequences at a time."""
   seqs = PROMPTS + [PREFIX + s for s in SUFFIXES]
-  t = max(map(len, seqs))
-  toks = np.zeros((len(seqs), t), np.int32)
-  for i, s in enumerate(seqs):
-    toks[i, :len(s)] = s
-  lg, c = models.prefill(_model(), jnp.asarray(toks), capacity=t + NEW, logits="last",
-                         prompt_lengths=jnp.asarray([len(s) for s in seqs]))
   out = []
-  for _ in range(NEW):
-    nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
-    out.append(np.asarray(nxt))
-    lg, c = models.decode(_model(), nxt[:, None], c, logits="last")
-  return np.stack(out, 1)
+  for i in range(0, len(seqs), 2):
+    pair = seqs[i:i + 2]
+    feed = [list(s) for s in pair]
+    gen = [[] for _ in pair]
+    cache = models.init_cache(CFG, 2, 16)
+    while any(len(g) < NEW for g in gen):
+      tok = np.zeros((2, 1), np.int32)
+      mask = np.zeros((2, 1), np.int32)
+      for r, f in enumerate(feed):
+        if len(gen[r]) < NEW:
+          tok[r, 0], mask[r, 0] = f.pop(0), 1
+      lg, cache = models.decode(_model(), jnp.asarray(tok), cache, logits="last",
+                                attention_mask=jnp.asarray(mask))
+      nxt = np.asarray(jnp.argmax(lg[:, -1], -1))
+      for r, f in enumerate(feed):
+        if mask[r, 0] and not f:          # the prompt is in: this logit is an output
+          gen[r].append(int(nxt[r]))
+          f.append(int(nxt[r]))
+    out.extend(gen)
+  return np.asarray(out)
 
 
 def test_continuous_batching_with_preemption_equals_greedy():
-  """5 requests, 3 rows, a 7-page pool: requests queue, get swapped out and back, and every
+  """5 requests, 2 rows, a 7-page pool: requests queue, get swapped out and back, and every
   output equals the request decoded alone (exact swaps, chunked prefill, ragged rows)."""
-  e = engine.Engine(_model(), _make(), max_batch=3, chunk=4)
+  e = _engine()
   reqs = e.run([engine.Request(p, NEW) for p in PROMPTS])
   np.testing.assert_array_equal([r.output for r in reqs], _reference()[:len(PROMPTS)])
   assert all(r.status == "done" for r in reqs)
@@ -63,23 +78,24 @@ def test_continuous_batching_with_preemption_equals_greedy():
 
 
 def test_shared_prefix_is_stored_once():
-  e = engine.Engine(_model(), _make(), max_batch=3, chunk=4)
+  e = _engine()
   pid = e.register_prefix(PREFIX)
   assert paged.pages_in_use(e.cache).tolist() == [2, 2]          # 6 tokens, one copy
   reqs = [e.submit(s, NEW, prefix=pid) for s in SUFFIXES]
-  e.step()                                                        # admits two of them
+  e.step()                                                        # admits the first
   prow = e.prefixes[pid][0]
   first_page = e._meta("page_table")[prow][0]                      # pylint: disable=protected-access
-  assert e._meta("refcount")[first_page] == 3                      # pylint: disable=protected-access
+  assert e._meta("refcount")[first_page] == 2                      # pylint: disable=protected-access
   e.run()
   np.testing.assert_array_equal([r.output for r in reqs], _reference()[len(PROMPTS):])
+  assert e.stats["prompt_tokens"] == sum(map(len, SUFFIXES))      # the prefix ran once
   assert paged.pages_in_use(e.cache).tolist() == [2, 2]          # only the prefix is left
 
 
 def test_compress_on_pressure_keeps_everyone_running():
   press = KnormPress(compression_ratio=0.5)
   pol = policy.CompressOnPressure(press, min_tokens=8)
-  e = engine.Engine(_model(), _make(), max_batch=3, chunk=4, policy=pol)
+  e = _engine(policy=pol)
   reqs = e.run([engine.Request(p, NEW) for p in PROMPTS])
   assert all(r.status == "done" and len(r.output) == NEW for r in reqs)
   assert e.stats["compressions"] >= 1 and e.stats["swaps_out"] == 0
@@ -89,7 +105,7 @@ def test_compress_on_pressure_keeps_everyone_running():
 def test_length_adaptive_compresses_only_long_prompts():
   pol = policy.Tiered([policy.LengthAdaptive(((8, None), (None, KnormPress(0.5)))),
                        policy.SwapOnPressure(compress="int8")])
-  e = engine.Engine(_model(), _make(), max_batch=3, chunk=4, policy=pol)
+  e = _engine(policy=pol)
   reqs = e.run([engine.Request(p, NEW) for p in PROMPTS])
   long_ = [len(p) > 8 for p in PROMPTS]
   assert [r.compressions > 0 for r in reqs] == long_
@@ -100,16 +116,16 @@ def test_length_adaptive_compresses_only_long_prompts():
 
 
 def test_rejections_name_sizes():
-  e = engine.Engine(_model(), _make(), max_batch=3, chunk=4)
-  with pytest.raises(ValueError, match="prompt 20 .* = 26 tokens.*max_pages=6"):
-    e.submit(list(range(20)), 6)
+  e = _engine()
+  with pytest.raises(ValueError, match="prompt 12 .* = 18 tokens.*max_pages=4"):
+    e.submit(list(range(12)), 6)
   with pytest.raises(ValueError, match="at least one prompt token"):
     e.submit([], 4)
   with pytest.raises(ValueError, match="prefix=3 is not registered"):
     e.submit([1, 2], 4, prefix=3)
-  small = engine.Engine(_model(), _make(num_pages=4), max_batch=1, chunk=4)
-  with pytest.raises(ValueError, match="needs 5 pages .* num_pages=4"):
-    small.submit(list(range(10)), 8)
+  small = _engine(num_pages=3)
+  with pytest.raises(ValueError, match="needs 4 pages .* num_pages=3"):
+    small.submit(list(range(10)), 4)
   with pytest.raises(ValueError, match="needs attention observations"):
     policy.CompressOnPressure(SnapKVPress(compression_ratio=0.5))
 

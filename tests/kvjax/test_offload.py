@@ -142,15 +142,15 @@ def test_model_row_preempted_by_swapping_resumes_identically():
   fac = paged.layer_factory(2, CFG.num_kv_heads, CFG.head_dim, num_pages=7, page_size=4)
   runs = []
   for swap in (False, True):
-    _, pc = models.prefill(m, tok[:, :5], cache=models.init_cache(CFG, 2, 16,
-                                                                  layer_factory=fac))
+    _, pc = models.prefill(m, tok[:, :5], logits="last",
+                           cache=models.init_cache(CFG, 2, 16, layer_factory=fac))
     if swap:
       sw, pc = offload.swap_out_rows(pc, [1])
       assert paged.pages_in_use(pc).tolist() == [2, 2]
       pc = offload.swap_in_rows(pc, sw, [1])
     runs.append([])
     for i in range(5, 9):
-      lg, pc = models.decode(m, tok[:, i:i + 1], pc)
+      lg, pc = models.decode(m, tok[:, i:i + 1], pc, logits="last")
       runs[-1].append(np.asarray(lg))
   np.testing.assert_array_equal(np.stack(runs[0]), np.stack(runs[1]))
 

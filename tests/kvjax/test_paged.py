@@ -32,7 +32,7 @@ def _attend(c, q, k, v, pos, spec):
   return c.attend(q, k, v, pos, spec, return_lse=True, return_colsum=True)
 
 
-@pytest.mark.parametrize("page_size,hq,hkv,window", [(4, 4, 2, None), (3, 8, 2, 6)])
+@pytest.mark.parametrize("page_size,hq,hkv,window", [(3, 8, 2, 6)])
 def test_paged_attention_equals_dense(page_size, hq, hkv, window):
   """Given ragged chunks appended to a paged and a dense cache, attention agrees exactly."""
   rng = np.random.default_rng(page_size)
@@ -221,6 +221,12 @@ def _paged_cache(batch, capacity=16, num_pages=PAGES, quant=None):
   return models.init_cache(CFG, batch, capacity, layer_factory=fac)
 
 
+# logits="last" everywhere: one compile per cache kind and shape, shared with kvjax.generate
+# (which asks for the last logits) and with the other test files using this geometry.
+_prefill = functools.partial(models.prefill, logits="last")
+_decode = functools.partial(models.decode, logits="last")
+
+
 def _toks(b, t, seed=1):
   return jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size, dtype=jnp.int32)
 
@@ -230,22 +236,22 @@ def test_model_decode_paged_equals_dense_and_generate_runs():
   m, tok = _model(), _toks(2, 10)
   mask = np.ones((2, 5), np.int32)
   mask[1, 3:] = 0                                     # a shorter right-padded prompt
-  lp, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2), attention_mask=mask)
-  ld, dc = models.prefill(m, tok[:, :5], capacity=16, attention_mask=mask)
+  lp, pc = _prefill(m, tok[:, :5], cache=_paged_cache(2), attention_mask=mask)
+  ld, dc = _prefill(m, tok[:, :5], capacity=16, attention_mask=mask)
   np.testing.assert_allclose(lp, ld, atol=1e-5)
   for i in range(5, 10):
-    lp, pc = models.decode(m, tok[:, i:i + 1], pc)
-    ld, dc = models.decode(m, tok[:, i:i + 1], dc)
+    lp, pc = _decode(m, tok[:, i:i + 1], pc)
+    ld, dc = _decode(m, tok[:, i:i + 1], dc)
     np.testing.assert_allclose(lp, ld, atol=1e-5)
   assert paged.pages_in_use(pc).tolist() == [3 + 2] * CFG.num_layers   # 10 and 8 tokens
   paged.check_invariants(pc.segments[0])
   # kvjax.generate through the adapter = a greedy loop on the dense cache
   a = kvjax.generate(paged.PagedModel(m, _paged_cache), tok[:, :5], max_new_tokens=4)
-  ld, dc = models.prefill(m, tok[:, :5], capacity=16)
+  ld, dc = _prefill(m, tok[:, :5], capacity=16)
   greedy = []
   for _ in range(4):
     greedy.append(np.asarray(jnp.argmax(ld[:, -1], -1)))
-    ld, dc = models.decode(m, jnp.asarray(greedy[-1])[:, None].astype(jnp.int32), dc)
+    ld, dc = _decode(m, jnp.asarray(greedy[-1])[:, None].astype(jnp.int32), dc)
   np.testing.assert_array_equal(a.tokens, np.stack(greedy, 1))
 
 
@@ -255,8 +261,8 @@ def test_prefix_sharing_stores_once_and_writes_stay_private():
   system = _toks(1, 6, seed=3)
   tok = jnp.concatenate([system, system], 0)
   only_row0 = np.array([[1] * 6, [0] * 6], np.int32)
-  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2), attention_mask=only_row0[:, :5])
-  _, pc = models.decode(m, tok[:, 5:6], pc, attention_mask=only_row0[:, 5:6])
+  _, pc = _prefill(m, tok[:, :5], cache=_paged_cache(2), attention_mask=only_row0[:, :5])
+  _, pc = _decode(m, tok[:, 5:6], pc, attention_mask=only_row0[:, 5:6])
   one = paged.pages_in_use(pc).copy()                     # 6 tokens -> 2 pages per layer
   assert one.tolist() == [2, 2]
   pc = paged.fork_rows(pc, [0], [1])
@@ -265,11 +271,11 @@ def test_prefix_sharing_stores_once_and_writes_stay_private():
   view0 = np.asarray(paged.to_dense(pc).segments[0].k[0])     # layer 0: [B, H, S, D]
   # each row continues with its own suffix; the shared half-full page is copied on write
   suffix = _toks(2, 4, seed=4)
-  _, dc = models.prefill(m, tok[:, :5], capacity=16)
-  _, dc = models.decode(m, tok[:, 5:6], dc)
+  _, dc = _prefill(m, tok[:, :5], capacity=16)
+  _, dc = _decode(m, tok[:, 5:6], dc)
   for i in range(4):
-    lp, pc = models.decode(m, suffix[:, i:i + 1], pc)
-    ld, dc = models.decode(m, suffix[:, i:i + 1], dc)
+    lp, pc = _decode(m, suffix[:, i:i + 1], pc)
+    ld, dc = _decode(m, suffix[:, i:i + 1], dc)
     np.testing.assert_allclose(lp, ld, atol=1e-5)
   after0 = np.asarray(paged.to_dense(pc).segments[0].k[0])
   np.testing.assert_array_equal(after0[0, :, :6], view0[0, :, :6])   # row 0's prefix intact
@@ -283,20 +289,20 @@ def test_prefix_sharing_stores_once_and_writes_stay_private():
 
 def test_model_out_of_pages_is_a_clean_error():
   m, tok = _model(), _toks(2, 13)
-  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
+  _, pc = _prefill(m, tok[:, :5], cache=_paged_cache(2))
   for i in range(5, 12):
-    _, pc = models.decode(m, tok[:, i:i + 1], pc)            # 12 tokens: 6 of 7 pages
+    _, pc = _decode(m, tok[:, i:i + 1], pc)            # 12 tokens: 6 of 7 pages
   with pytest.raises(paged.OutOfPages, match="needs 2 new pages but only 1"):
-    models.decode(m, tok[:, 12:13], pc)
+    _decode(m, tok[:, 12:13], pc)
   # jitted path (no host check): nothing written, flag raised
   before = paged.to_dense(pc)
-  _, pc2 = models.decode(m, tok[:, 12:13], pc, check_capacity=False)
+  _, pc2 = _decode(m, tok[:, 12:13], pc, check_capacity=False)
   assert paged.overflowed(pc2)
   after = paged.to_dense(pc2)
   np.testing.assert_array_equal(after.segments[0].lengths, before.segments[0].lengths)
   np.testing.assert_array_equal(after.segments[0].k, before.segments[0].k)
   with pytest.raises(ValueError, match="whole pool has num_pages=4"):
-    models.prefill(m, _toks(1, 20), cache=_paged_cache(1, capacity=20, num_pages=4))
+    _prefill(m, _toks(1, 20), cache=_paged_cache(1, capacity=20, num_pages=4))
 
 
 def test_press_on_paged_cache_frees_pages_and_matches_dense():
@@ -304,11 +310,11 @@ def test_press_on_paged_cache_frees_pages_and_matches_dense():
   from kvjax.presses import KnormPress  # pylint: disable=import-outside-toplevel
   m, tok = _model(), _toks(2, 12)
   press = KnormPress(compression_ratio=0.5)
-  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
-  _, dc = models.prefill(m, tok[:, :5], capacity=16)
+  _, pc = _prefill(m, tok[:, :5], cache=_paged_cache(2))
+  _, dc = _prefill(m, tok[:, :5], capacity=16)
   for i in range(5, 10):
-    _, pc = models.decode(m, tok[:, i:i + 1], pc)
-    _, dc = models.decode(m, tok[:, i:i + 1], dc)
+    _, pc = _decode(m, tok[:, i:i + 1], pc)
+    _, dc = _decode(m, tok[:, i:i + 1], dc)
   assert paged.pages_in_use(pc).tolist() == [6, 6]
   pc = paged.PagedPress(press).compress_model(pc, None, CFG)
   dc = press.compress_model(dc, None, CFG, room=8)        # capacity 8 + 8: same shapes
@@ -316,11 +322,11 @@ def test_press_on_paged_cache_frees_pages_and_matches_dense():
   np.testing.assert_array_equal(pc.next_position, [10, 10])
   paged.check_invariants(pc.segments[0])
   for i in range(10, 12):
-    lp, pc = models.decode(m, tok[:, i:i + 1], pc)
-    ld, dc = models.decode(m, tok[:, i:i + 1], dc)
+    lp, pc = _decode(m, tok[:, i:i + 1], pc)
+    ld, dc = _decode(m, tok[:, i:i + 1], dc)
     np.testing.assert_allclose(lp, ld, atol=1e-5)
   # only some rows: row 1 keeps all its pages
-  _, pc = models.prefill(m, tok[:, :5], cache=_paged_cache(2))
+  _, pc = _prefill(m, tok[:, :5], cache=_paged_cache(2))
   pc = paged.PagedPress(press).compress_model(pc, None, CFG, rows=[0])
   assert paged.pages_in_use(pc).tolist() == [3, 3]           # row 0: 5 -> 2 tokens
   np.testing.assert_array_equal(paged.to_dense(pc).segments[0].lengths[0], [[2, 2], [5, 5]])
