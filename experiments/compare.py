@@ -647,8 +647,18 @@ def main(argv):
   print(results.table(rows, title=title))
   verdict = results.frontier_verdict(rows)
   if verdict:
-    print("\nlargest compression factor within 1 point of full-cache mean accuracy:")
+    acc = results.full_accuracy(rows)
+    print("\nlargest compression factor within 1 point of full-cache mean accuracy"
+          f" (full cache: {100 * acc:.1f}%):")
+    if acc is not None and acc < 0.5:
+      print("  (the full cache itself is below 50%: this accuracy verdict says little; "
+            "see the perplexity verdict)")
     for fam, (f, t) in verdict.items():
+      print(f"  {fam:<28} " + (f"{f:.2f}x ({t})" if f else "none of the tested settings"))
+  pverdict = results.perplexity_verdict(rows)
+  if pverdict:
+    print("largest compression factor within 1% of full-cache held-out perplexity:")
+    for fam, (f, t) in pverdict.items():
       print(f"  {fam:<28} " + (f"{f:.2f}x ({t})" if f else "none of the tested settings"))
   if FLAGS.plots:
     paths.update(plots.all_plots(rows, FLAGS.out_dir, title))

@@ -165,8 +165,7 @@ def frontier_verdict(rows: Iterable[Mapping], tolerance: float = 0.01,
   for s in summ:
     if s["technique"] == "full":
       continue
-    fam = s["technique"].split("@")[0] if "+" not in s["technique"] else \
-        s["technique"].split("@")[0] + "+" + s["technique"].split("+")[-1]
+    fam = _family_key(s["technique"])
     best.setdefault(fam, (None, None))
     if any(t not in s["scores"] for t in acc_tasks):
       continue
@@ -175,3 +174,41 @@ def frontier_verdict(rows: Iterable[Mapping], tolerance: float = 0.01,
       if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
         best[fam] = (s["kv_factor"], s["technique"])
   return best
+
+
+def perplexity_verdict(rows: Iterable[Mapping], tolerance: float = 0.01) -> dict:
+  """Per family: the largest compression factor whose held-out perplexity is within
+  `tolerance` (relative) of the full cache's. {family: (factor or None, technique or None)}.
+  """
+  summ = summary(rows)
+  full = next((s for s in summ if s["technique"] == "full"), None)
+  if full is None or "perplexity" not in full["scores"]:
+    return {}
+  ref = full["scores"]["perplexity"]
+  best: dict = {}
+  for s in summ:
+    if s["technique"] == "full":
+      continue
+    fam = _family_key(s["technique"])
+    best.setdefault(fam, (None, None))
+    ppl = s["scores"].get("perplexity")
+    if ppl is not None and ppl <= ref * (1 + tolerance) and s["kv_factor"] is not None:
+      if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
+        best[fam] = (s["kv_factor"], s["technique"])
+  return best
+
+
+def _family_key(technique: str) -> str:
+  """"snapkv@0.5" -> "snapkv"; "snapkv@0.5+int8" -> "snapkv+int8"; "int4" -> "int4"."""
+  if "+" in technique:
+    return technique.split("@")[0] + "+" + technique.split("+")[-1]
+  return technique.split("@")[0]
+
+
+def full_accuracy(rows: Iterable[Mapping]) -> Optional[float]:
+  """Mean accuracy of the full cache over the accuracy tasks (None without a full row)."""
+  full = next((s for s in summary(rows) if s["technique"] == "full"), None)
+  if full is None:
+    return None
+  accs = [v for t, v in full["scores"].items() if t != "perplexity"]
+  return sum(accs) / len(accs) if accs else None

@@ -62,3 +62,14 @@ def test_plots_write_pngs(tmp_path):
   got = plots.all_plots(ROWS, str(tmp_path))
   assert set(got) == {"frontier", "needle", "throughput"}
   assert all(os.path.getsize(p) > 1000 for p in got.values())
+
+
+def test_perplexity_verdict_relative_tolerance():
+  rows = [_row("full", "full", "perplexity", 3.0),
+          _row("knorm@0.5", "press", "perplexity", 3.02, kvf=2.0),    # +0.7%
+          _row("knorm@0.9", "press", "perplexity", 3.5, kvf=10.0),    # +17%
+          _row("int8", "quant", "perplexity", 3.001, kvf=1.9)]
+  v = results.perplexity_verdict(rows)
+  assert v == {"knorm": (2.0, "knorm@0.5"), "int8": (1.9, "int8")}
+  # passkey 100, kv 90, needle mean(100, 50) = 75 -> 88.3
+  assert abs(results.full_accuracy(ROWS) - (1.0 + 0.9 + 0.75) / 3) < 1e-12
