@@ -364,6 +364,9 @@ class PagedKVCache:
 
   def _attend(self, layer, q, k_new, v_new, q_positions, spec, **kw):
     new, dest = _write(self, layer, k_new, v_new, _headwise(q_positions, k_new.shape[1]))
+    fused = _fused_attend(self, new, layer, q, k_new, v_new, q_positions, spec, **kw)
+    if fused is not None:
+      return fused, new
     k, v, pos, lengths = dense_view(new, layer)
     if self.quant is not None:
       # The chunk's own keys/values are used exactly (the past is read decoded).
@@ -510,6 +513,45 @@ def _write(cache: PagedKVCache, layer, k_new, v_new, pos_h):
     upd[f] = _pool_scatter(arr, layer, plan.pid, plan.off, vals[f])
   new = cache.replace(**upd)._with_meta(layer, plan.meta)  # pylint: disable=protected-access
   return new, plan.dest
+
+
+def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
+                  return_colsum=False, colsum_window=None, return_lse=False):
+  """The pallas_kernels paged decode kernel, reading the pool in place, when spec.backend
+  resolves to "pallas" and the kernel handles the options ("auto": on GPU/TPU; "pallas" on
+  CPU: interpret mode); else None (reference path). Same semantics as the reference:
+  quantized pools are read for the past tokens and the chunk is attended exactly."""
+  del colsum_window
+  on_accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
+  if spec.backend == "xla" or return_colsum or (spec.backend == "auto" and not on_accel):
+    return None
+  try:
+    import pallas_kernels  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  quant = old.quant
+  fmt = {} if quant is None else dict(fmt=quant.fmt, k_bits=quant.k_bits, v_bits=quant.v_bits,
+                                      group_size=quant.group_size)
+  if not pallas_kernels.supports_paged(
+      **fmt, head_dim=old.head_dim, head_dim_v=old.v_head_dim, dtype=q.dtype,
+      num_queries=q.shape[2], scale=spec.scale, window=spec.window,
+      sink_tokens=spec.sink_tokens, softcap=spec.softcap):
+    return None
+  meta, extra = new._meta(layer), {}  # pylint: disable=protected-access
+  lengths = meta["lengths"]
+  if quant is not None:
+    dt = jnp.dtype(old.dtype)
+    lengths = old._meta(layer)["lengths"]  # pylint: disable=protected-access
+    extra = dict(k_res=k_new.astype(dt), v_res=v_new.astype(dt),
+                 res_positions=_headwise(q_positions, k_new.shape[1]),
+                 res_lengths=jnp.full(lengths.shape, k_new.shape[2], jnp.int32))
+  out, lse = pallas_kernels.paged_attention(
+      q, new.k_pages, new.v_pages, meta["page_table"], lengths, q_positions=q_positions,
+      pos_pages=new.pos_pages, k_scale=new.k_scale, k_zero=new.k_zero, v_scale=new.v_scale,
+      v_zero=new.v_zero, layer=layer, sink_logits=sink_logits, scale=spec.scale,
+      causal=spec.causal, window=spec.window, sink_tokens=spec.sink_tokens,
+      softcap=spec.softcap, interpret=not on_accel, **fmt, **extra)
+  return attn_lib.AttentionOutput(out, lse if return_lse else None, None)
 
 
 def dense_view(cache: PagedKVCache, layer=None):
@@ -874,13 +916,26 @@ class PagedPress:
     dense = self.press.compress_model(to_dense(model_cache), obs_list, config, **kw)
     return _repage_model(model_cache, dense, mask)
 
-  def maybe_compress(self, cache, step):
-    """Decode-time use (kvjax.generate(decode_press=...)) for presses with maybe_compress."""
+  def maybe_compress(self, cache, step, obs=None):
+    """Decode-time hook (kvjax.generate(decode_press=PagedPress(DecodingPress(...)))).
+
+    The wrapped press sees the dense view (so "full" means a row filled its page table, not
+    that the pool is short: pool pressure is kvjax.policy's job) and the rows are re-paged
+    only when it compressed. The view is gathered every step: O(cache) extra reads.
+    """
     inner = getattr(self.press, "maybe_compress", None)
     if inner is None:
       raise ValueError(f"{type(self.press).__name__} has no maybe_compress")
-    dense = inner(to_dense(cache), step)
-    return _repage_model(cache, dense, jnp.ones((cache.batch,), bool))
+    before = getattr(self.press, "compressions", None)
+    dense = to_dense(cache)
+    out = inner(dense, step) if obs is None else inner(dense, step, obs=obs)
+    if out is dense or (before is not None and self.press.compressions == before):
+      return cache
+    return _repage_model(cache, out, jnp.ones((cache.batch,), bool))
+
+  def reset(self):
+    if hasattr(self.press, "reset"):
+      self.press.reset()
 
 
 class PagedModel:

@@ -325,6 +325,16 @@ def test_press_on_paged_cache_frees_pages_and_matches_dense():
     lp, pc = _decode(m, tok[:, i:i + 1], pc)
     ld, dc = _decode(m, tok[:, i:i + 1], dc)
     np.testing.assert_allclose(lp, ld, atol=1e-5)
+  # decode-time compression through kvjax.generate = the same on a dense cache
+  from kvjax.presses import DecodingPress  # pylint: disable=import-outside-toplevel
+  dp = lambda: DecodingPress(press, compression_interval=3, target_size=6)  # noqa: E731
+  wrapped = paged.PagedPress(dp())
+  a = kvjax.generate(paged.PagedModel(m, _paged_cache), tok[:, :5], max_new_tokens=8,
+                     decode_press=wrapped, capacity=16)
+  b = kvjax.generate(m, tok[:, :5], max_new_tokens=8, decode_press=dp(), capacity=16)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert wrapped.press.compressions >= 1
+  assert paged.pages_in_use(a.cache).tolist() == [4, 4]      # 6 kept + 2 new per row
   # only some rows: row 1 keeps all its pages
   _, pc = _prefill(m, tok[:, :5], cache=_paged_cache(2))
   pc = paged.PagedPress(press).compress_model(pc, None, CFG, rows=[0])
