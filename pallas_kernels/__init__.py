@@ -229,6 +229,8 @@ def supports_quantized(**static_args) -> bool:
   """
   a = dict(static_args)
   a.pop("quantized", None)
+  if a.pop("pre_rope", False) or a.pop("outlier_frac", 0.0):
+    return False
   return _supports_formats(a, axes=True) and _supports_decode(a)
 
 

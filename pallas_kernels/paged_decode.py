@@ -31,6 +31,11 @@ them. Grid (B, Hkv, num_splits, steps), the running state in VMEM scratch. jax's
 issues its page copies by hand instead; the BlockSpec form keeps the pipeline (and TPU
 interpret mode) in charge of the DMAs.
 
+Stacked pools ([L, N, ...], a kvjax ModelCache segment) are read in place at `layer`
+(a scalar-prefetched / loaded index), never sliced into a per-layer copy. Optional exact
+slots (`k_res` ..., e.g. the current chunk of a quantized pool) are attended by the dense
+decode kernel and merged by an exact log-sum-exp combine.
+
 GPU (Triton): grid (B, Hkv, num_splits); each program loops over blocks of `block_k`
 logical slots, loads the block's page numbers from the table, and gathers K/V rows from
 the pool with indexed, masked loads (page, head, offset, column), so any page size works.
@@ -66,8 +71,8 @@ def _formats(fmt, k_bits, v_bits, group_size, k_zero, v_zero):
 # TPU kernel
 # ----------------------------------------------------------------------------------------
 
-def _kernel_tpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, ppb: int,
-                page_size: int, num_kv_heads: int, has_pos: bool):
+def _kernel_tpu(lengths_ref, ranges_ref, pt_ref, layer_ref, qpos_ref, q_ref, *refs, st,
+                ppb: int, page_size: int, num_kv_heads: int, has_pos: bool):
   kf, vf = st.kf, st.vf
   nk, nv = kf.num_arrays(), vf.num_arrays()
   per_page = nk + nv + has_pos
@@ -80,7 +85,7 @@ def _kernel_tpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, ppb
   a1, n1, a2, n2 = (ranges_ref[4 * bh], ranges_ref[4 * bh + 1], ranges_ref[4 * bh + 2],
                     ranges_ref[4 * bh + 3])
   start, end = dense._split_bounds(a1, n1, a2, n2, split, st.num_splits)  # pylint: disable=protected-access
-  del pt_ref
+  del pt_ref, layer_ref
 
   @pl.when(i == 0)
   def _init():
@@ -126,8 +131,8 @@ def _kernel_tpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, ppb
     lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths, ranges, *,
-             st, ppb, page_size, num_blocks, interpret):
+def _run_tpu(k_arrays, v_arrays, pos_view, page_table, layer, q_rows, row_pos, lengths,
+             ranges, *, st, ppb, page_size, num_blocks, interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   b, hkv, r, _ = q_rows.shape
   m_pages = page_table.shape[1]
@@ -138,7 +143,7 @@ def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths,
   qpos_lanes = jnp.broadcast_to(row_pos[:, :, None], (b, r, C.LANES)).astype(jnp.int32)
 
   def page_map(j):
-    def imap(bi, hi, split, i, lengths_ref, ranges_ref, pt_ref):
+    def imap(bi, hi, split, i, lengths_ref, ranges_ref, pt_ref, layer_ref):
       bh = bi * hkv + hi
       base = 4 * bh
       blk = dense._resident_block(ranges_ref[base], ranges_ref[base + 1],  # pylint: disable=protected-access
@@ -152,7 +157,7 @@ def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths,
       logical = jnp.where(logical <= last, logical, jnp.where(prev >= 0, prev, last))
       logical = jnp.clip(logical, 0, m_pages - 1)
       page = jnp.maximum(pt_ref[bi * m_pages + logical], 0)
-      return page, hi
+      return layer_ref[0], page, hi
     return imap
 
   def page_specs(j):
@@ -160,12 +165,12 @@ def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths,
     rows = lambda *a: (*imap(*a), 0, 0)
     specs = []
     for fmt, dim in ((st.kf, st.d), (st.vf, st.dv)):
-      specs.append(pl.BlockSpec((_SQ, _SQ, page_size, dim // fmt.per), rows))
+      specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, page_size, dim // fmt.per), rows))
       if fmt.has_scale:
         ng = dim // fmt.channel_group(dim)
-        specs += [pl.BlockSpec((_SQ, _SQ, page_size, ng), rows)] * (1 + fmt.has_zero)
+        specs += [pl.BlockSpec((_SQ, _SQ, _SQ, page_size, ng), rows)] * (1 + fmt.has_zero)
     if pos_view is not None:
-      specs.append(pl.BlockSpec((_SQ, _SQ, 1, page_size), rows))
+      specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, 1, page_size), rows))
     return specs
 
   page_arrays = list(k_arrays) + list(v_arrays) + ([pos_view] if pos_view is not None else [])
@@ -185,7 +190,7 @@ def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths,
   o_parts, lse_parts = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
+          num_scalar_prefetch=4,
           grid=(b, hkv, st.num_splits, steps),
           in_specs=in_specs,
           out_specs=out_specs,
@@ -198,8 +203,8 @@ def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths,
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=C.resolve_interpret("tpu", interpret),
       name="paged_decode_attention_tpu",
-  )(lengths.reshape(-1), ranges.reshape(-1), page_table.reshape(-1), qpos_lanes, q_planes,
-    *(page_arrays * ppb))
+  )(lengths.reshape(-1), ranges.reshape(-1), page_table.reshape(-1), layer, qpos_lanes,
+    q_planes, *(page_arrays * ppb))
   return o_parts, lse_parts[..., 0]
 
 
@@ -207,8 +212,8 @@ def _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos, lengths,
 # GPU kernel
 # ----------------------------------------------------------------------------------------
 
-def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, page_size: int,
-                has_pos: bool):
+def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, layer_ref, qpos_ref, q_ref, *refs, st,
+                page_size: int, has_pos: bool):
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   kf, vf = st.kf, st.vf
   nk, nv = kf.num_arrays(), vf.num_arrays()
@@ -216,6 +221,7 @@ def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, pag
   pos_ref = refs[nk + nv] if has_pos else None
   o_ref, lse_ref = refs[nk + nv + has_pos:]
   h, split = pl.program_id(1), pl.program_id(2)
+  layer = layer_ref[0]
   length = lengths_ref[...]
   a1, n1, a2, n2 = ranges_ref[0], ranges_ref[1], ranges_ref[2], ranges_ref[3]
   start, end = dense._split_bounds(a1, n1, a2, n2, split, st.num_splits)  # pylint: disable=protected-access
@@ -237,10 +243,10 @@ def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, pag
     page = jnp.maximum(page, 0)
 
     def row_index(rows):
-      # rows are the block's slots ([n] or [n, cols]); map them to (page, head, offset).
+      # rows: the block's slots ([n] or [n, cols]) -> (layer, page, head, offset).
       pg, of = (page, off) if rows.ndim == 1 else (page[:, None], off[:, None])
-      return (jnp.broadcast_to(pg, rows.shape), jnp.full(rows.shape, h, jnp.int32),
-              jnp.broadcast_to(of, rows.shape))
+      return (jnp.full(rows.shape, layer, jnp.int32), jnp.broadcast_to(pg, rows.shape),
+              jnp.full(rows.shape, h, jnp.int32), jnp.broadcast_to(of, rows.shape))
 
     kb = Q.gpu_block(k_refs, kf, kf.scale_mode(st.d), st.d, slot, valid, dpk_pad, row_index)
     vb = Q.gpu_block(v_refs, vf, vf.scale_mode(st.dv), st.dv, slot, valid, dpv_pad,
@@ -264,8 +270,8 @@ def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, qpos_ref, q_ref, *refs, st, pag
   lse_ref[...] = lse.reshape(r)
 
 
-def _run_gpu(k_arrays, v_arrays, pos_pages, page_table, q_rows, row_pos, lengths, ranges,
-             *, st, page_size, interpret, num_warps, num_stages):
+def _run_gpu(k_arrays, v_arrays, pos_pages, page_table, layer, q_rows, row_pos, lengths,
+             ranges, *, st, page_size, interpret, num_warps, num_stages):
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   b, hkv, r, d = q_rows.shape
   m_pages = page_table.shape[1]
@@ -279,6 +285,7 @@ def _run_gpu(k_arrays, v_arrays, pos_pages, page_table, q_rows, row_pos, lengths
       pl.BlockSpec((_SQ, _SQ), lambda bi, hi, sp: (bi, hi)),
       pl.BlockSpec((_SQ, _SQ, 4), lambda bi, hi, sp: (bi, hi, 0)),
       pl.BlockSpec((_SQ, m_pages), lambda bi, hi, sp: (bi, 0)),
+      pl.BlockSpec((1,), lambda bi, hi, sp: (0,)),
       pl.BlockSpec((_SQ, r), lambda bi, hi, sp: (bi, 0)),
       pl.BlockSpec((_SQ, _SQ, per_k, r, dpk_pad), lambda bi, hi, sp: (bi, hi, 0, 0, 0)),
       *[whole(a) for a in pool],
@@ -300,7 +307,7 @@ def _run_gpu(k_arrays, v_arrays, pos_pages, page_table, q_rows, row_pos, lengths
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=C.resolve_interpret("gpu", interpret),
       name="paged_decode_attention_gpu",
-  )(lengths, ranges, page_table, row_pos, q_planes, *pool)
+  )(lengths, ranges, page_table, layer, row_pos, q_planes, *pool)
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,10 +338,32 @@ _STATIC = ("fmt", "k_bits", "v_bits", "group_size", "scale", "causal", "window",
            "interpret", "num_warps", "num_stages")
 
 
+def _layer_views(layer, arrays: dict):
+  """Pools as [L, N, ...] plus an int32[1] layer index, and 4-D shape views to validate.
+
+  Unstacked pools get a unit layer axis (a free reshape); stacked ones ([L, N, Hkv, P, ..],
+  a kvjax ModelCache segment) are read in place at `layer`, never sliced into a copy.
+  """
+  if layer is None:
+    stacked = {k: None if a is None else a[None] for k, a in arrays.items()}
+    index = jnp.zeros((1,), jnp.int32)
+  else:
+    for k, a in arrays.items():
+      if a is not None and a.ndim != (4 if k == "pos_pages" else 5):
+        raise ValueError(f"with layer=, {k} must carry a leading layer axis; got shape "
+                         f"{a.shape}")
+    stacked = arrays
+    index = jnp.asarray(layer, jnp.int32).reshape(1)
+  views = {k: None if a is None else jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+           for k, a in stacked.items()}
+  return stacked, index, views
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def paged_decode_attention(
     q, k_pages, v_pages, page_table, lengths, *, q_positions, pos_pages=None, k_scale=None,
-    k_zero=None, v_scale=None, v_zero=None, sink_logits=None, fmt: str = "float",
+    k_zero=None, v_scale=None, v_zero=None, layer=None, k_res=None, v_res=None,
+    res_positions=None, res_lengths=None, sink_logits=None, fmt: str = "float",
     k_bits: int = 8, v_bits: int = 8, group_size: Optional[int] = None,
     scale: Optional[float] = None, causal: bool = True, window: Optional[int] = None,
     sink_tokens: int = 0, softcap: Optional[float] = None,
@@ -353,6 +382,12 @@ def paged_decode_attention(
     pos_pages: optional [N, Hkv, P] int32 slot positions (None: position = logical slot).
     k_scale, k_zero, v_scale, v_zero: per-token scales / zeros [N, Hkv, P, D // g] of a
       quantized pool (zeros None = symmetric codes).
+    layer: optional int32 scalar: the pools (and pos_pages) then carry a leading layer
+      axis [L, N, ...] (a stacked kvjax cache) and layer `layer` is read in place;
+      page_table / lengths are that layer's.
+    k_res, v_res, res_positions, res_lengths: optional exact slots attended besides the
+      pool ([B, Hkv, R, D], [B, Hkv, R, Dv], [B, Hkv, R], [B, Hkv]), e.g. the current
+      chunk of a quantized pool; merged exactly (dense decode kernel + lse combine).
     sink_logits: optional [Hq] learned sink logits.
     fmt: "float" (plain pool) | "int" | "fp8_e4m3" | "fp8_e5m2"; k_bits / v_bits for
       "int"; group_size: channels per scale (None = whole head).
@@ -369,6 +404,10 @@ def paged_decode_attention(
   C.check_static(window=window, sink_tokens=sink_tokens, softcap=softcap, scale=scale)
   if fmt not in Q.FORMATS:
     raise ValueError(f"fmt={fmt!r}; allowed: {Q.FORMATS}")
+  stacked, layer_index, views = _layer_views(layer, dict(
+      k_pages=k_pages, v_pages=v_pages, k_scale=k_scale, k_zero=k_zero, v_scale=v_scale,
+      v_zero=v_zero, pos_pages=pos_pages))
+  k_pages, v_pages, pos_pages = views["k_pages"], views["v_pages"], views["pos_pages"]
   if k_pages.ndim != 4 or v_pages.ndim != 4:
     raise ValueError(f"pools must be [N, Hkv, P, D]; got k_pages{k_pages.shape}, "
                      f"v_pages{v_pages.shape}")
@@ -384,8 +423,10 @@ def paged_decode_attention(
   kf, vf = _formats(fmt, k_bits, v_bits, group_size, k_zero, v_zero)
   dv = v_pages.shape[-1] * vf.per
   C.check_head_dim("value head_dim", dv)
-  kf.check(k_pages, k_scale, k_zero, dim=d, slots=page_size, what="k_pages")
-  vf.check(v_pages, v_scale, v_zero, dim=dv, slots=page_size, what="v_pages")
+  kf.check(k_pages, views["k_scale"], views["k_zero"], dim=d, slots=page_size,
+           what="k_pages")
+  vf.check(v_pages, views["v_scale"], views["v_zero"], dim=dv, slots=page_size,
+           what="v_pages")
   if v_pages.shape[:3] != (n_pages, hkv, page_size):
     raise ValueError(f"v_pages shape {v_pages.shape}; expected leading dims "
                      f"{(n_pages, hkv, page_size)}")
@@ -422,24 +463,34 @@ def paged_decode_attention(
     ranges = C.length_ranges(lengths, bk)
   else:
     # Block ranges need slot positions: int32 only, never K/V.
-    kpos = logical_positions(pos_pages, page_table, lengths, slots)
+    pos_l = None if pos_pages is None else stacked["pos_pages"][layer_index[0]]
+    kpos = logical_positions(pos_l, page_table, lengths, slots)
     ranges = C.key_ranges(q_positions, kpos, lengths, block_q=t, block_k=bk, spec=spec)
   ranges = ranges.packed()[:, :, 0]
-  k_arrays = [a for a in (k_pages, k_scale, k_zero) if a is not None]
-  v_arrays = [a for a in (v_pages, v_scale, v_zero) if a is not None]
-  pos = None if pos_pages is None else pos_pages.astype(jnp.int32)
+  k_arrays = [stacked[k] for k in ("k_pages", "k_scale", "k_zero") if stacked[k] is not None]
+  v_arrays = [stacked[k] for k in ("v_pages", "v_scale", "v_zero") if stacked[k] is not None]
+  pos = None if pos_pages is None else stacked["pos_pages"].astype(jnp.int32)
   if platform == "tpu":
-    pos_view = None if pos is None else pos.reshape(n_pages, hkv, 1, page_size)
-    o_parts, lse_parts = _run_tpu(k_arrays, v_arrays, pos_view, page_table, q_rows, row_pos,
-                                  lengths, ranges, st=st, ppb=bk // page_size,
-                                  page_size=page_size, num_blocks=nkb, interpret=interpret)
+    pos_view = None if pos is None else pos.reshape(pos.shape[:3] + (1, page_size))
+    o_parts, lse_parts = _run_tpu(k_arrays, v_arrays, pos_view, page_table, layer_index,
+                                  q_rows, row_pos, lengths, ranges, st=st,
+                                  ppb=bk // page_size, page_size=page_size, num_blocks=nkb,
+                                  interpret=interpret)
   else:
-    o_parts, lse_parts = _run_gpu(k_arrays, v_arrays, pos, page_table, q_rows, row_pos,
-                                  lengths, ranges, st=st, page_size=page_size,
+    o_parts, lse_parts = _run_gpu(k_arrays, v_arrays, pos, page_table, layer_index, q_rows,
+                                  row_pos, lengths, ranges, st=st, page_size=page_size,
                                   interpret=interpret, num_warps=num_warps,
                                   num_stages=num_stages)
   o_rows, lse_rows = Q.combine_parts(o_parts, lse_parts, dv)
-  out, lse = Q.unarrange_rows(o_rows, lse_rows, hq=hq, t=t)
+  parts = [Q.unarrange_rows(o_rows, lse_rows, hq=hq, t=t)]
+  res = (k_res, v_res, res_positions, res_lengths)
+  if any(x is not None for x in res):
+    if not all(x is not None for x in res):
+      raise ValueError("k_res, v_res, res_positions and res_lengths go together")
+    parts.append(Q.residual_part(q, k_res, v_res, res_lengths, q_positions, res_positions,
+                                 spec=spec, platform=platform, interpret=interpret,
+                                 num_warps=num_warps, num_stages=num_stages))
+  out, lse = Q.merge_exact(parts)
   if sink_logits is not None:
     out, lse = C.apply_sink_logits(out, lse, sink_logits)
   return out.astype(q.dtype), lse
@@ -449,10 +500,16 @@ def paged_decode_attention(
                                              "causal", "window", "sink_tokens", "softcap"))
 def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, *, q_positions,
                            pos_pages=None, k_scale=None, k_zero=None, v_scale=None,
-                           v_zero=None, sink_logits=None, fmt="float", k_bits=8, v_bits=8,
-                           group_size=None, scale=None, causal=True, window=None,
+                           v_zero=None, layer=None, k_res=None, v_res=None,
+                           res_positions=None, res_lengths=None, sink_logits=None,
+                           fmt="float", k_bits=8,
+                           v_bits=8, group_size=None, scale=None, causal=True, window=None,
                            sink_tokens=0, softcap=None):
   """Pure-jnp reference: gather the pages into a dense view, dequantize, attend."""
+  if layer is not None:
+    sl = lambda a: None if a is None else a[layer]
+    k_pages, v_pages, pos_pages = sl(k_pages), sl(v_pages), sl(pos_pages)
+    k_scale, k_zero, v_scale, v_zero = sl(k_scale), sl(k_zero), sl(v_scale), sl(v_zero)
   kf, vf = _formats(fmt, k_bits, v_bits, group_size, k_zero, v_zero)
   d = q.shape[-1]
   dv = v_pages.shape[-1] * vf.per
@@ -461,6 +518,14 @@ def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, *, q_positi
   v = Q.dequantize(gather(v_pages), gather(v_scale), gather(v_zero), vf, dv)
   slots = k.shape[2]
   pos = logical_positions(pos_pages, page_table, lengths, slots)
+  if k_res is not None:
+    rslot = jnp.arange(k_res.shape[2], dtype=jnp.int32)
+    k = jnp.concatenate([k, k_res.astype(jnp.float32)], axis=2)
+    v = jnp.concatenate([v, v_res.astype(jnp.float32)], axis=2)
+    pos = jnp.concatenate([pos, jnp.where(rslot < res_lengths[..., None], res_positions, -1)],
+                          axis=-1)
+    slots = k.shape[2]
+    lengths = jnp.full(lengths.shape, slots, jnp.int32)
   out, lse, _ = attention_reference(q, k, v, jnp.clip(lengths, 0, slots),
                                     q_positions=q_positions, k_positions=pos, scale=scale,
                                     causal=causal, window=window, sink_tokens=sink_tokens,

@@ -1,8 +1,9 @@
 """Paged decode kernel (TPU + GPU variants, interpret mode on CPU) against the reference.
 
-The reference gathers each row's pages into a dense view and runs reference attention;
-one case builds its pool with kvjax.paged itself and also checks that the reference
-equals attention over `kvjax.paged.dense_view`, so the kernel reads the real layout.
+The reference gathers each row's pages into a dense view and runs reference attention.
+Pools are written by kvjax.paged itself where possible, and the GPU kernel is checked
+through kvjax's own dispatch (PagedKVCache.attend_stacked with backend="pallas" vs
+"xla", which reads `kvjax.paged.dense_view`), so the kernels read the real layout.
 """
 
 import functools
@@ -16,14 +17,16 @@ from kvjax import paged as paged_lib
 from kvjax.quant import spec as quant_spec
 from pallas_kernels import paged_decode as pd
 from pallas_kernels.reference import attention_reference
-from tests.pallas_kernels._util import assert_close, call_fast, lower_for, require_backend
+from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, lower_for,
+                                        require_backend)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 _MASK_KEYS = ("scale", "causal", "window", "sink_tokens", "softcap")
 
 
 @functools.partial(jax.jit, static_argnames=("kv_heads", "page_size", "num_pages",
-                                             "max_pages", "quant"))
+                                             "max_pages", "quant"),
+                   compiler_options=FAST_COMPILE if jax.default_backend() == "cpu" else None)
 def _kvjax_pool(k, v, positions, *, kv_heads, page_size, num_pages, max_pages, quant):
   c = paged_lib.PagedKVCache.init(k.shape[0], kv_heads, k.shape[-1], num_pages=num_pages,
                                   page_size=page_size, max_pages=max_pages, quant=quant)
@@ -103,27 +106,6 @@ def _check(platform, arrays, static, q, qpos, kkw, dtype, sink_logits=None, inte
   assert_close("out", out, ref_out, dtype)
   assert_close("lse", lse, ref_lse, dtype)
   return ref_out, ref_lse, mask_kw
-
-
-def test_gpu_int4_pool_from_kvjax_matches_reference_interpret():
-  # Given a per-token INT4 (asymmetric, channel groups of 16) pool written by kvjax.paged,
-  # one row holding a single token, head-wise ragged lengths 0 / 1 / 57 / 90
-  quant = quant_spec.per_token(4, group_size=16)
-  c, arrays, static = _kvjax_problem(quant=quant, batch=2, kv_heads=2, head_dim=64,
-                                     page_size=16, num_pages=12, max_pages=6,
-                                     tokens=[1, 90], head_lengths=[[1, 0], [90, 57]])
-  q, qpos = _queries(2, 8, 2, 64, F32, 89)
-  sink_logits = jnp.linspace(-1.0, 1.0, 8)
-  # When the GPU kernel gathers pages by table (window + sinks, split-K)
-  kkw = dict(block_k=32, num_splits=2, window=40, sink_tokens=3, softcap=20.0)
-  ref_out, ref_lse, mask_kw = _check("gpu", arrays, static, q, qpos, kkw, F32, sink_logits)
-  # Then it matches the reference, and the reference matches kvjax's own dense view
-  k, v, kpos, lengths = paged_lib.dense_view(c)
-  want, want_lse, _ = attention_reference(q, k, v, lengths, q_positions=qpos,
-                                          k_positions=kpos, sink_logits=sink_logits,
-                                          **mask_kw)
-  np.testing.assert_allclose(ref_out, want, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(ref_lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_tpu_fp8_pool_from_kvjax_matches_reference_interpret():
@@ -228,3 +210,36 @@ def test_entry_point_resolves_platform(monkeypatch):
   q, pos, kw, static = _small()
   assert pallas_kernels.paged_attention(q, *pos, **kw, **static, platform="cuda") == "ran"
   assert seen["platform"] == "gpu" and seen["fmt"] == "float"
+
+
+def test_kvjax_attend_stacked_dispatches_to_the_fused_kernel():
+  # Given a two-layer stacked pool (a ModelCache segment) of per-token INT4 codes
+  # (asymmetric, channel groups of 16) written by kvjax.paged, one row holding 1 token,
+  # head-wise lengths 1 / 0 / 90 / 57, GQA 4
+  from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
+  quant = quant_spec.per_token(4, group_size=16)
+  layers = [_kvjax_problem(quant=quant, batch=2, kv_heads=2, head_dim=64, page_size=16,
+                           num_pages=14, max_pages=6, tokens=[1, 90],
+                           head_lengths=[[1, 0], [90, 57]], seed=i)[0] for i in range(2)]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *layers)
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.standard_normal((2, 8, 2, 64)), F32)
+  k_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
+  v_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
+  qpos = jnp.asarray([[1, 2], [90, -1]], jnp.int32)
+  sink_logits = jnp.linspace(-1.0, 1.0, 8)
+  # When layer 1 attends with backend="pallas" and "xla" (on CPU the fused GPU kernel
+  # gathers pages in interpret mode; a fallback to the dense Pallas path would raise)
+  opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
+
+  def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
+    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, sink_tokens=3, softcap=20.0)
+    step = lambda c_, q_, k_, v_: c_.attend_stacked(1, q_, k_, v_, qpos, spec_,
+                                                    sink_logits=sink_logits, return_lse=True)
+    return jax.jit(step, compiler_options=opts)(stacked, q, k_new, v_new)
+  (got, got_cache), (want, want_cache) = run("pallas"), run("xla")
+  # Then they agree (the step's own tokens are attended exactly on both paths)
+  np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_array_equal(a, b)

@@ -17,7 +17,8 @@ from kvjax.quant import cache as quant_cache
 from kvjax.quant import spec as quant_spec
 from pallas_kernels import quantized_decode as qd
 from pallas_kernels.reference import attention_reference
-from tests.pallas_kernels._util import assert_close, call_fast, lower_for, require_backend
+from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, lower_for,
+                                        require_backend)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -35,7 +36,8 @@ def _cache(spec, *, batch, kv_heads, slots, head_dim, lengths, seed=0):
 
 
 # One compile per spec (the eager op-by-op path is ~5x slower on CPU).
-_quantize = jax.jit(quant_cache.quantize, static_argnames=("spec", "capacity", "dtype"))
+_quantize = jax.jit(quant_cache.quantize, static_argnames=("spec", "capacity", "dtype"),
+                    compiler_options=FAST_COMPILE if jax.default_backend() == "cpu" else None)
 
 
 def _spec_kwargs(spec):
@@ -74,14 +76,11 @@ def _kernel_args(c, *, garbage=True, seed=1):
   return pos, kw
 
 
-# name: (platform, spec, cache kwargs, queries, q dtype, kernel kwargs). Each case covers
-# several axes (interpret mode is slow): lengths include 0 and 1 and non-multiples of the
-# block, batch 2, GQA 1/4/8, head_dim 64/128, float32/bfloat16, INT8/FP8/KIVI-4/KIVI-2.
+# name: (platform, spec, cache kwargs, (q heads, queries), q dtype, kernel kwargs). Each
+# case covers several axes (interpret mode is slow): lengths include 0 and 1 and
+# non-multiples of the block, batch 2, GQA 1/4/8, head_dim 64/128, float32/bfloat16,
+# INT8/FP8/KIVI-4/KIVI-2. The GPU KIVI kernel runs in the kvjax dispatch test below.
 CASES = {
-    "gpu-kivi-k4v2-g4-d64-f32-residual": (
-        "gpu", quant_spec.kivi(bits=4, group_size=8, residual=16).replace(v_bits=2),
-        dict(batch=2, kv_heads=2, slots=90, head_dim=64, lengths=[[0, 1], [90, 57]]),
-        (8, 2), F32, dict(block_k=16, num_splits=2)),
     "gpu-int8-g8-d128-bf16-window": (
         "gpu", quant_spec.int8(),
         dict(batch=2, kv_heads=1, slots=70, head_dim=128, lengths=[[70], [33]]),
@@ -89,7 +88,7 @@ CASES = {
                            softcap=30.0)),
     "tpu-kivi-k2v4-g1-d64-f32-residual": (
         "tpu", quant_spec.kivi(bits=4, group_size=8, residual=8).replace(k_bits=2),
-        dict(batch=2, kv_heads=2, slots=300, head_dim=64, lengths=[[1, 300], [0, 150]]),
+        dict(batch=2, kv_heads=2, slots=200, head_dim=64, lengths=[[1, 200], [0, 150]]),
         (2, 2), F32, dict(block_k=128, num_splits=2)),
     "tpu-fp8-g4-d128-bf16-window": (
         "tpu", quant_spec.fp8("fp8_e5m2"),
@@ -277,3 +276,32 @@ def test_entry_point_resolves_platform(monkeypatch):
   assert seen["platform"] == "gpu" and seen["interpret"] and seen["k_bits"] == 4
   with pytest.raises(ValueError, match="interpret=True"):
     pallas_kernels.quantized_attention(q, *pos, **kw, **skw, platform="cpu")
+
+
+def test_kvjax_attend_dispatches_to_the_fused_kernel():
+  # Given a KIVI cache (K 4-bit per channel, V 2-bit per token in groups of 8, residual
+  # window) with ragged lengths 0 / 1 / 57 / 90 and a two-token step (one padding query)
+  from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
+  spec = quant_spec.kivi(bits=4, group_size=8, residual=16).replace(v_bits=2)
+  c = _cache(spec, batch=2, kv_heads=2, slots=92, head_dim=64, lengths=[[0, 1], [90, 57]])
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.standard_normal((2, 8, 2, 64)), F32)
+  k_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
+  v_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
+  qpos = jnp.asarray([[90, 91], [90, -1]], jnp.int32)
+  sink_logits = jnp.linspace(-1.0, 1.0, 8)
+  # When attend runs with backend="pallas" and "xla" (on CPU the fused GPU kernel runs in
+  # interpret mode; a fallback to the dense Pallas path would raise here without it)
+  opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
+
+  def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
+    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, sink_tokens=3, softcap=20.0)
+    step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, sink_logits=sink_logits,
+                                            return_lse=True)
+    return jax.jit(step, compiler_options=opts)(c, q, k_new, v_new)
+  (got, got_cache), (want, want_cache) = run("pallas"), run("xla")
+  # Then outputs and the updated cache agree
+  np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_array_equal(a, b)
