@@ -16,7 +16,6 @@ import pytest
 from kvjax import paged as paged_lib
 from kvjax.quant import spec as quant_spec
 from pallas_kernels import paged_decode as pd
-from pallas_kernels.reference import attention_reference
 from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, lower_for,
                                         require_backend)
 
