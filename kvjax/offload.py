@@ -512,8 +512,9 @@ def _quest_attend(q, k_new, v_new, q_positions, sel_k, sel_v, sel_pos, recent, s
 
 
 def quest_attend(q, k_new, v_new, q_positions, store: QuestStore,
-                 recent: cache_lib.DenseKVCache, spec: attn_lib.AttentionSpec = attn_lib.AttentionSpec(),
-                 *, top_k: int, keep_last: bool = True):
+                 recent: cache_lib.DenseKVCache,
+                 spec: attn_lib.AttentionSpec = attn_lib.AttentionSpec(), *, top_k: int,
+                 keep_last: bool = True):
   """One attention step over offloaded pages (top-k by Quest bound) + the device window.
 
   Args:

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -628,7 +628,8 @@ def fork(cache: PagedKVCache, src, dst, n_tokens=None) -> PagedKVCache:
   dst = jnp.atleast_1d(jnp.asarray(dst, jnp.int32))
   if src.shape != dst.shape:
     raise ValueError(f"src {src.shape} and dst {dst.shape} must have the same shape")
-  if cache_lib._is_concrete(dst) and cache_lib._is_concrete(src):  # pylint: disable=protected-access
+  concrete = cache_lib._is_concrete  # pylint: disable=protected-access
+  if concrete(dst) and concrete(src):
     d, s = np.asarray(dst), np.asarray(src)
     if len(set(d.tolist())) != d.size or set(d.tolist()) & set(s.tolist()):
       raise ValueError(f"fork dst rows {d.tolist()} must be distinct and disjoint from src "

@@ -29,7 +29,7 @@ parallel); `strict=True` raises instead.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np

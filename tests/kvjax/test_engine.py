@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,8 +83,8 @@ def test_shared_prefix_is_stored_once():
   reqs = [e.submit(s, NEW, prefix=pid) for s in SUFFIXES]
   e.step()                                                        # admits the first
   prow = e.prefixes[pid][0]
-  first_page = e._meta("page_table")[prow][0]                      # pylint: disable=protected-access
-  assert e._meta("refcount")[first_page] == 2                      # pylint: disable=protected-access
+  meta = e._meta  # pylint: disable=protected-access
+  assert meta("refcount")[meta("page_table")[prow][0]] == 2      # prefix row + request
   e.run()
   np.testing.assert_array_equal([r.output for r in reqs], _reference()[len(PROMPTS):])
   assert e.stats["prompt_tokens"] == sum(map(len, SUFFIXES))      # the prefix ran once
