@@ -315,8 +315,8 @@ def _block(x):
 
 def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: dict,
                    groups: list, acc: Accum, *, length_key: int, room: int, cache_dtype,
-                   backend: str, decode_steps: int, tokenizer, timing_done: set):
-  """Runs every technique on one batch; fills `acc`."""
+                   backend: str, decode_steps: int, tokenizer, timing_done: set, bar=None):
+  """Runs every technique on one batch; fills `acc` (and advances `bar` per technique)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -405,6 +405,8 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
         acc.decode[(label, length_key)] = b * decode_steps / (time.perf_counter() - t0)
         timing_done.add((label, length_key))
       del c
+      if bar is not None:
+        bar.update(1)
 
 
 def _logsumexp(x):
@@ -504,9 +506,8 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
                        batch_size=batch_size)
     evaluate_batch(model, batch, techniques, built, groups, acc, length_key=key[1],
                    room=rooms[key[1]], cache_dtype=cdt, backend=backend,
-                   decode_steps=decode_steps, tokenizer=tokenizer, timing_done=timing_done)
-    if bar is not None:
-      bar.update(len(techniques))
+                   decode_steps=decode_steps, tokenizer=tokenizer, timing_done=timing_done,
+                   bar=bar)
   if bar is not None:
     bar.close()
   # Gather per-sample scores from every process.

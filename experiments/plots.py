@@ -37,7 +37,10 @@ def frontier(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[st
   if not pts:
     return None
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(8, 5))
+  ppl = {s["technique"]: s["scores"]["perplexity"] for s in summ
+         if "perplexity" in s["scores"] and s["kv_bytes"]}
+  fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(14 if ppl else 8, 5), squeeze=False)
+  ax = axes[0][0]
   names = sorted({p[2].split("@")[0].split("+")[0] if p[3] != "quant" else p[2] for p in pts})
   cmap = plt.get_cmap("tab20")
   colour = {n: cmap(i % 20) for i, n in enumerate(names)}
@@ -58,11 +61,30 @@ def frontier(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[st
       best = a
   ax.plot(*zip(*front), color="k", lw=1, alpha=0.5, label="Pareto frontier")
   ax.set_xscale("log")
+  ax.set_ylim(-3, 103)
   ax.set_xlabel("KV cache KiB per sequence (exact nbytes, log scale)")
   ax.set_ylabel("mean accuracy (%)")
-  ax.set_title(title or "memory-accuracy frontier")
+  ax.set_title("memory-accuracy frontier")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
+  if ppl:
+    bx = axes[0][1]
+    for b, _, t, fam in pts:
+      if t in ppl:
+        key = t.split("@")[0].split("+")[0] if fam != "quant" else t
+        bx.scatter(b / 1024, ppl[t], marker=FAMILY_MARKERS.get(fam, "o"), color=colour[key],
+                   s=90 if fam == "full" else 45, edgecolor="k", linewidth=0.4, zorder=3)
+        bx.annotate(t, (b / 1024, ppl[t]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    if "full" in ppl:
+      bx.axhline(ppl["full"], color="grey", ls="--", lw=0.8, label="full cache")
+      bx.axhline(ppl["full"] * 1.01, color="grey", ls=":", lw=0.8, label="full + 1%")
+    bx.set_xscale("log")
+    bx.set_xlabel("KV cache KiB per sequence (exact nbytes, log scale)")
+    bx.set_ylabel("held-out perplexity (lower is better)")
+    bx.set_title("memory-perplexity frontier")
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
