@@ -36,6 +36,7 @@ import os
 import jax.numpy as jnp
 
 import models
+from models import presets
 from experiments import compare, results
 from experiments import tasks as T
 from kvjax.presses import base
@@ -63,7 +64,7 @@ class ValueNormPress(base.ScorerPress):
 # %%
 SMOKE = os.environ.get("KVJAX_NOTEBOOK_SMOKE") == "1"   # CI: tiny settings
 LENGTH, N = (256, 2) if SMOKE else (2048, 16)
-model, tok = models.presets.load_model_and_tokenizer("default")
+model, tok = presets.load_model_and_tokenizer("default")
 ratio = 0.75
 techniques = compare.parse_techniques(["full"] if SMOKE else ["full", "knorm", "snapkv"],
                                       [ratio]) + [

@@ -36,6 +36,7 @@ import os
 import jax.numpy as jnp
 
 import models
+from models import presets
 from experiments import compare, plots, results
 from experiments import tasks as T
 from kvjax import memory, presses
@@ -43,8 +44,8 @@ from kvjax import memory, presses
 SMOKE = os.environ.get("KVJAX_NOTEBOOK_SMOKE") == "1"   # CI: tiny settings
 LENGTH = 256 if SMOKE else 2048
 N = 2 if SMOKE else 8
-model, tok = models.presets.load_model_and_tokenizer("default")
-print(f"{models.presets.count_params(model):,} parameters; context length {LENGTH}")
+model, tok = presets.load_model_and_tokenizer("default")
+print(f"{presets.count_params(model):,} parameters; context length {LENGTH}")
 
 # %% [markdown]
 # ## One sample by hand: prefill, compress, then ask
