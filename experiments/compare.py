@@ -626,11 +626,14 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   t0 = time.time()
-  samples = build_samples(FLAGS.tasks, _ints(FLAGS.lengths, "lengths"), FLAGS.n,
-                          _ints(FLAGS.needle_lengths, "needle_lengths"),
-                          _floats(FLAGS.needle_depths, "needle_depths"), FLAGS.needle_n,
-                          FLAGS.seed, FLAGS.ppl_continuation, FLAGS.max_context,
-                          FLAGS.file_limit)
+  try:
+    samples = build_samples(FLAGS.tasks, _ints(FLAGS.lengths, "lengths"), FLAGS.n,
+                            _ints(FLAGS.needle_lengths, "needle_lengths"),
+                            _floats(FLAGS.needle_depths, "needle_depths"), FLAGS.needle_n,
+                            FLAGS.seed, FLAGS.ppl_continuation, FLAGS.max_context,
+                            FLAGS.file_limit)
+  except ValueError as e:   # a length too short for a task, an unreadable file, ...
+    raise app.UsageError(str(e)) from e
   name = "models/default" if FLAGS.model == "default" else FLAGS.model
   rows, info = run(model, tok, techniques, samples, mode=FLAGS.mode,
                    batch_size=FLAGS.batch_size, cache_dtype=FLAGS.cache_dtype,
