@@ -96,7 +96,11 @@ def _apply_press(model, press, cache, obs, *, room=0, prompt_length=None):
   fn = getattr(press, "compress_model", None)
   if fn is None:
     raise ValueError(f"press {press!r} has no compress_model(cache, observations, config)")
-  return fn(cache, obs, model.config, room=room, prompt_length=prompt_length)
+  cache = fn(cache, obs, model.config, room=room, prompt_length=prompt_length)
+  # Per-layer budgets change layer structures: stack the layers in the scan groups forward()
+  # uses now, once, so the decode steps that follow never regroup (copy) the cache.
+  sigs = [cache_lib._signature(s) for s in cache.layer_structs()]  # pylint: disable=protected-access
+  return cache.regroup(cache_lib.group_layers(list(zip(tfm.layer_keys(model.config), sigs))))
 
 
 def _check_decode_room(decode_room):
