@@ -11,8 +11,10 @@ AdaKVPress.
 Difference from kvpress, for real savings: kvpress masks evicted slots in place (no
 memory saved). Here the layer's cache is re-laid out with static capacity
 min(S, ceil(head_capacity_factor * uniform budget)), and a head keeps at most that many
-slots; the cap is static (from S), never from data. head_capacity_factor=H (kv heads)
-lets one head take everything, at the cost of no memory saving.
+slots; the cap is static (from S), never from data. The factor trades memory for freedom:
+1.5 (default) stores 0.75 S at compression_ratio 0.5 and lets a head take 1.5x its uniform
+share; 2.0 stores all S slots at ratio 0.5 (no saving there, 0.5 S at ratio 0.75);
+head_capacity_factor=H (kv heads) lets one head take everything.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ class AdaKVPress(base.Press):
     press: the ScorerPress providing scores and the uniform budget.
     alpha_safeguard: fraction of its uniform budget every head keeps. 0.20 (kvpress).
     head_capacity_factor: a head keeps at most this times the uniform budget (>= 1);
-      sets the layer's static capacity. 2.0.
+      sets the layer's static capacity. 1.5.
   """
 
   press: base.ScorerPress = None
   alpha_safeguard: float = 0.20
-  head_capacity_factor: float = 2.0
+  head_capacity_factor: float = 1.5
 
   def __post_init__(self):
     if not isinstance(self.press, base.ScorerPress):

@@ -105,7 +105,8 @@ def test_adakv_moves_budget_to_the_head_that_needs_it():
   cache = _cache_from(b=1, h=2, s=8)
   col = jnp.asarray([[[9., 8., 7., 6., 5., 4., 3., 2.], [.1, .2, .3, .4, .5, .6, .7, .8]]])
   # When uniform budget 4 per head (total 8), safeguard 25% (1 slot), head cap 2x = 8
-  press = P.AdaKVPress(P.H2OPress(compression_ratio=0.5), alpha_safeguard=0.25)
+  press = P.AdaKVPress(P.H2OPress(compression_ratio=0.5), alpha_safeguard=0.25,
+                       head_capacity_factor=2.0)
   out = helpers.run(press, cache, {"colsum": col})
   # Then head 1 keeps its safeguard slot only (its best: 7), head 0 keeps 7 slots
   assert helpers.kept_positions(out) == [[[0, 1, 2, 3, 4, 5, 6], [7]]]
@@ -292,3 +293,14 @@ def test_per_layer_map_and_composition_on_a_model_cache():
       k = knorm_kept[b][h]
       assert helpers.kept_positions(got[2])[b][h] == [k[0]] + k[-2:]
   np.testing.assert_array_equal(np.asarray(out.next_position), [12, 8])
+
+
+def test_adakv_head_capacity_caps_a_head_and_sets_the_static_capacity():
+  cache = _cache_from(b=1, h=2, s=8)
+  col = jnp.asarray([[[9., 8., 7., 6., 5., 4., 3., 2.], [.1, .2, .3, .4, .5, .6, .7, .8]]])
+  # uniform budget 4 per head; factor 1.5 -> a head keeps at most 6 (the layer capacity)
+  out = helpers.run(P.AdaKVPress(P.H2OPress(compression_ratio=0.5), alpha_safeguard=0.25),
+                    cache, {"colsum": col})
+  assert out.capacity == 6
+  # head 0 is capped at 6; the remaining budget goes to head 1's best: 7 and 6
+  assert helpers.kept_positions(out) == [[[0, 1, 2, 3, 4, 5], [6, 7]]]

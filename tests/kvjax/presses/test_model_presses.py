@@ -39,7 +39,8 @@ PRESSES = {
     "chunkkv": P.ChunkKVPress(P.KnormPress(compression_ratio=0.5), chunk_length=4),
     "lagkv": P.LagKVPress(compression_ratio=0.5, n_sink=2, lag_size=3),
     "random": P.RandomPress(compression_ratio=0.5, seed=1),
-    "adakv": P.AdaKVPress(P.SnapKVPress(compression_ratio=0.5, window_size=1)),
+    "adakv": P.AdaKVPress(P.SnapKVPress(compression_ratio=0.5, window_size=1),
+                          head_capacity_factor=2.0),  # capacity 20: shares decode compiles
     "duo_attention": P.DuoAttentionPress(head_compression_ratio=0.5, sink_size=2,
                                          recent_size=4, head_scores=DUO_SCORES),
     # (0.25, 0.75) keeps 15 and 5 of 20 slots, the same layer capacities as pyramidkv above
