@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from kvjax.presses import base
 
 
-def _lag_scores(x, lag: int):
+def _lag_scores(x):
   """x [B, H, P, lag, D] -> [B, H, P-1, lag] scores of partitions 0..P-2 against the next."""
   ref = x[:, :, 1:]
   cur = x[:, :, :-1]
@@ -31,7 +31,6 @@ def _lag_scores(x, lag: int):
   span = jnp.where(hi - lo > 0, hi - lo, 1.0)
   z = (cur - lo) / span
   std = jnp.std(z, axis=-1, ddof=1)  # torch .std is unbiased
-  del lag
   return jax.nn.softmax(std, axis=-1)
 
 
@@ -73,7 +72,7 @@ class LagKVPress(base.ScorerPress):
     region = slice(sink, sink + n_part * lag)
     k = cache.k[:, :, region].astype(jnp.float32).reshape(b, h, n_part, lag, d)
     v = cache.v[:, :, region].astype(jnp.float32).reshape(b, h, n_part, lag, -1)
-    sc = (_lag_scores(k, lag) + _lag_scores(v, lag)) / 2  # [B, H, P-1, lag]
+    sc = (_lag_scores(k) + _lag_scores(v)) / 2  # [B, H, P-1, lag]
     if not self.cross_scoring:
       sc = jnp.argsort(jnp.argsort(sc, axis=-1), axis=-1).astype(jnp.float32) / lag
     sc = jnp.pad(sc.reshape(b, h, (n_part - 1) * lag), ((0, 0), (0, 0), (sink, 0)),
