@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from kvjax.presses import base
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKVPress(base.Press):
+class AdaKVPress(base.ScorerWrapperPress):
   """Head-wise adaptive budget over any scorer.
 
   Attributes:
@@ -45,35 +44,15 @@ class AdaKVPress(base.Press):
   head_capacity_factor: float = 1.5
 
   def __post_init__(self):
-    if not isinstance(self.press, base.ScorerPress):
-      raise ValueError(f"AdaKVPress(press=...) needs a ScorerPress; got {self.press!r}")
+    self._check_scorer()
     if not 0 <= self.alpha_safeguard <= 1:
       raise ValueError(f"alpha_safeguard={self.alpha_safeguard}; must be in [0, 1]")
     if not self.head_capacity_factor >= 1:
       raise ValueError(f"head_capacity_factor={self.head_capacity_factor}; must be >= 1")
 
-  @property
-  def observe(self):
-    return self.press.observe
-
-  @property
-  def compression_ratio(self) -> float:
-    return self.press.compression_ratio
-
-  @property
-  def layer_invariant(self) -> bool:
-    return self.press.layer_invariant
-
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     uniform = int(self.press.keep_table(capacity, ctx).max())
     return max(1, min(capacity, math.ceil(self.head_capacity_factor * uniform)))
-
-  def with_budget(self, budget):
-    return dataclasses.replace(self, press=self.press.with_budget(budget))
-
-  def validate(self, *, capacity: int, prompt_length: Optional[int] = None,
-               num_layers: Optional[int] = None) -> None:
-    self.press.validate(capacity=capacity, prompt_length=prompt_length, num_layers=num_layers)
 
   def head_counts(self, scores, cache, table, k_static):
     """Per-(row, head) keep counts [B, Hkv] and per-head priority order [B, Hkv, S]."""

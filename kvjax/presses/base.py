@@ -601,3 +601,34 @@ def finish(press, cache, obs: dict, ctx: LayerContext, idx, keep):
   new = pad_room(new, ctx.room)
   obs = pad_obs_room(gather_slot_obs(obs, idx, s), ctx.room)
   return new, obs
+
+
+class ScorerWrapperPress(Press):
+  """Base of presses that wrap a ScorerPress in a field `press` (AdaKV, ChunkKV).
+
+  Delegates what the wrapper does not change: observations, ratio, layer invariance,
+  budget replacement and validation.
+  """
+
+  def _check_scorer(self):
+    if not isinstance(self.press, ScorerPress):
+      raise ValueError(f"{type(self).__name__}(press=...) needs a ScorerPress; "
+                       f"got {self.press!r}")
+
+  @property
+  def observe(self) -> Observe:
+    return self.press.observe
+
+  @property
+  def compression_ratio(self) -> float:
+    return self.press.compression_ratio
+
+  @property
+  def layer_invariant(self) -> bool:
+    return self.press.layer_invariant
+
+  def with_budget(self, budget):
+    return dataclasses.replace(self, press=self.press.with_budget(budget))
+
+  def validate(self, *, capacity: int, prompt_length=None, num_layers=None) -> None:
+    self.press.validate(capacity=capacity, prompt_length=prompt_length, num_layers=num_layers)

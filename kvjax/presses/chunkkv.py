@@ -15,7 +15,6 @@ scores break ties). Protected slots of the inner press still come first.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax.numpy as jnp
 
@@ -23,7 +22,7 @@ from kvjax.presses import base
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkKVPress(base.Press):
+class ChunkKVPress(base.ScorerWrapperPress):
   """Chunk-level selection over any scorer.
 
   Attributes:
@@ -35,31 +34,12 @@ class ChunkKVPress(base.Press):
   chunk_length: int = 20
 
   def __post_init__(self):
-    if not isinstance(self.press, base.ScorerPress):
-      raise ValueError(f"ChunkKVPress(press=...) needs a ScorerPress; got {self.press!r}")
+    self._check_scorer()
     base.check_nonneg_int("chunk_length", self.chunk_length, 1)
-
-  @property
-  def observe(self):
-    return self.press.observe
-
-  @property
-  def compression_ratio(self) -> float:
-    return self.press.compression_ratio
-
-  @property
-  def layer_invariant(self) -> bool:
-    return self.press.layer_invariant
 
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     return self.press.layer_capacity(capacity, ctx)
 
-  def with_budget(self, budget):
-    return dataclasses.replace(self, press=self.press.with_budget(budget))
-
-  def validate(self, *, capacity: int, prompt_length: Optional[int] = None,
-               num_layers: Optional[int] = None) -> None:
-    self.press.validate(capacity=capacity, prompt_length=prompt_length, num_layers=num_layers)
 
   def chunk_scores(self, scores, valid):
     """[B, 1, S]: each slot's chunk score (mean over the chunk's valid slots, summed heads)."""
