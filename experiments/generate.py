@@ -37,8 +37,6 @@ def main(argv):
   import kvjax  # pylint: disable=import-outside-toplevel
   from models import presets  # pylint: disable=import-outside-toplevel
 
-  if jax.process_count() > 1 and jax.process_index() != 0:
-    pass  # every process runs the same program; only process 0 prints (below)
   model, tok = presets.load_model_and_tokenizer(FLAGS.model, dtype=FLAGS.dtype)
   ids = tok.encode(FLAGS.prompt)
   if not ids:
