@@ -20,7 +20,10 @@ A mixer is a frozen dataclass (static, hashable) with
 
 Caches: `ModelCache.segments` holds one stacked segment per (group, pattern slot with a
 cache), in that order, each stacked over the group's repeats; `segment_sizes` are the
-repeat counts. So `cache.layers()` lists layers slot by slot, not in depth order.
+repeat counts and `segment_periods` the number of cache slots of each group, so
+`cache.layers()` lists the layers that hold a cache in depth order (kvjax's scan-group
+layout). Presses (`kvjax.presses`) compress the dense-KV layers (global attention, CLA
+owners); window rings, recurrent states and latent caches are left as they are.
 
 Inference: `prefill` / `decode` follow `models.api` (the `kvjax.generate` protocol).
 Rows are packed to right padding at the boundary (valid tokens first, order kept) because
@@ -41,6 +44,8 @@ import numpy as np
 from flax import nnx
 
 from kvjax import cache as cache_lib
+from kvjax.observation import Observe
+from kvjax.presses import base as press_base
 from models import transformer as tfm
 
 Array = jax.Array
@@ -95,6 +100,7 @@ class Ctx(NamedTuple):
   config: Any
   backend: str
   cached: bool  # True when running against a cache (prefill/decode)
+  observe: Observe = Observe()  # press observations a dense-KV layer should report
 
 
 class Mixer:
@@ -111,6 +117,11 @@ class Mixer:
 
   def __call__(self, p, x, positions, cache, shared, ctx: Ctx):
     raise NotImplementedError
+
+  def observed(self, p, x, positions, cache, shared, ctx: Ctx):
+    """__call__ plus this layer's press observations (a dict; {} unless it has any)."""
+    y, cache, shared = self(p, x, positions, cache, shared, ctx)
+    return y, cache, shared, {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,38 +287,54 @@ class Decoder(nnx.Module):
 
 
 def forward(model: Decoder, tokens, positions, cache: Optional[cache_lib.ModelCache], *,
-            backend: str = "auto", last_only: bool = False):
-  """Runs all layers. Returns (logits [B, T|1, V] f32, new ModelCache | None).
+            backend: str = "auto", last_only: bool = False, observe: Optional[Observe] = None,
+            taps: bool = False):
+  """Runs all layers. Returns (logits [B, T|1, V] f32, new ModelCache | None, extras).
 
   With a cache, rows must be right-padded (valid tokens first); last_only takes each row's
-  last valid token.
+  last valid token. `extras` holds what was asked for:
+    "obs": with `observe`, one press-observation dict per cache layer, in depth order
+      (non-empty only for dense-KV layers; see `kvjax.observation`).
+    "taps": with `taps`, (mixer inputs, mixer outputs), each [L, B, T, H] in depth order:
+      the normalised residual each layer's mixer reads and what it adds back (the
+      per-layer signals attention transfer matches).
   """
   c = model.config
   x = jnp.take(model.embed[...], tokens, axis=0)
-  ctx = Ctx(c, backend, cache is not None)
+  ctx = Ctx(c, backend, cache is not None, observe or Observe())
   seg_iter = iter(cache.segments) if cache is not None else None
-  new_segments = []
-  for gi, (mixers, _) in enumerate(c.groups()):
+  new_segments, obs_slots, tap_slots = [], [], []
+  for gi, (mixers, reps) in enumerate(c.groups()):
     params = [_values(model.groups[gi][j]) for j in range(len(mixers))]
     caches = [next(seg_iter) if (cache is not None and m.has_cache) else None for m in mixers]
 
     def body(x, xs, mixers=mixers):
       ps, cs = xs
-      shared, outs = None, []
+      shared, outs, obs, tp = None, [], [], []
       for m, p, cl in zip(mixers, ps, cs):
         h = tfm.rms_norm(x, p["mixer_norm"], c.rms_norm_eps)
-        y, cl, shared = m(p["mixer"], h, positions, cl, shared, ctx)
+        y, cl, shared, o = m.observed(p["mixer"], h, positions, cl, shared, ctx)
         x = x + y.astype(x.dtype)
         if c.intermediate_size:
           x = x + swiglu(p, tfm.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)).astype(x.dtype)
         outs.append(cl)
-      return x, outs
+        obs.append(o if observe is not None and m.has_cache else None)
+        tp.append((h, y) if taps else None)
+      return x, (outs, obs, tp)
 
     if c.remat and cache is None:
       body = jax.checkpoint(body)
-    x, outs = jax.lax.scan(body, x, (params, caches))
+    x, (outs, obs, tp) = jax.lax.scan(body, x, (params, caches))
     if cache is not None:
       new_segments += [o for o, m in zip(outs, mixers) if m.has_cache]
+    obs_slots.append((reps, [o for o, m in zip(obs, mixers) if m.has_cache]))
+    tap_slots.append((reps, tp))
+  extras = {}
+  if observe is not None:
+    extras["obs"] = _depth_order(obs_slots)
+  if taps:
+    layers = _depth_order(tap_slots)
+    extras["taps"] = tuple(jnp.stack([t[i] for t in layers]) for i in (0, 1))
   if last_only:
     last = jnp.maximum(jnp.sum(positions >= 0, axis=-1) - 1, 0)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
@@ -319,7 +346,48 @@ def forward(model: Decoder, tokens, positions, cache: Optional[cache_lib.ModelCa
     n_new = jnp.sum(positions >= 0, axis=-1).astype(jnp.int32)
     new_cache = cache.replace(segments=tuple(new_segments),
                               next_position=cache.next_position + n_new)
-  return logits, new_cache
+  return logits, new_cache, extras
+
+
+def _depth_order(slots):
+  """[(repeats, per-slot items stacked over repeats)] per group -> per-layer items in depth
+  order (repeat-major within a group, as the layers run)."""
+  out = []
+  for reps, items in slots:
+    for r in range(reps):
+      out.extend(jax.tree.map(lambda a, r=r: a[r], it) for it in items)
+  return out
+
+
+def apply_mixers(model: Decoder, inputs, positions, *, backend: str = "auto"):
+  """Each layer's mixer on given inputs, cache-free: the layer-local half of attention
+  transfer (the student reads the teacher's per-layer mixer inputs).
+
+  Args:
+    model: a Decoder whose mixers need no `shared` state (no CLA "reuse" layers).
+    inputs: [L, B, T, H] mixer inputs in depth order (e.g. a teacher's `taps`).
+    positions: [B, T] int positions (-1 = padding).
+
+  Returns:
+    [L, B, T, H] mixer outputs in depth order.
+  """
+  c = model.config
+  n = c.num_layers
+  if inputs.shape[0] != n:
+    raise ValueError(f"inputs hold {inputs.shape[0]} layers; the model has num_layers={n}")
+  ctx = Ctx(c, backend, False)
+  outs, a = [None] * n, 0
+  for gi, (mixers, reps) in enumerate(c.groups()):
+    period = len(mixers)
+    for j, m in enumerate(mixers):
+      idx = [a + r * period + j for r in range(reps)]
+      p = _values(model.groups[gi][j])["mixer"]
+      y = jax.vmap(lambda pp, h, m=m: m(pp, h, positions, None, None, ctx)[0])(
+          p, inputs[jnp.asarray(idx)])
+      for r, i in enumerate(idx):
+        outs[i] = y[r]
+    a += period * reps
+  return jnp.stack(outs)
 
 
 # --- inference API ---------------------------------------------------------------------------
@@ -333,15 +401,19 @@ def init_cache(config: DecoderConfig, batch: int, capacity: int, *,
   require_int("batch", batch)
   require_int("capacity", capacity)
   dt = jnp.dtype(dtype or config.dtype)
-  segs, sizes = [], []
+  segs, sizes, periods = [], [], []
   for mixers, reps in config.groups():
-    for m in mixers:
+    period = sum(m.has_cache for m in mixers)  # kvjax's layout: entry j of a group of
+    for m in mixers:                            # period p stacks cache layers j, j+p, ...
       if m.has_cache:
         one = m.init_cache(config, batch, int(capacity), dt)
         segs.append(jax.tree.map(lambda z, r=reps: jnp.broadcast_to(z, (r,) + z.shape), one))
         sizes.append(reps)
+        periods.append(period)
   return cache_lib.ModelCache(segments=tuple(segs), next_position=jnp.zeros((batch,), jnp.int32),
-                              segment_sizes=tuple(sizes))
+                              segment_sizes=tuple(sizes),
+                              segment_periods=tuple(periods) if any(
+                                  q != 1 for q in periods) else ())
 
 
 def pack_right(tokens, positions):
@@ -351,23 +423,26 @@ def pack_right(tokens, positions):
           jnp.take_along_axis(positions, order, axis=-1), order)
 
 
-def _forward_packed(model, tokens, positions, cache, *, backend, logits_mode):
-  """forward() on rows packed valid-first; "all" logits come back in the caller's order."""
+def _forward_packed(model, tokens, positions, cache, *, backend, logits_mode, observe=None):
+  """forward() on rows packed valid-first; "all" logits come back in the caller's order.
+
+  Returns (logits, cache, per-cache-layer observations or None).
+  """
   tok_p, pos_p, order = pack_right(tokens, positions)
-  logits, cache = forward(model, tok_p, pos_p, cache, backend=backend,
-                          last_only=logits_mode == "last")
+  logits, cache, extras = forward(model, tok_p, pos_p, cache, backend=backend,
+                                  last_only=logits_mode == "last", observe=observe)
   if logits_mode == "all":  # unpack to the caller's token order
     bi = jnp.arange(tokens.shape[0])[:, None]
     logits = jnp.zeros_like(logits).at[bi, order].set(logits)
-  return logits, cache
+  return logits, cache, extras.get("obs")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "logits_mode"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "logits_mode", "observe"),
                    donate_argnames=("cache",))
-def _run(graphdef, state, tokens, positions, cache, *, backend, logits_mode):
+def _run(graphdef, state, tokens, positions, cache, *, backend, logits_mode, observe=None):
   model = nnx.merge(graphdef, state)
   return _forward_packed(model, tokens, positions, cache, backend=backend,
-                         logits_mode=logits_mode)
+                         logits_mode=logits_mode, observe=observe)
 
 
 def prefill_cache_shape(model: Decoder, length: int, batch: int = 1,
@@ -394,31 +469,120 @@ def _check_capacity(cache, positions):
       check(positions)
 
 
+class PressConfig(NamedTuple):
+  """What `press.compress_model` reads of a model config, for the dense-KV layers only."""
+  num_layers: int
+  rope: Any
+
+
+def dense_kv_layers(cache: cache_lib.ModelCache) -> list:
+  """Indices into `cache.layers()` (depth order) of the dense-KV layers presses compress."""
+  return [i for i, c in enumerate(cache.layer_structs())
+          if isinstance(c, cache_lib.DenseKVCache)]
+
+
+def _press_layers(model, press, cache, prompt_length=None) -> list:
+  """The dense-KV layers `press` will compress; validates it against each (before any FLOP)."""
+  if not callable(getattr(press, "compress_model", None)):
+    raise ValueError(f"press={press!r} is not a kvjax press: it has no compress_model(cache, "
+                     "observations, config) (see kvjax.presses)")
+  idx = dense_kv_layers(cache)
+  if not idx:
+    raise ValueError(
+        f"press={type(press).__name__}: {type(model.config).__name__} has no dense-KV layer to "
+        f"compress (its caches: {sorted(set(cache.layer_kinds))}). Presses act on the "
+        "DenseKVCache of global-attention layers (local/global and hybrid models with global "
+        "attention, CLA); window rings, recurrent states and MLA latents are fixed-size or "
+        "not per-head KV, so a press has nothing to do here")
+  validate = getattr(press, "validate", None)
+  if validate is not None:
+    structs = cache.layer_structs()
+    for i in idx:
+      validate(capacity=structs[i].capacity, prompt_length=prompt_length, num_layers=len(idx))
+  return idx
+
+
+def apply_press(model: Decoder, press, cache: cache_lib.ModelCache, obs=None, *, room: int = 0,
+                prompt_length: Optional[int] = None) -> cache_lib.ModelCache:
+  """Compresses the dense-KV layers of a Decoder cache with a kvjax press.
+
+  The dense layers are gathered (in depth order) into a ModelCache of their own, pressed
+  with `press.compress_model` (layer index / count and per-layer budgets such as PyramidKV
+  refer to the dense layers only), and put back; every other layer is left as it is.
+  Layers of one scan segment must share a shape, so a per-layer budget pads each segment's
+  layers to the largest budget among them (empty slots, position -1).
+
+  Args:
+    model: the Decoder that built `cache`.
+    press: a kvjax press (e.g. `kvjax.presses.SnapKVPress(compression_ratio=0.5)`).
+    cache: its ModelCache after the prompt.
+    obs: per-cache-layer observations from the forward pass (`forward(observe=...)`).
+    room: empty slots per dense layer after compression, for decode.
+    prompt_length: tokens just run (static), for the presses' window checks.
+  """
+  idx = _press_layers(model, press, cache, prompt_length)
+  fn = press.compress_model
+  layers = cache.layers()
+  mixers = [m for m in model.config.layer_mixers() if m.has_cache]
+  sub = cache_lib.ModelCache.from_layers([layers[i] for i in idx], cache.next_position)
+  obs = obs if obs is not None else [{}] * len(layers)
+  sub = fn(sub, [obs[i] for i in idx], PressConfig(len(idx), getattr(mixers[idx[0]], "rope",
+                                                                       None)),
+           room=room, prompt_length=prompt_length)
+  for i, layer in zip(idx, sub.layers()):
+    layers[i] = layer
+  segments = []
+  for entry in cache.entry_layers():
+    group = [layers[i] for i in entry]
+    caps = [c.capacity for c in group if isinstance(c, cache_lib.DenseKVCache)]
+    if caps and len(set(caps)) > 1:
+      group = [press_base.pad_room(c, max(caps) - c.capacity) for c in group]
+    segments.append(cache_lib.stack(group))
+  return cache.replace(segments=tuple(segments))
+
+
+def _check_decode_room(decode_room):
+  if decode_room is not None:
+    require_int("decode_room", decode_room, lo=0)
+
+
 def decode(model: Decoder, tokens, cache: cache_lib.ModelCache, *, attention_mask=None,
-           logits: str = "all", backend: str = "auto", check_capacity: bool = True):
+           logits: str = "all", backend: str = "auto", check_capacity: bool = True,
+           press=None, decode_room: int = 0):
   """Appends T' >= 1 tokens per row and returns (logits, cache); the cache is donated.
 
   T' == 1 runs the recurrent forms; longer chunks the chunkwise-parallel forms.
   attention_mask [B, T'] marks padding inside the chunk (rows that add fewer tokens).
+  With `press`, the dense-KV layers are compressed after the step (this step's
+  observations; see `apply_press`) and get `decode_room` free slots each.
   """
   tokens = tfm.check_tokens(tokens, model.config)
   if not isinstance(cache, cache_lib.ModelCache):
     raise ValueError(f"cache must be a kvjax.cache.ModelCache; got {type(cache).__name__}")
   require_choice("logits", logits, LOGITS_MODES)
+  _check_decode_room(decode_room)
   if cache.batch != tokens.shape[0]:
     raise ValueError(f"batch mismatch: tokens have batch {tokens.shape[0]} but the cache holds "
                      f"{cache.batch} rows")
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   if check_capacity:
     _check_capacity(cache, positions)
+  observe = None
+  if press is not None:
+    _press_layers(model, press, cache)
+    observe = getattr(press, "observe", None) or Observe()
   graphdef, state = nnx.split(model)
-  return _run(graphdef, state, tokens, positions, cache, backend=backend, logits_mode=logits)
+  out, cache, obs = _run(graphdef, state, tokens, positions, cache, backend=backend,
+                         logits_mode=logits, observe=observe)
+  if press is not None:
+    cache = apply_press(model, press, cache, obs, room=decode_room)
+  return out, cache
 
 
 def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention_mask=None,
             prompt_lengths=None, cache: Optional[cache_lib.ModelCache] = None, cache_dtype=None,
-            press=None, logits: str = "all", backend: str = "auto",
-            chunk_size: Optional[int] = None):
+            press=None, decode_room: Optional[int] = None, logits: str = "all",
+            backend: str = "auto", chunk_size: Optional[int] = None):
   """Runs the prompt and returns (logits, cache).
 
   Args:
@@ -430,18 +594,36 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
     prompt_lengths: [B] valid tokens per row when rows are right-padded.
     cache: an existing ModelCache to continue instead of building one.
     cache_dtype: dtype of KV / latent / conv caches (recurrent states stay float32).
-    press: not supported for these families (raises ValueError).
+    press: a kvjax press applied to the dense-KV layers after the prompt (`apply_press`);
+      a model without dense-KV layers raises ValueError. As in `models.prefill`, with an
+      int `capacity` and no `decode_room` the prompt is cached in T slots and the press
+      leaves capacity - T free slots; `decode_room=N` sets the room explicitly.
+    decode_room: empty slots per dense layer after the press (only with press).
     logits: "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last token.
     backend: attention backend ("auto" | "xla" | "pallas").
     chunk_size: run the prompt in chunks of this many tokens (bounded activation memory);
-      the result equals the one-shot prefill.
+      the result equals the one-shot prefill. Not combined with a press.
   """
-  if press is not None:
-    raise ValueError(f"press={press!r}: presses act on models.Transformer KV caches; "
-                     f"{type(model.config).__name__} caches are windows / states / latents")
   tokens = tfm.check_tokens(tokens, model.config)
   require_choice("logits", logits, LOGITS_MODES)
+  _check_decode_room(decode_room)
   b, t = tokens.shape
+  room = 0
+  if press is not None:
+    if chunk_size is not None and chunk_size < t:
+      raise ValueError(f"chunk_size={chunk_size} with press={type(press).__name__}: "
+                       f"{type(model.config).__name__} presses run once after a one-shot "
+                       "prefill; pass chunk_size=None")
+    if decode_room is not None:
+      room = int(decode_room)
+    elif cache is None and capacity is not None:
+      require_int("capacity", capacity)
+      if capacity < t:
+        raise ValueError(f"capacity={capacity} is smaller than the prompt ({t} tokens)")
+      capacity, room = t, int(capacity) - t
+  elif decode_room is not None:
+    raise ValueError(f"decode_room={decode_room} only applies with a press; without one use "
+                     "capacity=prompt length + room")
   if prompt_lengths is not None:
     if attention_mask is not None:
       raise ValueError("pass either attention_mask or prompt_lengths, not both")
@@ -461,6 +643,18 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
     if cap < longest and any(m.bounded_by_capacity for m in model.config.layer_mixers()):
       raise ValueError(f"capacity={cap} is smaller than the prompt ({longest} tokens)")
     cache = init_cache(model.config, b, cap, dtype=cache_dtype)
+  if press is not None:
+    _press_layers(model, press, cache, t)  # fail before the prompt runs, not after it
+    if cache.batch != b:
+      raise ValueError(f"batch mismatch: tokens have batch {b} but the cache holds "
+                       f"{cache.batch} rows")
+    positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
+    _check_capacity(cache, positions)
+    graphdef, state = nnx.split(model)
+    observe = getattr(press, "observe", None) or Observe()
+    out, cache, obs = _run(graphdef, state, tokens, positions, cache, backend=backend,
+                           logits_mode=logits, observe=observe)
+    return out, apply_press(model, press, cache, obs, room=room, prompt_length=t)
   if chunk_size is None:
     return decode(model, tokens, cache, attention_mask=attention_mask, logits=logits,
                   backend=backend)

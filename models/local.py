@@ -31,6 +31,7 @@ from kvjax import cache as cache_lib
 from kvjax import recurrent as rec_lib
 from kvjax import rope as rope_lib
 from models import decoder as dec
+from models import transformer as tfm
 
 SHARE_MODES = ("own", "reuse")
 LOCAL_KINDS = ("sliding", "dilated")
@@ -123,8 +124,14 @@ class AttentionMixer(dec.Mixer):
     return y if positions is None else rope_lib.apply_rope(y, positions, self.rope)
 
   def __call__(self, p, x, positions, cache, shared, ctx):
+    return self.observed(p, x, positions, cache, shared, ctx)[:3]
+
+  def observed(self, p, x, positions, cache, shared, ctx):
+    """__call__ plus press observations of a dense-KV layer (`ctx.observe`; see
+    kvjax.observation): colsum aligned with its cache slots, the last queries post-RoPE."""
     b, t, _ = x.shape
     spec = self.spec(ctx.backend)
+    obs = {}
     q = self._heads(x, p["wq"], self.num_heads, positions)
     if self.share == "reuse":
       if shared is None:
@@ -147,11 +154,20 @@ class AttentionMixer(dec.Mixer):
         res = attn_lib.attention(q, k, v, lengths, q_positions=positions, k_positions=kpos,
                                  spec=spec)
         shared = (k, v, kpos)
+      elif isinstance(cache, cache_lib.DenseKVCache):
+        ob = ctx.observe
+        res, cache = cache.attend(q, k, v, positions, spec, return_colsum=ob.colsum,
+                                  colsum_window=ob.colsum_window)
+        if ob.colsum:
+          obs["colsum"] = res.colsum
+        if ob.queries:  # pylint: disable-next=protected-access
+          obs["queries"] = tfm._last_queries(q, positions, ob.queries)
+        shared = cache
       else:
         res, cache = cache.attend(q, k, v, positions, spec)
         shared = cache
     o = res.out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
-    return jnp.einsum("btk,kh->bth", o, p["wo"]), cache, shared
+    return jnp.einsum("btk,kh->bth", o, p["wo"]), cache, shared, obs
 
 
 @dataclasses.dataclass(frozen=True)
