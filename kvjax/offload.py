@@ -1,6 +1,6 @@
 """Host offload tier: caches, pages and layers held in host memory, fetched when needed.
 
-Three mechanisms, all over ordinary kvjax cache pytrees:
+Four mechanisms, all over ordinary kvjax cache pytrees:
 
   * Placement by JAX memory kinds. `to_host(tree)` moves every array to the host memory
     space of the device that holds it (`pinned_host` where the backend offers it, else
@@ -21,6 +21,11 @@ Three mechanisms, all over ordinary kvjax cache pytrees:
     every key of the page; only the top-k pages per (row, kv head) are fetched and attended,
     together with a device-resident window of recent tokens and the current chunk.
 
+A model's whole cache in host memory: `HostCache` (every layer a HostCopy, streamed in by
+`stream_layers` during each forward pass) and `QuestCache` (every layer a QuestStore plus
+a device window); `OffloadSpec` says which. models.prefill(offload=OffloadSpec(...)) builds
+them and models.decode runs on them (models/offload.py holds the model side).
+
 Where device and host differ (GPU, TPU): `pinned_host` is page-locked host RAM the device
 DMAs from, so `to_device` of a pinned array is an async copy over PCIe / the host link that
 overlaps compute; XLA cannot run computations on host-memory operands, so selective page
@@ -39,6 +44,7 @@ the device window.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -144,6 +150,10 @@ class Int8Tensor:
   codes: jax.Array
   scale: jax.Array
   dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+  @property
+  def shape(self) -> tuple:
+    return tuple(self.codes.shape)
 
 
 def quantize_int8(x) -> Int8Tensor:
@@ -326,6 +336,18 @@ def swap_in_rows(cache, swapped: SwappedRows, rows: Sequence[int]):
 
 
 # -- layer streaming with prefetch ---------------------------------------------------------------
+def _fetch(host):
+  """Host copy -> device (HostCopy: swap_in, dequantizing int8; else to_device)."""
+  return swap_in(host) if isinstance(host, HostCopy) else to_device(host)
+
+
+def _store(new, like):
+  """Device -> host in the form of `like` (a HostCopy keeps its compression)."""
+  if isinstance(like, HostCopy):
+    return swap_out(new, compress=like.compress)
+  return to_host(new)
+
+
 def stream_layers(step_fn: Callable[[int, Any, Any], tuple], x, host_caches: Sequence[Any], *,
                   prefetch: int = 1, write_back: bool = True):
   """Runs layers whose caches live in host memory, prefetching the next ones.
@@ -337,20 +359,23 @@ def stream_layers(step_fn: Callable[[int, Any, Any], tuple], x, host_caches: Seq
   Args:
     step_fn: fn(layer_index, x, device_cache) -> (x, new_device_cache); typically jitted.
     x: activations entering layer 0.
-    host_caches: per-layer caches in host memory (`to_host` / `swap_out(...).tree`).
+    host_caches: per-layer caches in host memory: trees (`to_host`) or HostCopy
+      (`swap_out`, maybe int8: dequantized on the device after the fetch, quantized again
+      on the device before the write-back).
     prefetch: layers fetched ahead (>= 0; 0 = fetch each layer just before it runs).
-    write_back: return the updated caches in host memory (else on the device).
+    write_back: return the updated caches in host memory, in the form they came in
+      (else on the device).
 
   Returns: (x, new caches per layer).
   """
-  if not isinstance(prefetch, int) or prefetch < 0:
+  if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
     raise ValueError(f"prefetch={prefetch!r}; must be an int >= 0")
   n = len(host_caches)
   inflight = {}
 
   def fetch(i):
     if i < n and i not in inflight:
-      inflight[i] = to_device(host_caches[i])
+      inflight[i] = _fetch(host_caches[i])
 
   out = []
   for i in range(n):
@@ -358,8 +383,119 @@ def stream_layers(step_fn: Callable[[int, Any, Any], tuple], x, host_caches: Seq
     for j in range(i + 1, i + 1 + prefetch):
       fetch(j)                   # issued before layer i's compute is dispatched
     x, new = step_fn(i, x, inflight.pop(i))
-    out.append(to_host(new) if write_back else new)
+    out.append(_store(new, host_caches[i]) if write_back else new)
   return x, out
+
+
+# -- a model's cache in host memory ----------------------------------------------------------------
+STREAM, QUEST = "stream", "quest"
+MODES = (STREAM, QUEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadSpec:
+  """How a model's cache is held in host memory (models.prefill(offload=...)).
+
+  Attributes:
+    mode: "stream": every layer's cache lives on the host (HostCache) and is streamed to
+      the device layer by layer, `prefetch` layers ahead, during every forward pass; exact
+      with compress=None. "quest": the prompt's keys/values live on the host in pages of
+      `page_size` with per-page key bounds on the device (QuestCache); each decode step
+      fetches the `top_k` pages per (row, kv head) with the largest bound, and attends to
+      them plus a device window of the tokens decoded since (`room` slots).
+    prefetch: stream: layers fetched ahead (int >= 0).
+    compress: stream: None (bit-exact) or "int8" (quantized on the device before each
+      write-back; error <= scale / 2 per entry, scale = max |x| / 127 per vector).
+    page_size, top_k, room, keep_last: quest settings (keep_last forces the page with the
+      latest prompt tokens in).
+    kind: host memory kind (default: pinned_host where offered, else unpinned_host).
+  """
+
+  mode: str = STREAM
+  prefetch: int = 1
+  compress: Optional[str] = None
+  page_size: int = 16
+  top_k: int = 4
+  room: int = 64
+  keep_last: bool = True
+  kind: Optional[str] = None
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r}; allowed: {MODES}")
+    if self.compress not in COMPRESSIONS:
+      raise ValueError(f"compress={self.compress!r}; allowed: {COMPRESSIONS}")
+    for name, lo in (("prefetch", 0), ("page_size", 1), ("top_k", 1), ("room", 1)):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name}={v!r}; must be an int >= {lo}")
+    if self.mode == QUEST and self.compress is not None:
+      raise ValueError(f"compress={self.compress!r} applies to mode='stream' only; quest "
+                       "pages move exactly")
+    if self.kind not in (None, "pinned_host", "unpinned_host"):
+      raise ValueError(f"kind={self.kind!r}; allowed: None, 'pinned_host', 'unpinned_host'")
+
+
+@flax.struct.dataclass
+class HostCache:
+  """A model's per-layer caches held in host memory (one HostCopy per layer, layer order).
+
+  Between forward passes no cache byte is on the device; a pass streams the layers in
+  (stream_layers) with `prefetch` layers ahead, so the device holds at most prefetch + 1
+  layers' caches at a time.
+
+  Attributes:
+    layers: tuple of HostCopy, one per layer (any layer cache kind, maybe int8-coded).
+    next_position: [B] int32 (device), as ModelCache.next_position.
+    prefetch: static, layers fetched ahead.
+  """
+
+  layers: tuple
+  next_position: jax.Array
+  prefetch: int = flax.struct.field(pytree_node=False, default=1)
+
+  @classmethod
+  def from_layers(cls, layers: Sequence[Any], next_position, *, compress: Optional[str] = None,
+                  prefetch: int = 1, kind: Optional[str] = None) -> "HostCache":
+    """Swaps device layer caches out (optionally int8-compressed)."""
+    return cls(tuple(swap_out(c, compress=compress, kind=kind) for c in layers),
+               jnp.asarray(next_position, jnp.int32), prefetch)
+
+  @classmethod
+  def from_model_cache(cls, cache: cache_lib.ModelCache, **kw) -> "HostCache":
+    return cls.from_layers(cache.layers(), cache.next_position, **kw)
+
+  def to_model_cache(self, keys=None) -> cache_lib.ModelCache:
+    """Everything back on the device as a ModelCache (`keys`: the model's layer keys)."""
+    return cache_lib.ModelCache.from_layers([swap_in(c) for c in self.layers],
+                                            jnp.copy(self.next_position), keys=keys)
+
+  @property
+  def compress(self) -> Optional[str]:
+    return self.layers[0].compress if self.layers else None
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layers)
+
+  @property
+  def batch(self) -> int:
+    return int(self.next_position.shape[0])
+
+  @property
+  def host_nbytes(self) -> int:
+    return sum(c.nbytes for c in self.layers)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held (all in host memory, next_position aside)."""
+    return self.host_nbytes + cache_lib.tree_nbytes(self.next_position)
+
+  def check_room(self, positions_new) -> None:
+    for c in self.layers:
+      check = getattr(c.tree, "check_room", None)
+      if check is not None:
+        check(positions_new)
 
 
 # -- Quest: query-aware page selection -------------------------------------------------------------
@@ -533,3 +669,85 @@ def quest_attend(q, k_new, v_new, q_positions, store: QuestStore,
   res, recent = _quest_attend(q, k_new, v_new, q_positions, sel_k, sel_v, sel_pos, recent,
                               spec)
   return res, recent, idx
+
+
+# -- a model's prompt offloaded for Quest decoding ------------------------------------------------
+@flax.struct.dataclass
+class QuestCache:
+  """A model's prompt offloaded for Quest decoding, and the device window decoded since.
+
+  Attributes:
+    stores: per layer a QuestStore (pages on the host, key bounds on the device).
+    recent: per layer a device DenseKVCache of the tokens fed after the prompt.
+    selected: per layer the page indices [B, Hkv, top_k] the last step attended to.
+    next_position: [B] int32.
+    top_k, keep_last: static selection settings.
+  """
+
+  stores: tuple
+  recent: tuple
+  selected: tuple
+  next_position: jax.Array
+  top_k: int = flax.struct.field(pytree_node=False, default=4)
+  keep_last: bool = flax.struct.field(pytree_node=False, default=True)
+
+  @classmethod
+  def from_layers(cls, layers: Sequence[Any], next_position, *, page_size: int, room: int,
+                  top_k: int, keep_last: bool = True, kind: Optional[str] = None
+                  ) -> "QuestCache":
+    """Pages dense layer caches (device arrays, or HostCopy brought in one at a time) out."""
+    stores, recent, sel = [], [], []
+    for i, c in enumerate(layers):
+      if isinstance(c, HostCopy):
+        c = swap_in(c)
+      if not isinstance(c, cache_lib.DenseKVCache):
+        raise ValueError(f"layer {i} is a {type(c).__name__}; Quest offload pages "
+                         "DenseKVCache layers only (build the cache with window_cache=False "
+                         "and no quantized kinds)")
+      st = quest_offload(c, page_size, kind=kind)
+      stores.append(st)
+      recent.append(cache_lib.DenseKVCache.init(c.batch, c.kv_heads, room, c.k.shape[-1],
+                                                c.k.dtype, v_head_dim=c.v.shape[-1]))
+      sel.append(jnp.zeros((c.batch, c.kv_heads, min(top_k, st.num_pages)), jnp.int32))
+    return cls(tuple(stores), tuple(recent), tuple(sel), jnp.asarray(next_position, jnp.int32),
+               top_k, keep_last)
+
+  @classmethod
+  def from_model_cache(cls, cache, **kw) -> "QuestCache":
+    """From a ModelCache or a HostCache (then one layer at a time is on the device)."""
+    layers = cache.layers if isinstance(cache, HostCache) else cache.layers()
+    return cls.from_layers(layers, cache.next_position, **kw)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.stores)
+
+  @property
+  def batch(self) -> int:
+    return int(self.next_position.shape[0])
+
+  @property
+  def room(self) -> int:
+    return self.recent[0].capacity
+
+  @property
+  def host_nbytes(self) -> int:
+    return sum(s.host_nbytes for s in self.stores)
+
+  @property
+  def device_nbytes(self) -> int:
+    """Resident device bytes: key bounds, windows, selections, next_position (the pages a
+    step fetches, top_k * page_size tokens per (row, kv head, layer), come and go)."""
+    return (sum(s.device_nbytes for s in self.stores)
+            + cache_lib.tree_nbytes((self.recent, self.selected, self.next_position)))
+
+  @property
+  def nbytes(self) -> int:
+    return self.host_nbytes + self.device_nbytes
+
+  def check_room(self, positions_new) -> None:
+    r = self.recent[0]
+    need = np.asarray(r.lengths).max(-1) + np.asarray(positions_new >= 0).sum(-1)
+    if (need > r.capacity).any():
+      raise ValueError(f"Quest window overflow: {need.max()} tokens after the prompt exceed "
+                       f"OffloadSpec.room={r.capacity}; raise room")

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax import cache as cache_lib
+from kvjax import offload as offload_lib
 from kvjax import presses as press_lib
 from kvjax.window import WindowKVCache
 from models import transformer as tfm
@@ -114,7 +115,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
             cache_dtype=None, press=None, decode_room: Optional[int] = None,
             logits: str = "all", backend: str = "auto",
             observe: Optional[tfm.Observe] = None, window_cache: bool = True,
-            chunk_size: Optional[int] = None):
+            chunk_size: Optional[int] = None, offload: Optional[offload_lib.OffloadSpec] = None):
   """Runs the prompt and returns (logits, cache).
 
   Args:
@@ -145,6 +146,11 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
       the prompt length (the last compression leaves the decode room instead). Ratio
       presses (compression_ratio) then remove that fraction of what is held at every
       chunk; use `budget=` for a fixed final size. chunk_size >= T is one-shot prefill.
+    offload: a kvjax.offload.OffloadSpec: the cache is built in host memory and the layers
+      are streamed through the device (mode="stream": returns a kvjax.offload.HostCache),
+      or the prompt is paged to the host for top-k page retrieval (mode="quest": returns a
+      QuestCache); models.decode takes either (see models/offload.py). Not combined with
+      press, cache, observe or chunk_size.
   """
   tokens = tfm.check_tokens(tokens, model.config)
   if logits not in LOGITS_MODES:
@@ -176,6 +182,16 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     if pl.shape != (b,):
       raise ValueError(f"prompt_lengths shape {pl.shape}; expected {(b,)}")
     attention_mask = jnp.arange(t)[None, :] < pl[:, None]
+  if offload is not None:
+    from models import offload as model_offload  # pylint: disable=import-outside-toplevel
+    given = [n for n, v in (("press", press), ("cache", cache), ("observe", observe),
+                            ("chunk_size", chunk_size)) if v is not None]
+    if given:
+      raise ValueError(f"offload= does not combine with {', '.join(given)}")
+    positions = tfm.positions_from_mask(tokens, attention_mask)
+    return model_offload.prefill(model, tokens, positions, offload, capacity=capacity,
+                                 cache_dtype=cache_dtype, window_cache=window_cache,
+                                 logits=logits, backend=backend)
   check_cache = cache
   if cache is None and chunked and press is not None:
     # Compressed after every chunk: dense layers start with room for one chunk and grow
@@ -289,8 +305,17 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   """
   _check_decode_room(decode_room)
   tokens = tfm.check_tokens(tokens, model.config)
+  if isinstance(cache, (offload_lib.HostCache, offload_lib.QuestCache)):
+    from models import offload as model_offload  # pylint: disable=import-outside-toplevel
+    if observe is not None or press is not None:
+      raise ValueError(f"observe= and press= do not apply to a {type(cache).__name__}")
+    _check_batch(tokens, cache)
+    positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
+    return model_offload.decode(model, tokens, positions, cache, logits=logits,
+                                backend=backend, check_capacity=check_capacity)
   if not isinstance(cache, cache_lib.ModelCache):
-    raise ValueError(f"cache must be a kvjax.cache.ModelCache; got {type(cache).__name__}")
+    raise ValueError(f"cache must be a kvjax.cache.ModelCache (or a kvjax.offload HostCache / "
+                     f"QuestCache); got {type(cache).__name__}")
   if logits not in LOGITS_MODES:
     raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
   _check_batch(tokens, cache)

@@ -219,12 +219,10 @@ def _proj(x, w, b=None):
   return y if b is None else y + b
 
 
-def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
-           observe: Observe, layer_index=None):
-  """One decoder layer. x [B, T, H] -> x, layer_cache', obs dict.
+def layer_qkv(p, x, positions, spec: LayerSpec, config: ModelConfig):
+  """The half of a layer before attention: x [B, T, H] -> (q [B, Hq, T, D], k, v [B, Hkv, T, D]).
 
-  With `layer_index` set, `layer_cache` is a stacked segment cache and the layer updates its
-  own slice in place (`attend_stacked`).
+  q and k have RoPE applied (at `positions`), so k is what a cache stores.
   """
   c = config
   b, t, _ = x.shape
@@ -239,6 +237,40 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
   q = rope_lib.apply_rope(q, positions, spec.rope)
   k = rope_lib.apply_rope(k, positions, spec.rope)
+  return q, k, v
+
+
+def layer_finish(p, x, attn_out, config: ModelConfig):
+  """The half of a layer after attention: attn_out [B, Hq, T, D] -> x [B, T, H]
+  (output projection, residual, MLP, residual)."""
+  c = config
+  b, t, _ = x.shape
+  norm = functools.partial(rms_norm, eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset)
+  o = attn_out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
+  o = _proj(o, p["wo"], p.get("bo"))
+  if c.sandwich_norms:
+    o = norm(o, p["post_attn_norm"])
+  x = x + o.astype(x.dtype)
+  h = norm(x, p["mlp_norm"])
+  act = activation(c.hidden_act)
+  g = _proj(h, p["w_gate"], p.get("b_gate"))
+  u = _proj(h, p["w_up"], p.get("b_up"))
+  m = _proj(act(g) * u, p["w_down"], p.get("b_down"))
+  if c.sandwich_norms:
+    m = norm(m, p["post_mlp_norm"])
+  return x + m.astype(x.dtype)
+
+
+def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
+           observe: Observe, layer_index=None):
+  """One decoder layer. x [B, T, H] -> x, layer_cache', obs dict.
+
+  With `layer_index` set, `layer_cache` is a stacked segment cache and the layer updates its
+  own slice in place (`attend_stacked`).
+  """
+  c = config
+  b, t, _ = x.shape
+  q, k, v = layer_qkv(p, x, positions, spec, c)
   want_colsum = observe.colsum
   akw = dict(return_colsum=want_colsum, colsum_window=observe.colsum_window)
   if layer_cache is None:
@@ -252,19 +284,7 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
     res, new_cache = layer_cache.attend_stacked(layer_index, q, k, v, positions, spec.attn, **akw)
   else:
     res, new_cache = layer_cache.attend(q, k, v, positions, spec.attn, **akw)
-  o = res.out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
-  o = _proj(o, p["wo"], p.get("bo"))
-  if c.sandwich_norms:
-    o = norm(o, p["post_attn_norm"])
-  x = x + o.astype(x.dtype)
-  h = norm(x, p["mlp_norm"])
-  act = activation(c.hidden_act)
-  g = _proj(h, p["w_gate"], p.get("b_gate"))
-  u = _proj(h, p["w_up"], p.get("b_up"))
-  m = _proj(act(g) * u, p["w_down"], p.get("b_down"))
-  if c.sandwich_norms:
-    m = norm(m, p["post_mlp_norm"])
-  x = x + m.astype(x.dtype)
+  x = layer_finish(p, x, res.out, c)
   obs = {}
   if want_colsum:
     obs["colsum"] = res.colsum
