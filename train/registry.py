@@ -120,11 +120,16 @@ LLAMA_TP_RULES = (
     (r"^embed$", ("model", None)),
 )
 
+def _decoder_export(model, path: str):
+  from models import decoder_io  # pylint: disable=import-outside-toplevel
+  decoder_io.save(model, path)
+
+
 def decoder_family(config_class: str, **extras) -> Family:
   """A family of `models.decoder.Decoder` built from a config class ("module:Class").
 
   The class is imported when the family is first built, so registering costs nothing and
-  names stay valid while the class's module is absent.
+  names stay valid while the class's module is absent. Exports use `models.decoder_io`.
   """
   def build(kw: dict, *, rngs: nnx.Rngs):
     mod, _, cls = config_class.partition(":")
@@ -142,6 +147,7 @@ def decoder_family(config_class: str, **extras) -> Family:
                        f"{sorted(fields)}")
     return decoder(config_cls(**kw), rngs=rngs)
   extras.setdefault("vocab_size", lambda m: m.config.vocab_size)
+  extras.setdefault("export", _decoder_export)
   return Family(build=build, **extras)
 
 

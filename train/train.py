@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import time
 import types
@@ -48,6 +49,7 @@ from train import sharding as shard_lib
 
 PyTree = Any
 DTYPES = ("float32", "bfloat16", "float16")
+OBJECTIVES = ("lm", "attention_transfer")  # next-token loss | per-layer transfer (convert.py)
 EVAL_SEED_OFFSET = 1_000_003  # eval examples of tasks use seed + this: disjoint from training
 
 
@@ -148,25 +150,57 @@ def check_config(c, parts: ModelParts, mesh: Mesh):
        f"export=True but model.family={c.model.family!r} registers no exporter")
   need(c.distributed in ("auto", "true", "false"),
        f"distributed={c.distributed!r}; allowed: 'auto', 'true', 'false'")
+  need(c.objective in OBJECTIVES, f"objective={c.objective!r}; allowed: {OBJECTIVES}")
+  need(c.objective == "attention_transfer" or not c.teacher,
+       f"teacher={c.teacher!r} is only read by objective='attention_transfer' (objective="
+       f"{c.objective!r})")
+  trainable_mask(parts.abstract_params, c.trainable)  # raises on a bad regex
 
 
 # --- steps -----------------------------------------------------------------------------------
-def _loss_and_stats(params, batch, parts: ModelParts, compute_dtype):
+def _loss_and_stats(params, batch, extra, parts: ModelParts, compute_dtype):
+  """Next-token loss: (sum of NLL over loss tokens, {"count", "correct"})."""
+  del extra
   model = parts.merge(params, compute_dtype)
   logits = model(batch["inputs"])
   s = eval_lib.token_stats(logits, batch["targets"], batch["weights"])
   return jnp.sum(s["nll"]), {"count": jnp.sum(s["count"]), "correct": jnp.sum(s["correct"])}
 
 
-def train_step(state, batch, *, parts: ModelParts, tx, schedule, compute_dtype):
-  """One optimizer step over a batch shaped [A, M, T]; returns (state, metrics)."""
-  grad_fn = jax.value_and_grad(functools.partial(_loss_and_stats, parts=parts,
+def trainable_mask(params, regex: str):
+  """Per-parameter bool pytree: True where the path ("a/b/c") matches `regex` ("" = all).
+
+  Raises ValueError when the regex does not compile or matches no parameter.
+  """
+  if not regex:
+    return jax.tree.map(lambda _: True, params)
+  try:
+    pat = re.compile(regex)
+  except re.error as e:
+    raise ValueError(f"trainable={regex!r} is not a regular expression ({e})") from e
+  mask = jax.tree_util.tree_map_with_path(
+      lambda p, _: bool(pat.search(shard_lib.path_str(p))), params)
+  if not any(jax.tree.leaves(mask)):
+    names = [shard_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    raise ValueError(f"trainable={regex!r} matches no parameter; parameters: {names[:12]}...")
+  return mask
+
+
+def train_step(state, batch, extra=None, *, parts: ModelParts, tx, schedule, compute_dtype,
+               loss_fn=_loss_and_stats, mask=None):
+  """One optimizer step over a batch shaped [A, M, T]; returns (state, metrics).
+
+  loss_fn(params, micro_batch, extra, parts, compute_dtype) -> (loss sum, {"count",
+  "correct"}); `extra` is the objective's other input (a teacher's parameters). With
+  `mask` (a bool per parameter), the others get no gradient and stay bit-identical.
+  """
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, parts=parts,
                                                  compute_dtype=compute_dtype), has_aux=True)
   params = state["params"]
 
   def micro_step(carry, mb):
     g_acc, l_acc, a_acc = carry
-    (l, a), g = grad_fn(params, mb)
+    (l, a), g = grad_fn(params, mb, extra)
     return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, a_acc, a)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -175,8 +209,12 @@ def train_step(state, batch, *, parts: ModelParts, tx, schedule, compute_dtype):
   (grads, loss_sum, aux), _ = jax.lax.scan(micro_step, init, batch)
   n = jnp.maximum(aux["count"], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads)
+  if mask is not None:  # frozen: no gradient (so none in the clip norm), no update
+    grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
+  if mask is not None:
+    new_params = jax.tree.map(lambda new, old, m: new if m else old, new_params, params, mask)
   rng, _ = jax.random.split(state["rng"])
   new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
                "rng": rng}
@@ -187,6 +225,7 @@ def train_step(state, batch, *, parts: ModelParts, tx, schedule, compute_dtype):
 
 
 def eval_step(params, batch, *, parts: ModelParts, compute_dtype):
+  """Next-token statistics of the model (whatever the training objective)."""
   model = parts.merge(params, compute_dtype)
   return eval_lib.token_stats(model(batch["inputs"]), batch["targets"], batch["weights"])
 
@@ -236,15 +275,23 @@ def _build_programs(c, mesh: Mesh) -> dict:
   batch_sh = shard_lib.batch_sharding(mesh, 3, batch_axis=1)   # [A, M, T]
   eval_sh = shard_lib.batch_sharding(mesh, 2, batch_axis=0)    # [B, T]
   cd = jnp.dtype(c.model.compute_dtype)
+  loss_fn, extra = _loss_and_stats, None
+  if c.objective == "attention_transfer":
+    from train import convert  # pylint: disable=import-outside-toplevel
+    objective = convert.AttentionTransfer.from_config(c, parts.abstract_model().config)
+    loss_fn = objective.loss
+    extra = jax.device_put(objective.teacher_params, rep)
+  mask = trainable_mask(parts.abstract_params, c.trainable) if c.trainable else None
+  step = jax.jit(
+      functools.partial(train_step, parts=parts, tx=tx, schedule=schedule, compute_dtype=cd,
+                        loss_fn=loss_fn, mask=mask),
+      in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+      donate_argnames=("state",))
   return dict(
       parts=parts, schedule=schedule, tx=tx, param_sh=param_sh, state_sh=state_sh,
       abstract_state=abstract_state, batch_sh=batch_sh, eval_sh=eval_sh,
       init_fn=jax.jit(init, out_shardings=state_sh),
-      step_fn=jax.jit(
-          functools.partial(train_step, parts=parts, tx=tx, schedule=schedule,
-                            compute_dtype=cd),
-          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-          donate_argnames=("state",)),
+      step_fn=lambda state, batch: step(state, batch, extra),
       eval_fn=jax.jit(functools.partial(eval_step, parts=parts, compute_dtype=cd),
                       in_shardings=(param_sh, eval_sh), out_shardings=rep),
       meta=ckpt_lib.make_meta(c.model.family, parts.kwargs, parts.abstract_params,
@@ -560,22 +607,32 @@ def _truncate_metrics(path: str, step: int):
 
 
 def warm_start(trainer: Trainer, path: str) -> dict:
-  """Copies the parameters of the HF-format model at `path` into a fresh state.
+  """Copies the parameters of the model saved at `path` into a fresh state.
 
-  Parameters whose path and shape match are copied (e.g. Llama -> the same Llama with
-  sliding-window layers, or a longer max_position_embeddings); the others keep their
-  fresh initialisation. This is the weight-transfer step of conversion fine-tuning: the
-  LM fine-tune that follows is this trainer. Raises ValueError when nothing matches.
+  `path` is an HF Llama-family directory or a `models.decoder_io` Decoder directory (what
+  `export` writes). Parameters whose path and shape match are copied (e.g. Llama -> the
+  same Llama with sliding-window layers, or a longer max_position_embeddings); the others
+  keep their fresh initialisation. A Llama into a Decoder family goes through
+  `models.from_llama.transfer_weights` (embeddings, norms, MLPs, and the attention weights
+  each mixer can take): the weight-transfer step of conversion fine-tuning
+  (`train/convert.py`). Raises ValueError when nothing matches.
 
   Returns:
     {"copied": [...], "fresh": [...]} parameter paths.
   """
-  from models import hf  # pylint: disable=import-outside-toplevel
+  from models import decoder as dec  # pylint: disable=import-outside-toplevel
+  from models import decoder_io  # pylint: disable=import-outside-toplevel
+  from models import from_llama  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(path):
     raise ValueError(f"init_from={path!r} is not a directory")
-  src_model = hf.from_pretrained(path, dtype=trainer.c.model.param_dtype)
-  src = {shard_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
-      nnx.state(src_model, nnx.Param).to_pure_dict())[0]}
+  src_model = decoder_io.load_any(path, dtype=trainer.c.model.param_dtype)
+  src_params = nnx.state(src_model, nnx.Param).to_pure_dict()
+  dst_config = trainer.parts.abstract_model().config
+  if isinstance(dst_config, dec.DecoderConfig) and not isinstance(src_model, dec.Decoder):
+    src = from_llama.transfer_weights(src_params, src_model.config, dst_config)
+  else:
+    src = {shard_lib.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+        src_params)[0]}
   copied, fresh = [], []
 
   def take(p, x, sh):

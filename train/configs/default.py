@@ -69,8 +69,15 @@ def get_config() -> ml_collections.ConfigDict:
                                    # -1: never
   c.keep_checkpoints = 3           # keep the last N
   c.async_checkpoint = True
-  c.init_from = ""                 # HF-format model dir: copy matching params into a fresh
-                                   # run (warm start / conversion fine-tuning)
+  c.init_from = ""                 # HF-format or kvjax Decoder model dir: copy matching
+                                   # params into a fresh run (warm start; a Llama into a
+                                   # Decoder family maps its weights, models/from_llama.py)
+  c.objective = "lm"               # "lm": next-token loss | "attention_transfer": match
+                                   # `teacher`'s per-layer attention outputs (train/convert.py)
+  c.teacher = ""                   # attention_transfer: HF dir of a full-attention Llama
+  c.trainable = ""                 # regex over param paths ("groups/0/1/mixer/wq"): only
+                                   # matching params train, the rest stay bit-identical
+                                   # ("" = all)
   c.export = False                 # write the final model (HF format) + tokenizer
   c.export_dir = ""                # default: <workdir>/export
   c.tensorboard = True             # event files in <workdir>/tensorboard

@@ -1,0 +1,83 @@
+r"""Recipe: convert the shipped default Llama (`models/default`) into a cache-bounded model.
+
+    python -m train.convert --config=train/configs/convert.py:gla --workdir=/tmp/conv_gla
+    python -m train.main --config=train/configs/convert.py:sliding --workdir=/tmp/t1  # stage 1
+
+The argument after ':' picks the student: "sliding" (all layers sliding-window + sinks),
+"gla" (gated linear attention), "retnet" (fixed-decay linear attention with RoPE) or
+"hybrid" (GLA, GLA, local attention: Griffin's 2:1). Its sizes (hidden, heads, head_dim,
+MLP, layers, RoPE base, vocabulary) are read from the teacher's config.json, so the
+teacher's weights fit (`models/from_llama.py`).
+
+Stage 1 (this config as it stands: objective="attention_transfer") trains the mixers' new
+parts and query/key projections to match the teacher's per-layer attention outputs;
+stage 2 (`convert` section, run by train.convert) fine-tunes everything on the LM loss.
+Data: the Python standard library's sources (the teacher's language-modelling data) plus
+MQAR. See train/convert.py for the method and its references.
+"""
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+
+from train.configs import default
+
+STUDENTS = {
+    "sliding": ("sliding", dict(window=64, sink_tokens=4, local_per_global=None)),
+    "gla": ("gla", dict(chunk_size=32)),
+    "retnet": ("retnet", dict(decay="retnet", use_rope=True, chunk_size=32)),
+    "hybrid": ("hybrid", dict(recurrent="gla", recurrent_per_attention=2, window=64,
+                              sink_tokens=4, chunk_size=32)),
+}
+TEACHER = os.path.join(os.path.dirname(__file__), "..", "..", "models", "default")
+DEFAULT_TRAINABLE = r"mixer/(?!(wv|wo)$)"   # = train.convert.DEFAULT_TRAINABLE
+
+
+def student_settings(student: str, teacher: str) -> tuple[str, dict]:
+  """(train.registry family, constructor settings) of `student` sized from `teacher`."""
+  if student not in STUDENTS:
+    raise ValueError(f"student={student!r}; allowed: {sorted(STUDENTS)}")
+  from models import from_llama  # pylint: disable=import-outside-toplevel
+  from models import hf  # pylint: disable=import-outside-toplevel
+  from models import registry  # pylint: disable=import-outside-toplevel
+  family, overrides = STUDENTS[student]
+  tcfg = hf.load_config(teacher)
+  cfg = from_llama.student_config(registry.get(family).config, tcfg, **overrides)
+  kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  return family, json.loads(json.dumps(kw))   # tuples -> lists (ConfigDict-friendly)
+
+
+def get_config(student: str = "gla") -> ml_collections.ConfigDict:
+  c = default.get_config()
+  teacher = os.path.normpath(TEACHER)
+  family, kw = student_settings(student, teacher)
+  c.model.family = family
+  c.model.config = ml_collections.ConfigDict(kw)
+  c.objective = "attention_transfer"
+  c.teacher = teacher
+  c.trainable = DEFAULT_TRAINABLE
+  c.steps = 300                    # stage 1 (attention transfer) steps
+  c.batch_size = 16
+  c.seq_len = 256
+  c.opt.lr = 3e-3
+  c.opt.warmup_steps = 30
+  c.data.sources = ml_collections.ConfigDict(dict(
+      stdlib=ml_collections.ConfigDict(dict(kind="stdlib", weight=3.0)),
+      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=8)),
+  ))
+  c.log_every = 25
+  c.eval_every = 0
+  c.eval_examples = 64
+  c.eval_batch_size = 16
+  c.checkpoint_every = 100
+  c.export = True
+  # Stage 2 (LM fine-tuning of all weights), read by train.convert.
+  c.convert = ml_collections.ConfigDict(dict(
+      finetune_steps=300,          # optimizer steps of stage 2
+      finetune_lr=1e-3,            # its peak learning rate
+      finetune_warmup_steps=30,
+      finetune_trainable="",       # regex of stage-2 trainable params ("" = all)
+  ))
+  return c
