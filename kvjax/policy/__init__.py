@@ -19,11 +19,27 @@ Policies (each one file):
 
 This is the "adaptive, multi-stage pipeline" the surveys in ../shared/seeds call for:
 eviction, then offload, chosen at run time from memory pressure and context length.
+
+Before run time (each one file):
+  pipeline   Stage (one layer's technique: press@ratio, then a quantized kind) and
+             AdaptivePipeline (a stage per layer; press-like, so models.prefill(press=...)
+             and the experiments harness take it); single_at_budget configures one
+             technique for a memory budget.
+  calibrate  the profiler: per-layer (and per-kv-head) KL of every candidate stage on
+             calibration data, exact byte fractions; plan / choose pick a stage per layer
+             under a budget.
+  recommend  recommend(scenario, memory_budget, ...) for the seven deployment scenarios of
+             the survey, verified on the user's model through a harness callback
+             (experiments.bench_policy.recommend_on_model wires the experiments harness).
 """
 
 from kvjax.policy.base import Action, Compress, Policy, PoolView, RowView, SwapOut, Tiered
 from kvjax.policy.length import LengthAdaptive
 from kvjax.policy.pressure import CompressOnPressure, SwapOnPressure
+from kvjax.policy import calibrate
+from kvjax.policy.calibrate import Profile, choose, plan, profile
+from kvjax.policy.pipeline import AdaptivePipeline, Stage, single_at_budget
+from kvjax.policy.recommend import SCENARIOS, Recommendation, Scenario, recommend, scenario_stages
 
 NAMES = ("none", "swap", "swap_int8", "compress", "length")
 PRESSES = ("knorm", "streaming_llm", "keydiff", "random")
@@ -63,4 +79,6 @@ def from_name(name: str, *, press: str = "knorm", ratio: float = 0.5,
 
 __all__ = ["Action", "Compress", "SwapOut", "Policy", "PoolView", "RowView", "Tiered",
            "SwapOnPressure", "CompressOnPressure", "LengthAdaptive", "from_name",
-           "make_press", "NAMES", "PRESSES"]
+           "make_press", "NAMES", "PRESSES", "calibrate", "Profile", "profile", "plan",
+           "choose", "AdaptivePipeline", "Stage", "single_at_budget", "SCENARIOS", "Scenario",
+           "Recommendation", "recommend", "scenario_stages"]
