@@ -14,6 +14,16 @@ parts and query/key projections to match the teacher's per-layer attention outpu
 stage 2 (`convert` section, run by train.convert) fine-tunes everything on the LM loss.
 Data: the Python standard library's sources (the teacher's language-modelling data) plus
 MQAR. See train/convert.py for the method and its references.
+
+Measured (GLA student, one run of 100 transfer + 100 fine-tune steps on a shared 2-core
+CPU, 8m46s wall: `python -m train.convert --config=train/configs/convert.py:gla
+--workdir=/tmp/conv_gla --config.steps=100 --config.convert.finetune_steps=100`), held-out
+stdlib byte loss (nats/byte, 64 sequences of 256 bytes, the loop's eval set):
+teacher (full attention) 2.568; GLA student with the teacher's weights mapped in, before
+any training 4.129; after attention transfer only (mixers' q/k and new gates trained, all
+else frozen; transfer MSE 5.86 -> 0.51) 2.573; after LM fine-tuning 2.311 (it trains on
+more of the teacher's data, so it passes the teacher). MQAR is not solved by the teacher
+in this format either (exact match 0 for all four models).
 """
 
 import dataclasses
