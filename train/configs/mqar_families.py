@@ -1,0 +1,73 @@
+r"""Recipe: one small model of each family learns MQAR (Arora et al., 2023) on CPU.
+
+    python -m train.main --config=train/configs/mqar_families.py:gla --workdir=/tmp/mqar_gla
+    python -m experiments.mqar_families --workdir=/tmp/mqar_families   # all + the table
+
+The argument after ':' is a `train.registry` family: llama, sliding, dilated, gla, retnet,
+mamba2, hybrid, cla, mla. Every model is ~2 mixer layers at hidden 64 (Mamba-2: 4 blocks
+without MLP, its usual depth for the same budget) on mqar_tiny's task: 32-token sequences,
+4 key-value pairs, 12 queries drawn with replacement (see train/configs/mqar_tiny.py for
+why). Each family keeps what makes its cache small, sized so the trade-off shows at this
+length: local attention sees `WINDOW` = 8 tokens (the pairs sit up to ~28 tokens before
+their queries), linear attention / SSM states are 16 x 16 per head, CLA shares one KV cache
+between its 2 layers, MLA caches a 16-wide latent + 8 RoPE channels per token.
+"""
+
+import ml_collections
+
+from train.configs import default
+
+WINDOW = 8
+COMMON = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2,
+              tie_word_embeddings=False, dtype="float32")
+ATTN = dict(num_heads=4, num_kv_heads=4, head_dim=16)
+FAMILIES = {
+    "llama": dict(**ATTN, max_position_embeddings=128, bos_token_id=256, eos_token_id=257,
+                  pad_token_id=258),
+    "sliding": dict(**ATTN, window=WINDOW, sink_tokens=0, local_per_global=None),
+    "dilated": dict(**ATTN, window=WINDOW // 2, dilation=2, sink_tokens=0,
+                    local_kinds=("sliding", "dilated"), local_per_global=None),
+    "gla": dict(num_heads=4, key_dim=16, value_dim=16, chunk_size=8),
+    "retnet": dict(num_heads=4, key_dim=16, value_dim=16, chunk_size=8),
+    "mamba2": dict(num_layers=4, intermediate_size=0, expand=2, head_dim=16, state_dim=16,
+                   chunk_size=8),
+    "hybrid": dict(recurrent="gla", recurrent_per_attention=1, num_heads=4, num_kv_heads=1,
+                   head_dim=16, window=WINDOW, gla_heads=4, key_dim=16, value_dim=16,
+                   chunk_size=8),
+    "cla": dict(**ATTN, share_factor=2),
+    "mla": dict(num_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16),
+}
+
+
+def model_settings(family: str) -> dict:
+  """Constructor settings of `family` for this recipe."""
+  if family not in FAMILIES:
+    raise ValueError(f"family={family!r}; allowed: {sorted(FAMILIES)}")
+  kw = dict(COMMON)
+  kw.update(FAMILIES[family])
+  return kw
+
+
+def get_config(family: str = "gla") -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.model.family = family
+  c.model.config = ml_collections.ConfigDict(model_settings(family))
+  c.steps = 800
+  c.batch_size = 32
+  c.seq_len = 32
+  c.opt.lr = 3e-3
+  c.opt.warmup_steps = 100
+  c.opt.weight_decay = 0.1
+  c.data.sources = ml_collections.ConfigDict(dict(
+      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=4,
+                                          key_vocab=128, value_vocab=128, num_queries=12,
+                                          query_replacement=True)),
+  ))
+  c.log_every = 100
+  c.eval_every = 0
+  c.eval_examples = 512
+  c.eval_batch_size = 128
+  c.checkpoint_every = 0
+  c.export = True
+  return c
