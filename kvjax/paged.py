@@ -11,25 +11,33 @@ and freeing are array operations on a free *stack*, so a decode step allocates i
 inside jit with no host round trip.
 
 Layout (one layer; what the `pallas_kernels` paged decode kernel reads). N pages, P page
-size, M max pages per sequence, Hkv kv heads, D / Dv head dims, B rows:
+size, M max pages per sequence, Hkv kv heads, D / Dv head dims, B rows, S partitions,
+R residual window, G KIVI token group:
 
   k_pages     [N, Hkv, P, D]   keys (RoPE applied), dtype of the cache -- or, with `quant`,
                                integer codes packed along D (uint8 [N, Hkv, P, D*bits/8])
-                               or FP8 codes [N, Hkv, P, D] (kvjax.quant layout, per token)
-  k_scale     [N, Hkv, P, D/g] per-token scales (quantized pools only, else None)
-  k_zero      [N, Hkv, P, D/g] zero points (asymmetric integer codes only, else None)
+                               or FP8 codes [N, Hkv, P, D] (kvjax.quant layout)
+  k_scale     [N, Hkv, P, D/g] per-token scales (quantized pools only, else None), or
+              [N, Hkv, P/G, D] per-channel scales of each G-token group (KIVI keys)
+  k_zero      like k_scale     zero points (asymmetric integer codes only, else None)
   v_pages, v_scale, v_zero     the same for values
   pos_pages   [N, Hkv, P] int32  original token position of each slot
   page_table  [B, M] int32     physical page of logical page j of row b; -1 = none.
                                Entries [0, held_b) are set, the rest are -1, with
-                               held_b = ceil(max_h lengths[b, h] / P).
-  lengths     [B, Hkv] int32   tokens of row b, head h. Slot s of row b (logical page s // P,
-                               offset s % P) is valid for head h iff s < lengths[b, h];
-                               contents of slots beyond it are stale (never read).
+                               held_b = ceil(max_h paged_b,h / P).
+  lengths     [B, Hkv] int32   tokens of row b, head h (pages + residual window). Slot s of
+                               row b (logical page s // P, offset s % P) is valid for head
+                               h iff s < paged_b,h = lengths - res_lengths; contents of
+                               slots beyond it are stale (never read).
   refcount    [N] int32        rows (per layer) pointing at each page; 0 = free
-  free_stack  [N] int32        free_stack[:num_free] are the free pages (top = last)
-  num_free    [] int32
+  free_stack  [N] int32        the free pages; partition s owns entries
+                               [s*N/S, s*N/S + free_s) (top = last), global page ids
+  num_free    [] int32         free pages, all partitions
   overflow    [] bool          sticky: some append found no free pages and was dropped
+  part_free   [S] int32        free pages per partition (None when S = 1)
+  k_res, v_res [B, Hkv, R, D|Dv], res_pos [B, Hkv, R], res_lengths [B, Hkv]
+                               the residual window (None when R = 0): row b's newest
+                               res_lengths tokens, exact, logically after its paged ones
 
 A model's cache stacks one such pytree per layer (`ModelCache` segments add a leading
 layer axis to every leaf): each layer has its own pool and its own copy of the (small)
@@ -44,19 +52,52 @@ Semantics:
   * Allocation is all-or-nothing per call: if the pool lacks free pages for every row of
     the call, nothing is written, lengths and tables are unchanged and `overflow` is set.
     Outside jit (`check_room`, which `models.prefill/decode` call before the step) the
-    same condition raises `OutOfPages` (a ValueError carrying `needed`/`free`, the signal
-    a scheduler uses to queue or preempt); a row that could not fit even in an empty pool
-    raises a plain ValueError naming the sizes.
+    same condition raises `OutOfPages` (a ValueError carrying `needed`/`free`/`partition`,
+    the signal a scheduler uses to queue or preempt); a row that could not fit even in an
+    empty pool (partition) raises a plain ValueError naming the sizes.
   * `fork` shares a row's pages with other rows (prefix sharing); `release` drops a row's
     references and returns pages whose count reaches zero to the free list.
   * Eviction: `repage` rewrites rows from a compacted dense view into fresh pages and
     frees the old ones; `PagedPress` wraps any kvjax press so `models.prefill(press=...)`
     works on paged caches and the freed pages return to the pool.
 
-Attention (reference path): the row's pages are gathered into a dense [B, Hkv, M*P, D]
-view and `kvjax.attention.attention` runs on it, so the dense-slot index of logical slot s
-is s and presses' `colsum` observations align with `to_dense()`. Quantized pools decode the
-gathered codes and use the current chunk's own keys/values exactly (as kvjax.quant does).
+Sharding and partitions (data parallel serving). `partitions=S` splits the pool into S
+independent pools of N/S pages, each with its own free stack: rows [s*B/S, (s+1)*B/S)
+allocate only from partition s, forks stay inside a partition (a cross-partition fork is
+a ValueError), and admission (`OutOfPages.partition`) is per partition. This is vLLM's
+data-parallel layout -- one KV pool per data-parallel replica, each serving its own
+sequences -- expressed as one pytree: `kvjax.sharding` puts partition s's pages,
+refcounts and free list on the data shard that holds its rows (pages [N, ...] over `data`
+when the mesh's data size divides S; kv heads over `model` as always), and allocation,
+the page gather and the page scatter are vmapped over partitions with local page ids, so
+XLA's SPMD partitioner keeps every page access on its device: a decode step on a (data 2
+x model 4) mesh moves no page between devices (only the new tokens' K/V across heads,
+the tensor-parallel output projection and scalar page counts). S = 1 (the default) is one
+pool shared by every row, replicated over `data`; page tables always shard over `data`.
+
+Quantized pages. Per-token formats (int8, fp8, int4/int2 per_token) store each token
+independently. A residual window (`quant.residual` = R > 0) keeps each row's newest
+tokens exact outside the pool; when an append pushes it past R tokens, the oldest whole
+groups leave it into pages (KIVI's streaming rule, as in kvjax.quant.QuantizedKVCache).
+KIVI (Liu et al., 2024: keys per channel over groups of G tokens, values per token, an
+exact window of R tokens) maps onto pages with G dividing P: a page holds P/G key groups,
+each written once, whole, when it is flushed, with its own per-channel scale/zero
+([N, Hkv, P/G, D]), so the grouping is exactly KIVI's and the decoded tokens equal those
+of the dense kvjax.quant KIVI cache (tests compare them). Differences from KIVI: the
+window is per row and per head in full precision outside the pool (R tokens of
+[B, Hkv, R, D] per row, counted by `nbytes`/`row_nbytes`, like KIVI's own residual), and
+the key/value windows are one window (as kvjax.quant does). Eviction on a KIVI row
+(`repage`) re-appends the kept tokens, so they are re-grouped (and those already
+quantized are quantized again). pre_rope and outlier formats are not supported. Pools
+with a residual window, and partitioned pools, take the reference attention path (the
+paged Pallas kernel reads per-token single-partition pools). kvjax.offload's row swap does
+not carry residual windows: kvjax.engine preempts such rows by recomputation.
+
+Attention (reference path): the row's pages are gathered into a dense [B, Hkv, M*P (+R),
+D] view and `kvjax.attention.attention` runs on it, so the dense-slot index of logical slot
+s is s and presses' `colsum` observations align with `to_dense()`. Quantized pools decode
+the gathered codes and use the current chunk's own keys/values exactly (as kvjax.quant
+does; with a residual window, attention reads the row as it was plus the exact chunk).
 
 Where this differs from vLLM: pages hold all kv heads of a token (vLLM: the same); page
 tables are per layer copies (vLLM shares one block table across layers); copy-on-write is
@@ -81,7 +122,9 @@ from kvjax import cache as cache_lib
 _static = lambda default=None: flax.struct.field(pytree_node=False, default=default)  # noqa: E731
 
 POOL_FIELDS = ("k_pages", "k_scale", "k_zero", "v_pages", "v_scale", "v_zero", "pos_pages")
-META_FIELDS = ("page_table", "lengths", "refcount", "free_stack", "num_free", "overflow")
+META_FIELDS = ("page_table", "lengths", "refcount", "free_stack", "num_free", "overflow",
+               "part_free", "res_lengths")
+ROW_FIELDS = ("k_res", "v_res", "res_pos")   # the full-precision residual window (KIVI)
 
 
 class OutOfPages(ValueError):
@@ -92,58 +135,63 @@ class OutOfPages(ValueError):
     free: free pages in the pool.
   """
 
-  def __init__(self, needed: int, free: int, what: str = "PagedKVCache"):
-    self.needed, self.free = int(needed), int(free)
-    super().__init__(f"{what}: out of pages: this append needs {self.needed} new pages but "
-                     f"only {self.free} are free; release finished rows, swap rows out "
+  def __init__(self, needed: int, free: int, what: str = "PagedKVCache",
+               partition: Optional[int] = None):
+    self.needed, self.free, self.partition = int(needed), int(free), partition
+    where = "" if partition is None else f" in pool partition {partition}"
+    super().__init__(f"{what}: out of pages{where}: this append needs {self.needed} new pages "
+                     f"but only {self.free} are free; release finished rows, swap rows out "
                      "(kvjax.offload), compress with a press, or enlarge num_pages")
 
 
 # -- page codecs: how a token vector is stored in a page ---------------------------------------
-def _check_quant(quant, head_dim, v_head_dim):
+def _check_quant(quant, head_dim, v_head_dim, page_size):
   if quant is None:
     return
   from kvjax.quant import spec as spec_lib  # pylint: disable=import-outside-toplevel
   if not isinstance(quant, spec_lib.QuantSpec):
     raise ValueError(f"quant must be a kvjax.quant.QuantSpec or None; got {type(quant).__name__}")
   bad = []
-  if quant.has_channel_axis:
-    bad.append(f"k_axis/v_axis={quant.k_axis!r}/{quant.v_axis!r} (need 'token')")
-  if quant.residual:
-    bad.append(f"residual={quant.residual} (need 0)")
   if quant.pre_rope:
-    bad.append("pre_rope=True")
+    bad.append("pre_rope=True (allowed: False)")
   if quant.outlier_frac:
-    bad.append(f"outlier_frac={quant.outlier_frac}")
+    bad.append(f"outlier_frac={quant.outlier_frac} (allowed: 0)")
   if bad:
-    raise ValueError("paged pools store each token independently, so only per-token formats "
-                     f"fit a page (int8, fp8, per_token); unsupported: {', '.join(bad)}")
+    raise ValueError(f"paged pools do not support {', '.join(bad)}; supported: per-token "
+                     "formats (int8, fp8, per_token) and KIVI (per-channel keys, residual)")
+  if quant.has_channel_axis and page_size % quant.group_size:
+    raise ValueError(f"quant.group_size={quant.group_size} must divide page_size={page_size}: "
+                     "a per-channel ('channel' axis, KIVI) token group lives inside one page")
   quant.check_dims(head_dim, v_head_dim)
   spec_lib.check_backend(quant)
 
 
-def _encode(x, quant, bits, dtype):
-  """x [..., D] -> (codes, scale | None, zero | None)."""
+def _encode(x, quant, bits, dtype, axis="token"):
+  """x [..., S, D] -> (codes, scale | None, zero | None).
+
+  axis="token": a scale per token (and channel group), scale [..., S, D/g];
+  axis="channel": a scale per channel and group of G tokens (KIVI keys), scale [..., S/G, D].
+  """
   if quant is None:
     return x.astype(dtype), None, None
   from kvjax.quant import formats, packing  # pylint: disable=import-outside-toplevel
-  g = quant.channel_group("token", x.shape[-1])
+  g = quant.channel_group(axis, x.shape[-1])
   if quant.fmt == "int":
-    q = formats.quantize_int(x, bits=bits, axis="token", group=g, symmetric=quant.symmetric,
+    q = formats.quantize_int(x, bits=bits, axis=axis, group=g, symmetric=quant.symmetric,
                              scale_dtype=quant.scale_dtype)
     return packing.pack(q.codes, bits), q.scale, q.zero
   q = formats.quantize_fp8(x, fmt=quant.fmt, group=g, scale_dtype=quant.scale_dtype)
   return q.codes, q.scale, None
 
 
-def _decode(codes, scale, zero, quant, bits, d, dtype):
+def _decode(codes, scale, zero, quant, bits, d, dtype, axis="token"):
   if quant is None:
     return codes
   from kvjax.quant import formats, packing  # pylint: disable=import-outside-toplevel
-  g = quant.channel_group("token", d)
+  g = quant.channel_group(axis, d)
   if quant.fmt == "int":
     x = formats.dequantize_int(packing.unpack(codes, bits, d), scale, zero, bits=bits,
-                               axis="token", group=g)
+                               axis=axis, group=g)
   else:
     x = formats.dequantize_fp8(codes, scale, group=g)
   return x.astype(dtype)
@@ -172,6 +220,11 @@ class PagedKVCache:
   free_stack: jax.Array
   num_free: jax.Array
   overflow: jax.Array
+  part_free: Optional[jax.Array] = None
+  k_res: Optional[jax.Array] = None
+  v_res: Optional[jax.Array] = None
+  res_pos: Optional[jax.Array] = None
+  res_lengths: Optional[jax.Array] = None
   head_dim: int = _static()
   v_head_dim: int = _static()
   dtype: str = _static("float32")
@@ -183,64 +236,104 @@ class PagedKVCache:
       "k_pages": "kv", "v_pages": "kv", "k_scale": "scales", "v_scale": "scales",
       "k_zero": "zeros", "v_zero": "zeros", "pos_pages": "index", "page_table": "index",
       "lengths": "index", "refcount": "index", "free_stack": "index", "num_free": "index",
-      "overflow": "index"}
+      "overflow": "index", "part_free": "index", "k_res": "residual", "v_res": "residual",
+      "res_pos": "residual", "res_lengths": "index"}
 
-  # Mesh axes of each leaf's dims (kvjax.sharding): pools shard over kv heads, tables over
-  # batch; the pool is replicated over `data` because any row may use any page.
-  PARTITION = {
-      "k_pages": (None, "model", None, None), "v_pages": (None, "model", None, None),
-      "k_scale": (None, "model", None, None), "v_scale": (None, "model", None, None),
-      "k_zero": (None, "model", None, None), "v_zero": (None, "model", None, None),
-      "pos_pages": (None, "model", None), "page_table": ("data", None),
-      "lengths": ("data", "model"), "refcount": (None,), "free_stack": (None,),
-      "num_free": (), "overflow": ()}
+  def partition_axes(self, mesh=None) -> dict:
+    """Mesh axes of each leaf's dims (kvjax.sharding; no leading layer axis).
+
+    Pools shard kv heads over `model`. With `partitions` > 1 the page axis N and the
+    allocator arrays shard over `data` too, one pool partition per data shard (when the
+    mesh's data size divides `partitions`; otherwise the pool stays replicated over
+    `data`, which is correct but not local). Row tables always shard rows over `data`.
+    """
+    s = self.partitions
+    d = None if mesh is None else dict(zip(mesh.axis_names, mesh.devices.shape)).get("data")
+    pages = "data" if s > 1 and d is not None and s % d == 0 else None
+    pool4 = (pages, "model", None, None)
+    return {
+        "k_pages": pool4, "v_pages": pool4, "k_scale": pool4, "v_scale": pool4,
+        "k_zero": pool4, "v_zero": pool4, "pos_pages": (pages, "model", None),
+        "page_table": ("data", None), "lengths": ("data", "model"), "refcount": (pages,),
+        "free_stack": (pages,), "num_free": (), "overflow": (), "part_free": (pages,),
+        "k_res": ("data", "model", None, None), "v_res": ("data", "model", None, None),
+        "res_pos": ("data", "model", None), "res_lengths": ("data", "model")}
 
   @classmethod
   def init(cls, batch: int, kv_heads: int, head_dim: int, *, num_pages: int, page_size: int,
            max_pages: Optional[int] = None, dtype=jnp.float32,
-           v_head_dim: Optional[int] = None, quant=None) -> "PagedKVCache":
+           v_head_dim: Optional[int] = None, quant=None, partitions: int = 1) -> "PagedKVCache":
     """An empty paged cache.
 
     Args:
       batch: rows B (sequence slots of the batch).
       kv_heads, head_dim, v_head_dim: shapes (v_head_dim defaults to head_dim).
-      num_pages: pages N in the pool (shared by all rows).
+      num_pages: pages N in the pool (all partitions together).
       page_size: tokens P per page.
-      max_pages: page-table width M (max pages per row); default N.
+      max_pages: page-table width M (max pages per row); default N / partitions.
       dtype: dtype of stored keys/values (of decoded values with `quant`).
-      quant: optional kvjax.quant.QuantSpec with per-token axes (int8, fp8, per_token).
+      quant: optional kvjax.quant.QuantSpec: per-token formats (int8, fp8, per_token, with or
+        without a residual window) or KIVI (per-channel keys; group_size must divide
+        page_size). pre_rope and outliers are not supported.
+      partitions: S independent pool partitions (module docstring): rows
+        [s*B/S, (s+1)*B/S) allocate only from pages [s*N/S, (s+1)*N/S). S must divide both
+        batch and num_pages.
     """
     for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
-                      ("num_pages", num_pages), ("page_size", page_size)):
+                      ("num_pages", num_pages), ("page_size", page_size),
+                      ("partitions", partitions)):
       if not isinstance(val, (int, np.integer)) or val < 1:
         raise ValueError(f"{name}={val!r}; must be an int >= 1")
-    m = num_pages if max_pages is None else max_pages
+    if batch % partitions or num_pages % partitions:
+      raise ValueError(f"partitions={partitions} must divide batch={batch} and "
+                       f"num_pages={num_pages}")
+    n, h, p, s = num_pages, kv_heads, page_size, partitions
+    n_part = n // s
+    m = n_part if max_pages is None else max_pages
     if not isinstance(m, (int, np.integer)) or m < 1:
       raise ValueError(f"max_pages={max_pages!r}; must be an int >= 1")
     dv = head_dim if v_head_dim is None else v_head_dim
-    _check_quant(quant, head_dim, dv)
+    _check_quant(quant, head_dim, dv, page_size)
     dt = jnp.dtype(dtype)
-    n, h, p = num_pages, kv_heads, page_size
 
-    def pool(d, bits):
-      probe = jax.eval_shape(lambda x: _encode(x, quant, bits, dt),
-                             jax.ShapeDtypeStruct((1, 1, 1, d), dt))
-      return [None if a is None else jnp.zeros((n, h, p) + a.shape[3:], a.dtype) for a in probe]
+    def pool(d, bits, axis):
+      g = 1 if quant is None or axis == "token" else quant.group_size
+      probe = jax.eval_shape(lambda x: _encode(x, quant, bits, dt, axis),
+                             jax.ShapeDtypeStruct((1, 1, g, d), dt))
+      out = []
+      for i, a in enumerate(probe):
+        if a is None:
+          out.append(None)
+          continue
+        slots = p // g if (axis == "channel" and i > 0) else p   # channel scales: per group
+        out.append(jnp.zeros((n, h, slots) + a.shape[3:], a.dtype))
+      return out
 
     kb = vb = 8
+    ka = va = "token"
+    r = 0
     if quant is not None:
-      kb, vb = quant.k_bits, quant.v_bits
-    kc, ks, kz = pool(head_dim, kb)
-    vc, vs, vz = pool(dv, vb)
+      kb, vb, ka, va, r = quant.k_bits, quant.v_bits, quant.k_axis, quant.v_axis, quant.residual
+    kc, ks, kz = pool(head_dim, kb, ka)
+    vc, vs, vz = pool(dv, vb, va)
+    res = {}
+    if r:
+      res = dict(k_res=jnp.zeros((batch, h, r, head_dim), dt),
+                 v_res=jnp.zeros((batch, h, r, dv), dt),
+                 res_pos=jnp.full((batch, h, r), -1, jnp.int32),
+                 res_lengths=jnp.zeros((batch, h), jnp.int32))
+    # Each partition's stack holds its own (global) page ids; pages pop from the top, so
+    # partition s hands out page s * N/S first.
+    stack = (np.arange(s)[:, None] * n_part + np.arange(n_part - 1, -1, -1)[None]).reshape(-1)
     return cls(k_pages=kc, k_scale=ks, k_zero=kz, v_pages=vc, v_scale=vs, v_zero=vz,
                pos_pages=jnp.full((n, h, p), -1, jnp.int32),
                page_table=jnp.full((batch, m), -1, jnp.int32),
                lengths=jnp.zeros((batch, h), jnp.int32),
                refcount=jnp.zeros((n,), jnp.int32),
-               # pages pop from the top: page 0 first
-               free_stack=jnp.arange(n - 1, -1, -1, dtype=jnp.int32),
+               free_stack=jnp.asarray(stack, jnp.int32),
                num_free=jnp.asarray(n, jnp.int32), overflow=jnp.asarray(False),
-               head_dim=int(head_dim), v_head_dim=int(dv), dtype=dt.name, quant=quant)
+               part_free=jnp.full((s,), n_part, jnp.int32) if s > 1 else None,
+               head_dim=int(head_dim), v_head_dim=int(dv), dtype=dt.name, quant=quant, **res)
 
   # -- static facts -------------------------------------------------------------------------
   @property
@@ -253,6 +346,19 @@ class PagedKVCache:
     return self.refcount.shape[-1]
 
   @property
+  def partitions(self) -> int:
+    """Independent pool partitions S (1 = one shared pool)."""
+    return 1 if self.part_free is None else self.part_free.shape[-1]
+
+  @property
+  def pages_per_partition(self) -> int:
+    return self.num_pages // self.partitions
+
+  def partition_of(self, row: int) -> int:
+    """The pool partition row `row` allocates from."""
+    return int(row) // (self.batch // self.partitions)
+
+  @property
   def page_size(self) -> int:
     return self.pos_pages.shape[-1]
 
@@ -261,9 +367,26 @@ class PagedKVCache:
     return self.page_table.shape[-1]
 
   @property
+  def residual(self) -> int:
+    """Full-precision residual window R of each row (quant.residual; 0 = none)."""
+    return 0 if self.quant is None else self.quant.residual
+
+  @property
+  def token_group(self) -> int:
+    """Tokens quantized together (KIVI's group G with per-channel keys, else 1)."""
+    return 1 if self.quant is None else self.quant.token_group
+
+  @property
   def capacity(self) -> int:
-    """Static token capacity of one row: max_pages * page_size."""
-    return self.max_pages * self.page_size
+    """Static token capacity of one row: max_pages * page_size (+ the residual window)."""
+    return self.max_pages * self.page_size + self.residual
+
+  def pages_for(self, n_tokens: int) -> int:
+    """Pages a row of n_tokens holds (with a residual window: only its flushed tokens)."""
+    n, r, g = int(n_tokens), self.residual, self.token_group
+    if r:
+      n = max(0, -(-(n - r) // g)) * g
+    return pages_needed(n, self.page_size)
 
   @property
   def batch(self) -> int:
@@ -279,7 +402,7 @@ class PagedKVCache:
 
   @property
   def nbytes(self) -> int:
-    """Exact bytes of every array held (the whole pool, tables and free list)."""
+    """Exact bytes of every array held (the whole pool, tables, free list and residuals)."""
     return cache_lib.tree_nbytes(self)
 
   @property
@@ -293,14 +416,20 @@ class PagedKVCache:
     return total
 
   @property
+  def row_nbytes(self) -> int:
+    """Bytes each row holds outside the pool (residual window and tables; all layers)."""
+    fields = ROW_FIELDS + ("page_table", "lengths", "res_lengths")
+    return sum(cache_lib.tree_nbytes(getattr(self, f)) for f in fields) // self.batch
+
+  @property
   def pages_in_use(self) -> jax.Array:
     """Pages with a nonzero reference count ([] or [L] when stacked)."""
     return self.num_pages - self.num_free
 
   @property
   def used_nbytes(self) -> jax.Array:
-    """Bytes of pages in use plus every table (what the live sequences actually occupy)."""
-    meta = sum(cache_lib.tree_nbytes(getattr(self, f)) for f in META_FIELDS)
+    """Bytes of pages in use plus every table and residual window."""
+    meta = sum(cache_lib.tree_nbytes(getattr(self, f)) for f in META_FIELDS + ROW_FIELDS)
     return jnp.sum(self.pages_in_use) * self.page_nbytes + meta
 
   def _bits(self):
@@ -308,15 +437,24 @@ class PagedKVCache:
       return 8, 8
     return self.quant.k_bits, self.quant.v_bits
 
+  def _axes(self):
+    if self.quant is None:
+      return "token", "token"
+    return self.quant.k_axis, self.quant.v_axis
+
   # -- layer access (unstacked caches use layer=None) --------------------------------------
+  def _get(self, f, layer):
+    a = getattr(self, f)
+    return a if (layer is None or a is None) else a[layer]
+
   def _meta(self, layer):
-    return {f: getattr(self, f) if layer is None else getattr(self, f)[layer]
-            for f in META_FIELDS}
+    return {f: self._get(f, layer) for f in META_FIELDS}
 
   def _with_meta(self, layer, meta):
     if layer is None:
       return self.replace(**meta)
-    return self.replace(**{f: getattr(self, f).at[layer].set(meta[f]) for f in META_FIELDS})
+    return self.replace(**{f: getattr(self, f).at[layer].set(meta[f]) for f in META_FIELDS
+                           if getattr(self, f) is not None})
 
   def layer(self, i: int) -> "PagedKVCache":
     """Layer i of a stacked cache."""
@@ -363,7 +501,10 @@ class PagedKVCache:
                         return_lse=return_lse)
 
   def _attend(self, layer, q, k_new, v_new, q_positions, spec, **kw):
-    new, dest = _write(self, layer, k_new, v_new, _headwise(q_positions, k_new.shape[1]))
+    pos_h = _headwise(q_positions, k_new.shape[1])
+    if self.residual:
+      return _attend_residual(self, layer, q, k_new, v_new, q_positions, pos_h, spec, **kw)
+    new, dest = _write(self, layer, k_new, v_new, pos_h)
     fused = _fused_attend(self, new, layer, q, k_new, v_new, q_positions, spec, **kw)
     if fused is not None:
       return fused, new
@@ -377,7 +518,7 @@ class PagedKVCache:
     return res, new
 
   def to_dense(self, dtype=None) -> cache_lib.DenseKVCache:
-    """The rows as a DenseKVCache of capacity max_pages * page_size (slot s = logical s)."""
+    """The rows as a DenseKVCache of capacity `capacity` (slot s = logical s)."""
     k, v, pos, lengths = dense_view(self)
     dt = k.dtype if dtype is None else dtype
     return cache_lib.DenseKVCache(k=k.astype(dt), v=v.astype(dt), positions=pos,
@@ -389,24 +530,78 @@ def _headwise(positions_new, kv_heads):
   return jnp.broadcast_to(positions_new[:, None, :], (b, kv_heads, t))
 
 
+def _attend_residual(cache, layer, q, k_new, v_new, q_positions, pos_h, spec, *,
+                     return_colsum=False, **kw):
+  """Caches with a residual window: attention reads the row as it was (pages decoded, the
+  residual exact) plus the chunk exactly, then stores the chunk -- kvjax.quant's semantics,
+  so tokens flushed by this very append are still seen exactly. colsum is mapped to the
+  slots of the returned cache's `to_dense()` view."""
+  k, v, pos, old_len = dense_view(cache, layer)
+  new, _ = _write(cache, layer, k_new, v_new, pos_h)
+  dt = k.dtype
+  s = k.shape[2]
+  b, h, t = pos_h.shape
+  kk = jnp.concatenate([k, k_new.astype(dt)], axis=2)
+  vv = jnp.concatenate([v, v_new.astype(dt)], axis=2)
+  pp = jnp.concatenate([pos, pos_h], axis=-1)
+  res = attn_lib.attention(q, kk, vv, jnp.full((b, h), s + t, jnp.int32),
+                           q_positions=q_positions, k_positions=pp, spec=spec,
+                           return_colsum=return_colsum, **kw)
+  if return_colsum:
+    # New view = the old one with the chunk's valid tokens packed after old_len.
+    new_len = new._get("lengths", layer)  # pylint: disable=protected-access
+    rank = chunk_destinations(jnp.zeros((b, h), jnp.int32), pos_h, t)
+    inv = cache_lib.scatter_slots(jnp.zeros((b, h, t), jnp.int32), rank,
+                                  jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, h, t)))
+    slot = jnp.arange(s, dtype=jnp.int32)[None, None]
+    from_chunk = s + jnp.take_along_axis(inv, jnp.clip(slot - old_len[..., None], 0, t - 1), -1)
+    src = jnp.where(slot < old_len[..., None], slot,
+                    jnp.where(slot < new_len[..., None], from_chunk, -1))
+    colsum = jnp.where(src >= 0, jnp.take_along_axis(res.colsum, jnp.maximum(src, 0), -1), 0.)
+    res = res._replace(colsum=colsum)
+  return res, new
+
+
+def chunk_destinations(lengths, pos, size):
+  """Slot of each valid chunk token after `lengths` [B,H]; invalid -> size (dropped)."""
+  valid = pos >= 0
+  rank = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
+  return jnp.where(valid, lengths[..., None] + rank, size)
+
+
+def _gather_slots(x, idx):
+  """x [B,H,S,...] at idx [B,H,R] -> [B,H,R,...] (idx clipped into range)."""
+  idx = jnp.clip(idx, 0, x.shape[2] - 1)
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
+
+
 # -- the free list ----------------------------------------------------------------------------
-def _push(free_stack, num_free, mask):
-  """Pushes pages where mask [N] onto the free stack."""
+def _push(free_stack, num_free, mask, ids):
+  """Pushes ids[mask] (mask, ids [N]) onto the free stack."""
   n = free_stack.shape[0]
   rank = jnp.cumsum(mask.astype(jnp.int32)) - 1
   dst = jnp.where(mask, num_free + rank, n)
-  free_stack = free_stack.at[dst].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  free_stack = free_stack.at[dst].set(ids, mode="drop")
   return free_stack, num_free + jnp.sum(mask).astype(jnp.int32)
 
 
 def _decref(meta, pages_mask, pages):
-  """Drops one reference from pages[pages_mask] (duplicates count); frees those at zero."""
+  """Drops one reference from pages[pages_mask] (duplicates count); frees those at zero,
+  each onto its own partition's stack."""
   rc = meta["refcount"]
   n = rc.shape[0]
   rc2 = rc.at[jnp.where(pages_mask, pages, n)].add(-1, mode="drop")
   freed = (rc2 == 0) & (rc > 0)
-  fs, nf = _push(meta["free_stack"], meta["num_free"], freed)
-  return dict(meta, refcount=rc2, free_stack=fs, num_free=nf)
+  ids = jnp.arange(n, dtype=jnp.int32)
+  pf = meta.get("part_free")
+  if pf is None:
+    fs, nf = _push(meta["free_stack"], meta["num_free"], freed, ids)
+    return dict(meta, refcount=rc2, free_stack=fs, num_free=nf)
+  s = pf.shape[0]
+  fs, pf2 = jax.vmap(_push)(meta["free_stack"].reshape(s, -1), pf, freed.reshape(s, -1),
+                            ids.reshape(s, -1))
+  return dict(meta, refcount=rc2, free_stack=fs.reshape(n), part_free=pf2,
+              num_free=jnp.sum(pf2).astype(jnp.int32))
 
 
 class _Plan(NamedTuple):
@@ -415,14 +610,61 @@ class _Plan(NamedTuple):
   pid: jax.Array      # [B, H, T] physical page of each new token (N = dropped)
   off: jax.Array      # [B, H, T] offset inside the page
   dest: jax.Array     # [B, H, T] logical slot (capacity = dropped)
-  cow_src: jax.Array  # [K] pages to copy (N = none)
-  cow_dst: jax.Array  # [K] their fresh copies
+  cow_src: jax.Array  # [S * K] pages to copy (N = none), K entries per partition
+  cow_dst: jax.Array  # [S * K] their fresh copies
   need_rows: jax.Array  # [B] pages each row holds after the append
   total: jax.Array      # [] pages allocated
+  part_total: jax.Array  # [S] pages allocated per partition
 
 
-def _plan(meta, pos_h, page_size: int):
-  """Allocation + copy-on-write plan of one layer for new tokens at head-wise pos_h [B,H,T]."""
+def _plan(meta, pos_h, page_size: int) -> _Plan:
+  """Allocation + copy-on-write plan of one layer for new tokens at head-wise pos_h [B,H,T].
+
+  A partitioned pool (meta["part_free"] [S]) plans each partition on its own rows and pages
+  (local ids, vmapped, so sharded partitions stay on their devices); the append is still
+  all-or-nothing over the whole call.
+  """
+  pf = meta.get("part_free")
+  if pf is None:
+    plan = _plan_one(meta, pos_h, page_size)
+    return plan._replace(part_total=plan.total[None])
+  s = pf.shape[0]
+  n = meta["refcount"].shape[0]
+  np_ = n // s
+  b, m = meta["page_table"].shape
+  base = jnp.arange(s, dtype=jnp.int32) * np_
+
+  def rows(x):
+    return x.reshape((s, b // s) + x.shape[1:])
+
+  def to_global(x, none):
+    bb = base.reshape((s,) + (1,) * (x.ndim - 1))
+    return jnp.where((x >= 0) & (x < np_), x + bb, none)
+
+  pt = rows(meta["page_table"])
+  loc = dict(page_table=jnp.where(pt >= 0, pt - base[:, None, None], -1),
+             lengths=rows(meta["lengths"]), refcount=meta["refcount"].reshape(s, np_),
+             free_stack=meta["free_stack"].reshape(s, np_) - base[:, None], num_free=pf,
+             overflow=jnp.zeros((s,), bool))
+  pos_s = rows(pos_h)
+  oks = jax.vmap(lambda mm, pp: _plan_one(mm, pp, page_size).ok)(loc, pos_s)
+  gate = jnp.all(oks)
+  pl = jax.vmap(lambda mm, pp: _plan_one(mm, pp, page_size, gate))(loc, pos_s)
+  mm = pl.meta
+  meta2 = dict(meta, page_table=to_global(mm["page_table"], -1).reshape(b, m),
+               lengths=mm["lengths"].reshape(meta["lengths"].shape),
+               refcount=mm["refcount"].reshape(n),
+               free_stack=(mm["free_stack"] + base[:, None]).reshape(n),
+               part_free=mm["num_free"], num_free=jnp.sum(mm["num_free"]).astype(jnp.int32),
+               overflow=meta["overflow"] | ~gate)
+  return _Plan(meta2, gate, to_global(pl.pid, n).reshape(pos_h.shape),
+               pl.off.reshape(pos_h.shape), pl.dest.reshape(pos_h.shape),
+               to_global(pl.cow_src, n).reshape(-1), to_global(pl.cow_dst, n).reshape(-1),
+               pl.need_rows.reshape(b), jnp.sum(pl.total).astype(jnp.int32), pl.total)
+
+
+def _plan_one(meta, pos_h, page_size: int, gate=True) -> _Plan:
+  """_plan for one pool (no partitions); `gate` False forces the append to be dropped."""
   pt, lengths, rc = meta["page_table"], meta["lengths"], meta["refcount"]
   fs, nf = meta["free_stack"], meta["num_free"]
   n_pages = rc.shape[0]
@@ -447,7 +689,7 @@ def _plan(meta, pos_h, page_size: int):
   cow = tmask & (pt >= 0) & (rc[ptc] > 1)
   alloc = fresh | cow
   total = jnp.sum(alloc).astype(jnp.int32)
-  ok = (total <= nf) & jnp.all(need <= m)
+  ok = (total <= nf) & jnp.all(need <= m) & gate
   take = alloc & ok
   rank = (jnp.cumsum(alloc.reshape(-1)) - 1).reshape(b, m).astype(jnp.int32)
   new_ids = fs[jnp.clip(nf - 1 - rank, 0, n_pages - 1)]
@@ -474,29 +716,79 @@ def _plan(meta, pos_h, page_size: int):
   pid = jnp.where(write, pid, n_pages)
   dest = jnp.where(write, dest, m * p)
   return _Plan(meta2, ok, pid, dest % p, dest, cow_src, cow_dst, jnp.where(ok, need, held),
-               total)
+               total, total[None])
 
 
-def _pool_copy(arr, layer, src, dst):
-  """arr[dst] = arr[src] for page lists [K] (src/dst = N: skip)."""
-  n = arr.shape[1] if layer is not None else arr.shape[0]
-  srcc = jnp.clip(src, 0, n - 1)
+# -- pool access, one partition at a time -------------------------------------------------------
+def _pool_apply(arr, layer, s, fn, *args):
+  """fn(pool, *args_s) per partition s: pool is [N/S, ...] (or [L, N/S, ...] with a layer
+  axis), args [S, ...]. vmapped over the partition axis so that a pool sharded over `data`
+  is read and written where it lives."""
   if layer is None:
-    return arr.at[dst].set(arr[srcc], mode="drop")
-  return arr.at[layer, dst].set(arr[layer, srcc], mode="drop")
+    a = arr.reshape((s, arr.shape[0] // s) + arr.shape[1:])
+    return jax.vmap(fn)(a, *args).reshape(arr.shape)
+  a = arr.reshape(arr.shape[:1] + (s, arr.shape[1] // s) + arr.shape[2:])
+  out = jax.vmap(fn, in_axes=(1,) + (0,) * len(args), out_axes=1)(a, *args)
+  return out.reshape(arr.shape)
 
 
-def _pool_scatter(arr, layer, pid, off, val):
+def _localize(ids, s, n):
+  """Global page ids [X, ...] (N = none) -> local ids [S, X/S, ...] (N/S = none)."""
+  np_ = n // s
+  loc = ids.reshape((s, ids.shape[0] // s) + ids.shape[1:])
+  base = (jnp.arange(s, dtype=jnp.int32) * np_).reshape((s,) + (1,) * (loc.ndim - 1))
+  return jnp.where((loc >= base) & (loc < base + np_), loc - base, np_)
+
+
+def _pool_copy(arr, layer, src, dst, s=1):
+  """arr[dst] = arr[src] for page lists [S * K] (src/dst = N: skip)."""
+  def fn(a, sr, ds):
+    nn = a.shape[0] if layer is None else a.shape[1]
+    src_c = jnp.clip(sr, 0, nn - 1)
+    if layer is None:
+      return a.at[ds].set(a[src_c], mode="drop")
+    return a.at[layer, ds].set(a[layer, src_c], mode="drop")
+  if s == 1:
+    return fn(arr, src, dst)
+  n = arr.shape[0] if layer is None else arr.shape[1]
+  return _pool_apply(arr, layer, s, fn, _localize(src, s, n), _localize(dst, s, n))
+
+
+def _pool_scatter(arr, layer, pid, off, val, s=1):
   """arr[pid[b,h,t], h, off[b,h,t]] = val[b,h,t] (pid = N: dropped)."""
   hi = jnp.arange(pid.shape[1])[None, :, None]
   val = val.astype(arr.dtype)
-  if layer is None:
-    return arr.at[pid, hi, off].set(val, mode="drop")
-  return arr.at[layer, pid, hi, off].set(val, mode="drop")
+
+  def fn(a, p, o, v):
+    if layer is None:
+      return a.at[p, hi, o].set(v, mode="drop")
+    return a.at[layer, p, hi, o].set(v, mode="drop")
+  if s == 1:
+    return fn(arr, pid, off, val)
+  n = arr.shape[0] if layer is None else arr.shape[1]
+  split = lambda x: x.reshape((s, x.shape[0] // s) + x.shape[1:])  # noqa: E731
+  return _pool_apply(arr, layer, s, fn, _localize(pid, s, n), split(off), split(val))
 
 
+def _pool_gather(arr, layer, pt, s=1):
+  """arr[pt] per row: pt [B, M] global ids (clipped) -> [B, M, ...] (one layer)."""
+  a = arr if layer is None else arr[layer]
+  n = a.shape[0]
+  ptc = jnp.clip(pt, 0, n - 1)
+  if s == 1:
+    return a[ptc]
+  b, m = pt.shape
+  loc = jnp.clip(_localize(ptc, s, n), 0, n // s - 1)                 # [S, B/S, M]
+  a = a.reshape((s, n // s) + a.shape[1:])
+  return jax.vmap(lambda x, t: x[t])(a, loc).reshape((b, m) + a.shape[2:])
+
+
+# -- appends ------------------------------------------------------------------------------------
 def _write(cache: PagedKVCache, layer, k_new, v_new, pos_h):
-  """Appends head-wise tokens to one layer. Returns (cache', dest [B,H,T]; capacity = none)."""
+  """Appends head-wise tokens to one layer. Returns (cache', dest [B,H,T]; capacity = none;
+  None for caches with a residual window)."""
+  if cache.residual:
+    return _write_residual(cache, layer, k_new, v_new, pos_h), None
   plan = _plan(cache._meta(layer), pos_h, cache.page_size)  # pylint: disable=protected-access
   kb, vb = cache._bits()  # pylint: disable=protected-access
   dt = jnp.dtype(cache.dtype)
@@ -504,15 +796,91 @@ def _write(cache: PagedKVCache, layer, k_new, v_new, pos_h):
   vc, vs, vz = _encode(v_new, cache.quant, vb, dt)
   vals = {"k_pages": kc, "k_scale": ks, "k_zero": kz, "v_pages": vc, "v_scale": vs,
           "v_zero": vz, "pos_pages": pos_h}
-  upd = {}
+  upd, s = {}, cache.partitions
   for f in POOL_FIELDS:
     arr = getattr(cache, f)
     if arr is None:
       continue
-    arr = _pool_copy(arr, layer, plan.cow_src, plan.cow_dst)
-    upd[f] = _pool_scatter(arr, layer, plan.pid, plan.off, vals[f])
+    arr = _pool_copy(arr, layer, plan.cow_src, plan.cow_dst, s)
+    upd[f] = _pool_scatter(arr, layer, plan.pid, plan.off, vals[f], s)
   new = cache.replace(**upd)._with_meta(layer, plan.meta)  # pylint: disable=protected-access
   return new, plan.dest
+
+
+def _flush_counts(meta, pos_h, r_cap: int, g: int):
+  """Residual-window bookkeeping of an append (KIVI's streaming rule).
+
+  The residual (r tokens) and the chunk's valid tokens form a buffer of c = r + n tokens;
+  when c > R, the oldest f = ceil((c - R) / G) * G tokens (whole groups) are flushed into
+  pages and the rest stay exact. Returns (meta with lengths = flushed tokens only,
+  buffer positions [B,H,p] valid for the flushed slots only, c, f, p).
+  """
+  r = meta["res_lengths"]
+  t = pos_h.shape[-1]
+  p = -(-(r_cap + t) // g) * g
+  c = r + jnp.sum(pos_h >= 0, axis=-1).astype(jnp.int32)
+  f = jnp.maximum(0, -(-(c - r_cap) // g)) * g
+  flush = jnp.arange(p, dtype=jnp.int32) < f[..., None]
+  qmeta = dict(meta, lengths=meta["lengths"] - r)
+  return qmeta, jnp.where(flush, 0, -1), c, f, p
+
+
+def _write_residual(cache: PagedKVCache, layer, k_new, v_new, pos_h) -> PagedKVCache:
+  """Append for caches with a residual window: whole groups leave the window into pages.
+
+  Pages only ever receive whole token groups, written once, so a per-channel key scale of
+  a page group covers exactly the G tokens KIVI would group (the group starts at a multiple
+  of G of the row's flushed tokens, as in kvjax.quant.QuantizedKVCache).
+  """
+  meta = cache._meta(layer)  # pylint: disable=protected-access
+  r_cap, g = cache.residual, cache.token_group
+  qmeta, pos_flush, c, f, p = _flush_counts(meta, pos_h, r_cap, g)
+  plan = _plan(qmeta, pos_flush, cache.page_size)
+  r = meta["res_lengths"]
+  b, h, _ = pos_h.shape
+  dest = chunk_destinations(r, pos_h, p)
+  dt = jnp.dtype(cache.dtype)
+  get = lambda f_: cache._get(f_, layer)  # noqa: E731  pylint: disable=protected-access
+
+  def buffer(res, new, fill, dtype):
+    buf = jnp.full((b, h, p) + new.shape[3:], fill, dtype)
+    buf = buf.at[:, :, :r_cap].set(res.astype(dtype))
+    return cache_lib.scatter_slots(buf, dest, new)
+
+  ck = buffer(get("k_res"), k_new, 0, dt)
+  cv = buffer(get("v_res"), v_new, 0, dt)
+  cpos = buffer(get("res_pos"), pos_h, -1, jnp.int32)
+  kb, vb = cache._bits()  # pylint: disable=protected-access
+  ka, va = cache._axes()  # pylint: disable=protected-access
+  kc, ks, kz = _encode(ck, cache.quant, kb, dt, ka)
+  vc, vs, vz = _encode(cv, cache.quant, vb, dt, va)
+  tok = (plan.pid, plan.off)
+  grp = (plan.pid[..., ::g], plan.off[..., ::g] // g)     # a group's page = its first token's
+  where = {"k_pages": (kc, tok), "k_scale": (ks, grp if ka == "channel" else tok),
+           "k_zero": (kz, grp if ka == "channel" else tok), "v_pages": (vc, tok),
+           "v_scale": (vs, grp if va == "channel" else tok),
+           "v_zero": (vz, grp if va == "channel" else tok), "pos_pages": (cpos, tok)}
+  upd, s = {}, cache.partitions
+  for f_ in POOL_FIELDS:
+    arr = getattr(cache, f_)
+    if arr is None:
+      continue
+    val, (pid, off) = where[f_]
+    arr = _pool_copy(arr, layer, plan.cow_src, plan.cow_dst, s)
+    upd[f_] = _pool_scatter(arr, layer, pid, off, val, s)
+  ridx = f[..., None] + jnp.arange(r_cap, dtype=jnp.int32)
+  keep = ridx < c[..., None]
+  ok = plan.ok
+  res = {"k_res": jnp.where(keep[..., None], _gather_slots(ck, ridx), 0).astype(dt),
+         "v_res": jnp.where(keep[..., None], _gather_slots(cv, ridx), 0).astype(dt),
+         "res_pos": jnp.where(keep, _gather_slots(cpos, ridx), -1)}
+  for f_, val in res.items():
+    val = jnp.where(ok, val, get(f_))
+    upd[f_] = val if layer is None else getattr(cache, f_).at[layer].set(val)
+  meta2 = dict(plan.meta)
+  meta2["res_lengths"] = jnp.where(ok, c - f, r).astype(jnp.int32)
+  meta2["lengths"] = plan.meta["lengths"] + meta2["res_lengths"]
+  return cache.replace(**upd)._with_meta(layer, meta2)  # pylint: disable=protected-access
 
 
 def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
@@ -520,10 +888,13 @@ def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, sink_l
   """The pallas_kernels paged decode kernel, reading the pool in place, when spec.backend
   resolves to "pallas" and the kernel handles the options ("auto": on GPU/TPU; "pallas" on
   CPU: interpret mode); else None (reference path). Same semantics as the reference:
-  quantized pools are read for the past tokens and the chunk is attended exactly."""
+  quantized pools are read for the past tokens and the chunk is attended exactly. Pools
+  with a residual window (KIVI) and partitioned pools take the reference path."""
   del colsum_window
   on_accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
   if spec.backend == "xla" or return_colsum or (spec.backend == "auto" and not on_accel):
+    return None
+  if old.residual or old.partitions > 1:
     return None
   try:
     import pallas_kernels  # pylint: disable=import-outside-toplevel
@@ -555,33 +926,48 @@ def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, sink_l
 
 
 def dense_view(cache: PagedKVCache, layer=None):
-  """Gathers each row's pages: (k [B,H,M*P,D], v [B,H,M*P,Dv], positions, lengths [B,H]).
+  """Gathers each row's pages: (k [B,H,S,D], v [B,H,S,Dv], positions, lengths [B,H]).
 
-  Decodes quantized pages. Slots of missing pages get position -1.
+  S = max_pages * page_size (+ R: a residual window's tokens follow the row's flushed
+  ones, so slots [0, lengths) are the row in order). Decodes quantized pages. Slots past
+  a row's length get position -1.
   """
   meta = cache._meta(layer)  # pylint: disable=protected-access
   pt = meta["page_table"]
   b, m = pt.shape
-  ptc = jnp.clip(pt, 0, cache.num_pages - 1)
+  s = cache.partitions
 
   def gather(arr):
     if arr is None:
       return None
-    g = arr[ptc] if layer is None else arr[layer, ptc]          # [B, M, H, P, ...]
+    g = _pool_gather(arr, layer, pt, s)                            # [B, M, H, P, ...]
     g = jnp.moveaxis(g, 2, 1)                                     # [B, H, M, P, ...]
     return g.reshape(g.shape[:2] + (m * g.shape[3],) + g.shape[4:])
 
   kb, vb = cache._bits()  # pylint: disable=protected-access
+  ka, va = cache._axes()  # pylint: disable=protected-access
   dt = jnp.dtype(cache.dtype)
   k = _decode(gather(cache.k_pages), gather(cache.k_scale), gather(cache.k_zero), cache.quant,
-              kb, cache.head_dim, dt)
+              kb, cache.head_dim, dt, ka)
   v = _decode(gather(cache.v_pages), gather(cache.v_scale), gather(cache.v_zero), cache.quant,
-              vb, cache.v_head_dim, dt)
+              vb, cache.v_head_dim, dt, va)
   pos = gather(cache.pos_pages)
-  slot = jnp.arange(m * cache.page_size, dtype=jnp.int32)
-  valid = slot[None, None, :] < meta["lengths"][..., None]
+  lengths = meta["lengths"]
+  r = cache.residual
+  if r:
+    res_len = meta["res_lengths"]
+    size = m * cache.page_size + r
+    pad = lambda x, fill: jnp.concatenate(  # noqa: E731
+        [x, jnp.full(x.shape[:2] + (r,) + x.shape[3:], fill, x.dtype)], axis=2)
+    i = jnp.arange(r, dtype=jnp.int32)
+    ridx = jnp.where(i < res_len[..., None], (lengths - res_len)[..., None] + i, size)
+    k = cache_lib.scatter_slots(pad(k, 0), ridx, cache._get("k_res", layer))  # pylint: disable=protected-access
+    v = cache_lib.scatter_slots(pad(v, 0), ridx, cache._get("v_res", layer))  # pylint: disable=protected-access
+    pos = cache_lib.scatter_slots(pad(pos, -1), ridx, cache._get("res_pos", layer))  # pylint: disable=protected-access
+  slot = jnp.arange(pos.shape[-1], dtype=jnp.int32)
+  valid = slot[None, None, :] < lengths[..., None]
   pos = jnp.where(valid, pos, -1)
-  return k, v, pos, meta["lengths"]
+  return k, v, pos, lengths
 
 
 # -- pure operations on one layer -------------------------------------------------------------
@@ -608,7 +994,23 @@ def _release(cache: PagedKVCache, mask) -> PagedKVCache:
   meta = _decref(meta, mask[:, None] & (pt >= 0), pt)
   meta["page_table"] = jnp.where(mask[:, None], -1, pt)
   meta["lengths"] = jnp.where(mask[:, None], 0, meta["lengths"])
+  if meta["res_lengths"] is not None:
+    meta["res_lengths"] = jnp.where(mask[:, None], 0, meta["res_lengths"])
   return cache.replace(**meta)
+
+
+def _check_fork_rows(src, dst, batch: int, partitions: int):
+  d, s = np.asarray(dst).reshape(-1), np.asarray(src).reshape(-1)
+  if len(set(d.tolist())) != d.size or set(d.tolist()) & set(s.tolist()):
+    raise ValueError(f"fork dst rows {d.tolist()} must be distinct and disjoint from src "
+                     f"rows {s.tolist()}")
+  if (d < 0).any() or (d >= batch).any() or (s < 0).any() or (s >= batch).any():
+    raise ValueError(f"fork rows out of range [0, {batch}): src {s.tolist()}, dst {d.tolist()}")
+  per = batch // partitions
+  if partitions > 1 and ((s // per) != (d // per)).any():
+    raise ValueError(f"fork src rows {s.tolist()} and dst rows {d.tolist()} must be in the same "
+                     f"pool partition (partitions={partitions}, {per} rows each: partition = "
+                     f"row // {per}); pages are never shared across partitions")
 
 
 def fork(cache: PagedKVCache, src, dst, n_tokens=None) -> PagedKVCache:
@@ -616,11 +1018,15 @@ def fork(cache: PagedKVCache, src, dst, n_tokens=None) -> PagedKVCache:
 
   The dst rows' previous pages are released first. Shared pages gain a reference; the
   first write into a shared page (by any row) copies it. Without n_tokens, the whole
-  row is shared (its head-wise lengths too).
+  row is shared (its head-wise lengths too). With a residual window (KIVI) the dst row
+  gets a copy of the src row's window; a prefix that ends inside the flushed tokens shares
+  the pages of its whole groups and takes the rest (< G tokens, as the src row reads them,
+  decoded) into its window.
 
   Args:
     cache: a layer cache (or a stacked segment).
-    src, dst: int arrays [K]; dst rows must be distinct and not among src.
+    src, dst: int arrays [K]; dst rows must be distinct, not among src, and in the same
+      pool partition as their src row.
     n_tokens: optional int array [K] (<= the src row's length; a prefix of a row whose heads
       have equal lengths, i.e. one no head-wise press has compacted).
   """
@@ -630,13 +1036,7 @@ def fork(cache: PagedKVCache, src, dst, n_tokens=None) -> PagedKVCache:
     raise ValueError(f"src {src.shape} and dst {dst.shape} must have the same shape")
   concrete = cache_lib._is_concrete  # pylint: disable=protected-access
   if concrete(dst) and concrete(src):
-    d, s = np.asarray(dst), np.asarray(src)
-    if len(set(d.tolist())) != d.size or set(d.tolist()) & set(s.tolist()):
-      raise ValueError(f"fork dst rows {d.tolist()} must be distinct and disjoint from src "
-                       f"rows {s.tolist()}")
-    if (d < 0).any() or (d >= cache.batch).any() or (s < 0).any() or (s >= cache.batch).any():
-      raise ValueError(f"fork rows out of range [0, {cache.batch}): src {s.tolist()}, "
-                       f"dst {d.tolist()}")
+    _check_fork_rows(src, dst, cache.batch, cache.partitions)
   n = None if n_tokens is None else jnp.broadcast_to(
       jnp.asarray(n_tokens, jnp.int32), src.shape)
   return _fork(cache, src, dst, n)
@@ -652,7 +1052,22 @@ def _fork(cache: PagedKVCache, src, dst, n_tokens) -> PagedKVCache:
   src_len = lengths[src]                                           # [K, H]
   new_len = src_len if n_tokens is None else jnp.minimum(src_len, n_tokens[:, None])
   p = cache.page_size
-  n_share = (jnp.max(new_len, axis=-1) + p - 1) // p                 # [K]
+  upd = {}
+  paged_len = new_len
+  if cache.residual:
+    r_cap, g = cache.residual, cache.token_group
+    q_src = src_len - meta["res_lengths"][src]
+    # flushed tokens kept as pages: whole groups of the prefix (all of q_src if it fits)
+    paged_len = jnp.where(new_len <= q_src, (new_len // g) * g, q_src)
+    k, v, pos, _ = dense_view(cache)
+    ridx = paged_len[..., None] + jnp.arange(r_cap, dtype=jnp.int32)
+    keep = ridx < new_len[..., None]
+    for f, x, fill in (("k_res", k, 0), ("v_res", v, 0), ("res_pos", pos, -1)):
+      val = _gather_slots(x[src], ridx)
+      val = jnp.where(keep[..., None] if val.ndim == 4 else keep, val, fill)
+      upd[f] = getattr(cache, f).at[dst].set(val.astype(getattr(cache, f).dtype))
+    meta["res_lengths"] = meta["res_lengths"].at[dst].set(new_len - paged_len)
+  n_share = (jnp.max(paged_len, axis=-1) + p - 1) // p               # [K]
   j = jnp.arange(cache.max_pages)
   share = (j[None, :] < n_share[:, None]) & (pt[src] >= 0)          # [K, M]
   rows = jnp.where(share, pt[src], -1)
@@ -660,7 +1075,7 @@ def _fork(cache: PagedKVCache, src, dst, n_tokens) -> PagedKVCache:
   meta["lengths"] = lengths.at[dst].set(new_len)
   meta["refcount"] = meta["refcount"].at[jnp.where(share, rows, cache.num_pages)].add(
       1, mode="drop")
-  return cache.replace(**meta)
+  return cache.replace(**meta, **upd)
 
 
 def repage(cache: PagedKVCache, k, v, positions, lengths, rows=None) -> PagedKVCache:
@@ -668,7 +1083,9 @@ def repage(cache: PagedKVCache, k, v, positions, lengths, rows=None) -> PagedKVC
 
   Use after a press compacts a row (`to_dense` -> press -> `repage`): the kept tokens are
   packed into ceil(len / P) pages and the rest return to the pool. Old pages shared with
-  other rows are not freed (the other rows still read them).
+  other rows are not freed (the other rows still read them). With a residual window the
+  kept tokens are appended afresh: the newest stay exact in the window, the rest are
+  re-quantized in new groups (KIVI groups cannot survive eviction).
 
   Args:
     cache: an unstacked layer cache.
@@ -686,49 +1103,64 @@ def repage(cache: PagedKVCache, k, v, positions, lengths, rows=None) -> PagedKVC
   # so the row stays packed (its position stays -1 in the pool below).
   pos_w = jnp.where(keep, jnp.maximum(positions, 0), -1)
   new, dest = _write(cache, None, k, v, pos_w)
+  if cache.residual:
+    return new
   # Restore the true positions (-1 kept as -1).
   pt = new.page_table
-  b, h, _ = dest.shape
   lp = jnp.clip(dest // cache.page_size, 0, cache.max_pages - 1)
   pid = jnp.take_along_axis(pt[:, None, :], lp, axis=-1)
-  pid = jnp.where(dest < cache.capacity, pid, cache.num_pages)
-  pos_pages = _pool_scatter(new.pos_pages, None, pid, dest % cache.page_size, positions)
+  pid = jnp.where(dest < cache.max_pages * cache.page_size, pid, cache.num_pages)
+  pos_pages = _pool_scatter(new.pos_pages, None, pid, dest % cache.page_size, positions,
+                            cache.partitions)
   return new.replace(pos_pages=pos_pages)
 
 
-@functools.partial(jax.jit, static_argnames=("page_size",))
-def _admission_counts(meta, pos_h, page_size):
+@functools.partial(jax.jit, static_argnames=("page_size", "r_cap", "g"))
+def _admission_counts(meta, pos_h, page_size, r_cap, g):
+  toks = jnp.max(meta["lengths"] + jnp.sum(pos_h >= 0, axis=-1), axis=-1)
+  if r_cap:
+    meta, pos_h, *_ = _flush_counts(meta, pos_h, r_cap, g)
   plan = _plan(meta, pos_h, page_size)
-  lengths = meta["lengths"]
   n_new = jnp.sum(pos_h >= 0, axis=-1)
-  rows_need = (jnp.max(lengths + n_new, axis=-1) + page_size - 1) // page_size
-  return plan.total, meta["num_free"], rows_need, jnp.max(lengths + n_new, axis=-1)
+  rows_need = (jnp.max(meta["lengths"] + n_new, axis=-1) + page_size - 1) // page_size
+  free = meta["num_free"][None] if meta["part_free"] is None else meta["part_free"]
+  return plan.part_total, free, rows_need, toks
+
+
+def _pool_words(cache: PagedKVCache) -> str:
+  if cache.partitions == 1:
+    return f"the whole pool has num_pages={cache.num_pages}"
+  return (f"the whole pool has num_pages={cache.num_pages} in partitions={cache.partitions}, "
+          f"so a row can use at most {cache.pages_per_partition}")
 
 
 def check_admission(cache: PagedKVCache, pos_h) -> None:
   """Raises ValueError / OutOfPages if appending head-wise tokens pos_h [B,H,T] would fail."""
   meta = cache._meta(None)  # pylint: disable=protected-access
-  fn = functools.partial(_admission_counts, page_size=cache.page_size)
+  fn = functools.partial(_admission_counts, page_size=cache.page_size, r_cap=cache.residual,
+                         g=cache.token_group)
   if cache.stacked:
     total, free, rows_need, toks = jax.vmap(fn, in_axes=(0, None))(meta, pos_h)
   else:
     total, free, rows_need, toks = fn(meta, pos_h)
-  total, free = np.atleast_1d(np.asarray(total)), np.atleast_1d(np.asarray(free))
+  total, free = np.asarray(total).reshape(-1, cache.partitions), np.asarray(free).reshape(
+      -1, cache.partitions)
   rows_need, toks = np.asarray(rows_need).reshape(-1), np.asarray(toks).reshape(-1)
   worst = int(rows_need.max(initial=0))
-  if worst > cache.num_pages:
+  if worst > cache.pages_per_partition:
     raise ValueError(
         f"PagedKVCache: a row of {int(toks.max())} tokens needs {worst} pages of "
-        f"page_size={cache.page_size}, but the whole pool has num_pages={cache.num_pages}; "
-        "this request can never fit: enlarge the pool or split/compress the request")
+        f"page_size={cache.page_size}, but {_pool_words(cache)}; this request can never "
+        "fit: enlarge the pool or split/compress the request")
   if worst > cache.max_pages:
     raise ValueError(
         f"PagedKVCache overflow: a row of {int(toks.max())} tokens needs {worst} pages but "
         f"max_pages={cache.max_pages} (capacity={cache.capacity} tokens per row)")
-  short = total > free
-  if short.any():
-    i = int(np.argmax(total - free))
-    raise OutOfPages(total[i], free[i])
+  short = total - free
+  if (short > 0).any():
+    layer, part = np.unravel_index(int(np.argmax(short)), short.shape)
+    raise OutOfPages(total[layer, part], free[layer, part],
+                     partition=int(part) if cache.partitions > 1 else None)
 
 
 def pages_needed(n_tokens: int, page_size: int) -> int:
@@ -737,11 +1169,11 @@ def pages_needed(n_tokens: int, page_size: int) -> int:
 
 def check_request(cache: PagedKVCache, n_tokens: int) -> None:
   """Admission control: ValueError if a request of n_tokens can never fit one row."""
-  need = pages_needed(n_tokens, cache.page_size)
-  if need > cache.num_pages:
+  need = cache.pages_for(n_tokens)
+  if need > cache.pages_per_partition:
     raise ValueError(f"request of {n_tokens} tokens needs {need} pages of page_size="
-                     f"{cache.page_size}, but the whole pool has num_pages={cache.num_pages}")
-  if need > cache.max_pages:
+                     f"{cache.page_size}, but {_pool_words(cache)}")
+  if need > cache.max_pages or n_tokens > cache.capacity:
     raise ValueError(f"request of {n_tokens} tokens needs {need} pages but max_pages="
                      f"{cache.max_pages} (capacity={cache.capacity} tokens per row)")
 
@@ -749,54 +1181,81 @@ def check_request(cache: PagedKVCache, n_tokens: int) -> None:
 def check_invariants(cache: PagedKVCache) -> None:
   """Raises AssertionError unless the allocator state of every layer is consistent.
 
-  Checks: the free stack holds exactly the pages with refcount 0, without duplicates;
-  refcount[p] equals the number of table entries pointing at p; each row holds
-  ceil(max_h length / P) pages, contiguously from entry 0.
+  Checks: each partition's free stack holds exactly its pages with refcount 0, without
+  duplicates; refcount[p] equals the number of table entries pointing at p; each row holds
+  ceil(max_h paged length / P) pages, contiguously from entry 0, all in its partition; a
+  residual window holds at most R tokens.
   """
   layers = [cache.layer(i) for i in range(cache.page_table.shape[0])] if cache.stacked \
       else [cache]
+  s, np_ = cache.partitions, cache.pages_per_partition
   for c in layers:
     rc, fs, nf = np.asarray(c.refcount), np.asarray(c.free_stack), int(c.num_free)
     pt, lengths = np.asarray(c.page_table), np.asarray(c.lengths)
-    free = fs[:nf]
-    assert len(set(free.tolist())) == nf, f"duplicate pages on the free stack: {free}"
-    assert set(free.tolist()) == set(np.flatnonzero(rc == 0).tolist()), (
-        f"free stack {sorted(free.tolist())} != refcount-0 pages "
-        f"{np.flatnonzero(rc == 0).tolist()}")
+    parts = [nf] if s == 1 else np.asarray(c.part_free).tolist()
+    assert sum(parts) == nf, f"num_free {nf} != sum of partition counts {parts}"
+    free = []
+    for i, k in enumerate(parts):
+      mine = fs[i * np_:i * np_ + k]
+      assert ((mine >= i * np_) & (mine < (i + 1) * np_)).all(), (
+          f"partition {i}'s free stack holds foreign pages: {mine.tolist()}")
+      free += mine.tolist()
+    assert len(set(free)) == nf, f"duplicate pages on the free stack: {free}"
+    assert set(free) == set(np.flatnonzero(rc == 0).tolist()), (
+        f"free stack {sorted(free)} != refcount-0 pages {np.flatnonzero(rc == 0).tolist()}")
     counts = np.bincount(pt[pt >= 0], minlength=c.num_pages)
     assert (counts == rc).all(), f"refcount {rc.tolist()} != table references {counts.tolist()}"
+    paged_len = lengths
+    if c.residual:
+      rl = np.asarray(c.res_lengths)
+      assert (rl >= 0).all() and (rl <= c.residual).all(), f"residual lengths {rl.tolist()}"
+      paged_len = lengths - rl
+      assert (paged_len % c.token_group == 0).all(), (
+          f"flushed lengths {paged_len.tolist()} not whole groups of {c.token_group}")
     held = (pt >= 0).sum(-1)
-    want = -(-lengths.max(-1) // c.page_size)
+    want = -(-paged_len.max(-1) // c.page_size)
     assert (held == want).all(), f"rows hold {held.tolist()} pages; lengths need {want.tolist()}"
+    per = c.batch // s
     for b in range(pt.shape[0]):
       assert (pt[b, :held[b]] >= 0).all() and (pt[b, held[b]:] < 0).all(), (
           f"row {b} table not contiguous: {pt[b].tolist()}")
-    # no row references a page twice
-    for b in range(pt.shape[0]):
       row = pt[b][pt[b] >= 0]
       assert len(set(row.tolist())) == row.size, f"row {b} maps a page twice: {row.tolist()}"
+      part = b // per
+      assert ((row >= part * np_) & (row < (part + 1) * np_)).all(), (
+          f"row {b} (partition {part}) maps pages of another partition: {row.tolist()}")
 
 
 # -- models: construction, prefix sharing, eviction -------------------------------------------
 def layer_factory(batch: int, kv_heads: int, head_dim: int, *, num_pages: int, page_size: int,
                   dtype=jnp.float32, v_head_dim: Optional[int] = None, quant=None,
-                  max_pages: Optional[int] = None) -> Callable[[int, int], PagedKVCache]:
+                  max_pages: Optional[int] = None,
+                  partitions: int = 1) -> Callable[[int, int], PagedKVCache]:
   """fn(layer_index, capacity) -> PagedKVCache for `models.init_cache(layer_factory=...)`.
 
-  `capacity` (tokens per row) sets max_pages = ceil(capacity / page_size) unless max_pages
-  is given; every layer gets a pool of num_pages pages.
+  `capacity` (tokens per row) sets max_pages to the pages a row of that many tokens holds
+  (ceil(capacity / page_size); with a residual window, only its flushed tokens count)
+  unless max_pages is given; every layer gets a pool of num_pages pages in `partitions`
+  partitions.
   """
   def make(i, capacity):
     del i
-    m = max_pages if max_pages is not None else pages_needed(capacity, page_size)
+    m = max_pages
+    if m is None:
+      n = capacity
+      if quant is not None and quant.residual:
+        g = quant.token_group
+        n = max(0, -(-(capacity - quant.residual) // g)) * g
+      m = max(1, pages_needed(n, page_size))
     return PagedKVCache.init(batch, kv_heads, head_dim, num_pages=num_pages,
                              page_size=page_size, max_pages=m, dtype=dtype,
-                             v_head_dim=v_head_dim, quant=quant)
+                             v_head_dim=v_head_dim, quant=quant, partitions=partitions)
   return make
 
 
 def model_cache_fn(init_cache: Callable, config, *, num_pages: int, page_size: int,
-                   max_tokens: int, quant=None, dtype=None) -> Callable[[int], Any]:
+                   max_tokens: int, quant=None, dtype=None,
+                   partitions: int = 1) -> Callable[[int], Any]:
   """fn(batch) -> an empty paged ModelCache, through the model's own `init_cache`.
 
   kvjax never imports models, so the caller passes it: `model_cache_fn(models.init_cache,
@@ -805,7 +1264,7 @@ def model_cache_fn(init_cache: Callable, config, *, num_pages: int, page_size: i
   """
   def make(batch):
     fac = layer_factory(batch, config.num_kv_heads, config.head_dim, num_pages=num_pages,
-                        page_size=page_size, quant=quant,
+                        page_size=page_size, quant=quant, partitions=partitions,
                         dtype=dtype if dtype is not None else config.dtype)
     return init_cache(config, batch, max_tokens, layer_factory=fac)
   return make
@@ -835,13 +1294,8 @@ def fork_rows(mc: cache_lib.ModelCache, src, dst, n_tokens=None) -> cache_lib.Mo
   dst = jnp.atleast_1d(jnp.asarray(dst, jnp.int32))
   n = None if n_tokens is None else jnp.broadcast_to(jnp.asarray(n_tokens, jnp.int32), src.shape)
   # Validate concretely (cheap checks on indices), then run jitted.
-  d, s_ = np.asarray(dst), np.asarray(src)
-  if len(set(d.tolist())) != d.size or set(d.tolist()) & set(s_.tolist()):
-    raise ValueError(f"fork dst rows {d.tolist()} must be distinct and disjoint from src "
-                     f"rows {s_.tolist()}")
-  b = mc.batch
-  if (d < 0).any() or (d >= b).any() or (s_ < 0).any() or (s_ >= b).any():
-    raise ValueError(f"fork rows out of range [0, {b}): src {s_.tolist()}, dst {d.tolist()}")
+  probe = next(sg for sg in mc.segments if isinstance(sg, PagedKVCache))
+  _check_fork_rows(src, dst, mc.batch, probe.partitions)
   return _fork_model(mc, src, dst, n)
 
 

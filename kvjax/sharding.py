@@ -14,9 +14,12 @@ number of ways. XLA's SPMD partitioner then runs `models.prefill/decode` unchang
 `cache_sharding(cache, mesh)` returns the NamedSharding pytree (for `jax.device_put`,
 `jit(out_shardings=...)` or `with_sharding_constraint`). Placement of a leaf:
 
-  * a kind may declare `PARTITION = {field: per-dim mesh axes}` (kvjax.paged does: the
-    page pool [N, Hkv, P, D] shards heads over `model` and is replicated over `data`,
-    since any row may use any page; tables [B, M] shard over `data`);
+  * a kind may declare `PARTITION = {field: per-dim mesh axes}`, or a method
+    `partition_axes(mesh)` returning that dict (kvjax.paged does: the page pool
+    [N, Hkv, P, D] shards heads over `model`; a pool built with `partitions=S` (S a multiple
+    of the mesh's data size) also shards its pages over `data`, one partition per data
+    shard, each serving its own rows, so no page ever crosses devices; a single-partition
+    pool is replicated over `data`; tables [B, M] shard over `data`);
   * otherwise the cache conventions decide: a leaf whose leading dims are [B, Hkv, ...]
     gets ("data", "model"), one that starts with [B] gets ("data",), others are replicated.
     B and Hkv come from the kind's `lengths` [B, Hkv] (DenseKVCache, QuantizedKVCache and
@@ -74,9 +77,10 @@ def _conventional(shape, b: int, h: int):
   return (None,) * len(shape)
 
 
-def _layer_cache_specs(cache, layer_axis: bool):
+def _layer_cache_specs(cache, layer_axis: bool, mesh: Optional[Mesh] = None):
   """Per-leaf logical axes of one cache kind (a pytree matching the cache)."""
-  partition = getattr(type(cache), "PARTITION", None)
+  axes_fn = getattr(cache, "partition_axes", None)
+  partition = axes_fn(mesh) if axes_fn is not None else getattr(type(cache), "PARTITION", None)
   lengths = getattr(cache, "lengths", None)
   b = h = None
   if lengths is not None:
@@ -116,11 +120,12 @@ def cache_sharding(cache, mesh: Mesh, *, strict: bool = False):
         logical_tree, tree, is_leaf=lambda z: isinstance(z, tuple))
 
   if isinstance(cache, cache_lib.ModelCache):
-    segs = tuple(named(_layer_cache_specs(s, layer_axis=True), s) for s in cache.segments)
+    segs = tuple(named(_layer_cache_specs(s, layer_axis=True, mesh=mesh), s)
+                 for s in cache.segments)
     nxt = NamedSharding(mesh, _fit(("data",), cache.next_position.shape, mesh, strict,
                                    "next_position"))
     return cache.replace(segments=segs, next_position=nxt)
-  return named(_layer_cache_specs(cache, layer_axis=False), cache)
+  return named(_layer_cache_specs(cache, layer_axis=False, mesh=mesh), cache)
 
 
 def shard(cache, mesh: Mesh, *, strict: bool = False):

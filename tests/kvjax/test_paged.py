@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import kvjax
 import models
 from kvjax import attention as A
+from kvjax import cache as cache_lib
 from kvjax import paged
 from kvjax.cache import DenseKVCache
 
@@ -113,11 +114,15 @@ ops = st.one_of(
     st.tuples(st.just("release"), st.integers(0, HB - 1)))
 
 
+@pytest.mark.parametrize("parts", [1, 2])
 @settings(max_examples=40, deadline=None)
-@given(st.lists(ops, min_size=1, max_size=14))
-def test_alloc_free_never_leaks_and_rows_are_isolated(program):
-  """Random appends / forks / releases against a list-of-tokens model of every row."""
-  c = paged.PagedKVCache.init(HB, HH, HD, num_pages=HN, page_size=HP, max_pages=4)
+@given(program=st.lists(ops, min_size=1, max_size=14))
+def test_alloc_free_never_leaks_and_rows_are_isolated(parts, program):
+  """Random appends / forks / releases against a list-of-tokens model of every row; with 2
+  pool partitions, each partition's rows draw only on its own pages."""
+  c = paged.PagedKVCache.init(HB, HH, HD, num_pages=HN, page_size=HP, max_pages=4,
+                              partitions=parts)
+  per_rows, per_pages = HB // parts, HN // parts
   rows = [[] for _ in range(HB)]   # the reference: token ids each row holds
   next_id = 1.0
   for op in program:
@@ -133,16 +138,18 @@ def test_alloc_free_never_leaks_and_rows_are_isolated(program):
         k[r, :, :n[r], 0] = ids
         new.append(ids)
       pos_h = jnp.broadcast_to(jnp.asarray(pos)[:, None], (HB, HH, HT))
-      # Pages this append must at least allocate (fresh pages only, no copies).
-      fresh = sum(max(0, -(-(len(rows[r]) + n[r]) // HP) - -(-len(rows[r]) // HP))
-                  for r in range(HB))
+      # Pages this append must at least allocate per partition (fresh pages only, no copies).
+      fresh = [0] * parts
+      for r in range(HB):
+        fresh[r // per_rows] += max(0, -(-(len(rows[r]) + n[r]) // HP) - -(-len(rows[r]) // HP))
+      free = [int(c.num_free)] if parts == 1 else np.asarray(c.part_free).tolist()
       try:
         paged.check_admission(c, pos_h)
         admitted = True
       except paged.OutOfPages as e:
         admitted = False
-        assert e.free == int(c.num_free) and e.needed > e.free
-      if fresh > int(c.num_free):
+        assert e.free == free[e.partition or 0] and e.needed > e.free
+      if any(f > fr for f, fr in zip(fresh, free)):
         assert not admitted
       c = _h_append(c, jnp.asarray(k), jnp.asarray(pos))
       assert bool(c.overflow) == (not admitted)
@@ -156,16 +163,25 @@ def test_alloc_free_never_leaks_and_rows_are_isolated(program):
         with pytest.raises(ValueError, match="disjoint"):
           paged.fork(c, [s], [d])
         continue
+      if s // per_rows != d // per_rows:
+        with pytest.raises(ValueError, match="same pool partition"):
+          paged.fork(c, [s], [d])
+        continue
       n = min(n, len(rows[s]))
       c = _h_fork(c, jnp.asarray([s]), jnp.asarray([d]), jnp.asarray([n]))
       rows[d] = rows[s][:n]
     else:
       c = _h_release(c, jnp.asarray([op[1]]))
       rows[op[1]] = []
-    paged.check_invariants(c)
+    paged.check_invariants(c)      # includes: a row only maps pages of its partition
     assert _h_view(c) == rows, "a row's view differs from what it wrote / shared"
     # sharing is real: pages in use never exceed what unshared rows would need
     assert int(c.pages_in_use) <= sum(-(-len(r) // HP) for r in rows)
+    if parts > 1:
+      used = [per_pages - f for f in np.asarray(c.part_free).tolist()]
+      want = [sum(-(-len(rows[r]) // HP) for r in range(p * per_rows, (p + 1) * per_rows))
+              for p in range(parts)]
+      assert all(u <= w for u, w in zip(used, want)), (used, want)
   c = _h_release(c, jnp.ones((HB,), bool))
   paged.check_invariants(c)
   assert int(c.num_free) == HN and int(c.pages_in_use) == 0
@@ -340,3 +356,204 @@ def test_press_on_paged_cache_frees_pages_and_matches_dense():
   pc = paged.PagedPress(press).compress_model(pc, None, CFG, rows=[0])
   assert paged.pages_in_use(pc).tolist() == [3, 3]           # row 0: 5 -> 2 tokens
   np.testing.assert_array_equal(paged.to_dense(pc).segments[0].lengths[0], [[2, 2], [5, 5]])
+
+
+# -- KIVI pages: per-channel key groups, per-token values, a full-precision residual window --
+
+KIVI = dict(bits=4, group_size=2, residual=4)
+
+
+def _by_position(colsum, positions, size=64):
+  """colsum [B, H, S] re-indexed by token position (slot layouts differ between kinds)."""
+  colsum, positions = np.asarray(colsum), np.asarray(positions)
+  out = np.zeros(colsum.shape[:2] + (size,))
+  b, h, s = np.nonzero(positions >= 0)
+  np.add.at(out, (b, h, positions[b, h, s]), colsum[b, h, s])
+  return out
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_kivi_pages_match_dense_kivi_cache(partitions):
+  """Given ragged chunks appended to a KIVI page pool (the page holds whole key groups) and
+  to kvjax.quant's dense KIVI cache, attention (out, lse, colsum by position), the decoded
+  keys and the residual windows agree; pages hold only flushed whole groups."""
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  spec = quant.kivi(**KIVI)
+  rng = np.random.default_rng(0)
+  b, h, d, hq = 3, 2, 8, 4
+  pc = paged.PagedKVCache.init(b, h, d, num_pages=24, page_size=4, max_pages=6, quant=spec,
+                               partitions=partitions)
+  qc = quant.QuantizedKVCache.init(b, h, 28, d, spec)
+  assert pc.k_scale.shape == (24, h, 2, d)       # a per-channel scale per group of 2 tokens
+  assert pc.v_scale.shape == (24, h, 4, d // 2)  # per token, per group of 2 channels
+  assert pc.capacity == 6 * 4 + 4
+  start = np.zeros(b, np.int32)
+  for t, valid in ((7, [7, 2, 5]), (1, [1, 1, 0]), (5, [3, 5, 4]), (1, [1, 1, 1]),
+                   (3, [3, 0, 2])):
+    k, v, pos = _chunk(rng, b, h, t, d, valid, start)
+    q = jnp.asarray(rng.normal(size=(b, hq, t, d)), jnp.float32)
+    rp, pc = _attend(pc, q, k, v, pos, A.AttentionSpec())
+    rq, qc = _attend(qc, q, k, v, pos, A.AttentionSpec())
+    np.testing.assert_allclose(rp.out, rq.out, atol=1e-5)
+    np.testing.assert_allclose(rp.lse, rq.lse, atol=1e-5)
+    qpos = np.concatenate([np.asarray(qc.positions), np.asarray(qc.res_positions)], -1)
+    np.testing.assert_allclose(_by_position(rp.colsum, pc.to_dense().positions),
+                               _by_position(rq.colsum, qpos), atol=1e-5)
+    start += np.asarray(valid)
+    np.testing.assert_array_equal(pc.res_lengths, qc.res_lengths)
+    paged.check_invariants(pc)
+  a, bq = pc.to_dense(), qc.to_dense()
+  np.testing.assert_array_equal(a.lengths, bq.lengths)
+  va, vb = np.asarray(a.valid_mask()), np.asarray(bq.valid_mask())
+  np.testing.assert_array_equal(np.asarray(a.k)[:, :, :28][va[:, :, :28]], np.asarray(bq.k)[vb])
+  # flushed tokens = lengths - residual, always whole groups, in ceil(. / P) pages per row
+  flushed = np.asarray(pc.lengths - pc.res_lengths).max(-1)
+  assert int(pc.pages_in_use) == sum(-(-int(n) // 4) for n in flushed)
+
+
+def test_kivi_page_keys_are_quantized_per_channel_group():
+  """Against a numpy KIVI reference: each flushed group of G keys is quantized per channel
+  (channels of very different ranges each keep their own error bound), values per token,
+  and the newest tokens stay exact in the residual window."""
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  spec = quant.kivi(bits=4, group_size=2, residual=2)
+  rng = np.random.default_rng(1)
+  d, n = 8, 9
+  ranges = 10.0 ** np.arange(-3, 5)                    # channel c spans ~ranges[c]
+  x = (rng.uniform(-1, 1, size=(1, 1, n, d)) * ranges).astype(np.float32)
+  pc = paged.PagedKVCache.init(1, 1, d, num_pages=4, page_size=4, quant=spec)
+  pc = pc.append(jnp.asarray(x), jnp.asarray(x), jnp.arange(n, dtype=jnp.int32)[None])
+  k, v, pos, lengths = paged.dense_view(pc)
+  k, v = np.asarray(k)[0, 0], np.asarray(v)[0, 0]
+  flushed = 8                 # 9 tokens, R = 2, G = 2: flush ceil(7 / 2) * 2 = 8, keep 1
+  assert int(pc.res_lengths[0, 0]) == 1 and int(lengths[0, 0]) == n
+  np.testing.assert_array_equal(k[flushed:n], x[0, 0, flushed:])     # residual: exact
+  for g0 in range(0, flushed, 2):
+    grp = x[0, 0, g0:g0 + 2]                                          # [G, D]
+    # per-channel scale (stored in float16, so never below its smallest normal number)
+    step = np.maximum((grp.max(0) - grp.min(0)) / 15, np.finfo(np.float16).tiny)
+    err = np.abs(k[g0:g0 + 2] - grp)
+    assert (err <= step / 2 * 1.01 + 1e-6 * ranges).all(), (g0, err / np.maximum(step, 1e-30))
+    vg = grp.reshape(2, d // 2, 2)                     # values: per token, 2-channel groups
+    vstep = np.maximum((vg.max(-1) - vg.min(-1)) / 15, np.finfo(np.float16).tiny)
+    verr = np.abs(v[g0:g0 + 2].reshape(2, d // 2, 2) - vg).max(-1)
+    assert (verr <= vstep / 2 * 1.01 + 1e-6 * ranges.reshape(d // 2, 2).max(-1)).all()
+  np.testing.assert_array_equal(np.asarray(pos)[0, 0, :n], np.arange(n))
+
+
+def test_kivi_fork_shares_groups_and_writes_stay_private():
+  """Forking a KIVI row mid-pages and mid-window: the child reads exactly the parent's
+  prefix (shared pages + a copied window), and later appends of either row never change
+  the other's view (copy-on-write of a partially shared page)."""
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  spec = quant.kivi(bits=4, group_size=2, residual=4)
+  rng = np.random.default_rng(2)
+  b, h, d = 3, 2, 8
+  c = paged.PagedKVCache.init(b, h, d, num_pages=16, page_size=4, max_pages=5, quant=spec)
+  k, v, pos = _chunk(rng, b, h, 12, d, [12, 0, 0], np.zeros(b, np.int32))
+  c = c.append(k, v, pos)                               # row 0: 8 flushed (2 pages) + 4
+  before = paged.dense_view(c)
+  # row 1: 7 tokens = 3 groups (page 1 half shared) + 1 decoded token in its window;
+  # row 2: 10 tokens = both pages + 2 of the 4 window tokens
+  c = paged.fork(c, [0, 0], [1, 2], n_tokens=[7, 10])
+  paged.check_invariants(c)
+  assert int(c.pages_in_use) == 2                       # nothing copied yet
+  view = paged.dense_view(c)
+  for row, n in ((1, 7), (2, 10)):
+    assert (np.asarray(view[3])[row] == n).all()
+    np.testing.assert_array_equal(np.asarray(view[0])[row, :, :n],
+                                  np.asarray(before[0])[0, :, :n])
+    np.testing.assert_array_equal(np.asarray(view[2])[row, :, :n], [np.arange(n)] * h)
+  assert np.asarray(c.res_lengths)[1:, 0].tolist() == [1, 2]
+  # every row appends its own tokens: a row's view depends only on its own writes (the
+  # same as when it appends alone), and one row's append leaves the others' views intact
+  k2, v2, pos2 = _chunk(rng, b, h, 6, d, [6, 6, 6], np.asarray([12, 7, 10], np.int32))
+  joint = c.append(k2, v2, pos2)
+  paged.check_invariants(joint)
+  after = paged.dense_view(joint)
+  for row in range(b):
+    alone = c.append(k2, v2, jnp.where(jnp.arange(b)[:, None] == row, pos2, -1))
+    va = paged.dense_view(alone)
+    np.testing.assert_array_equal(np.asarray(after[0])[row], np.asarray(va[0])[row])
+    for other in set(range(b)) - {row}:
+      np.testing.assert_array_equal(np.asarray(va[0])[other], np.asarray(view[0])[other])
+  assert (np.asarray(after[3]) == np.asarray([[18], [13], [16]])).all()
+  c = joint
+  c = paged.release(c, [0, 1, 2])
+  paged.check_invariants(c)
+  assert int(c.num_free) == 16
+
+
+def test_quant_spec_errors_name_the_argument():
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="group_size=4 must divide page_size=6"):
+    paged.PagedKVCache.init(1, 1, 8, num_pages=4, page_size=6, quant=quant.kivi(4, 4, 8))
+  with pytest.raises(ValueError, match="outlier_frac=0.1 .allowed: 0."):
+    paged.PagedKVCache.init(1, 1, 8, num_pages=4, page_size=4,
+                            quant=quant.int8(outlier_frac=0.1))
+  with pytest.raises(ValueError, match="partitions=3 must divide batch=4 and num_pages=6"):
+    paged.PagedKVCache.init(4, 1, 8, num_pages=6, page_size=4, partitions=3)
+
+
+def test_model_kivi_pages_equal_dense_kivi_and_press_frees_pages():
+  """A model decoding on KIVI pages gives the logits of kvjax.quant's dense KIVI cache;
+  an eviction press on the KIVI pages (re-grouping the kept tokens) equals pressing the
+  dense KIVI cache's tokens and re-quantizing them, and frees pages."""
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  from kvjax.presses import KnormPress  # pylint: disable=import-outside-toplevel
+  spec = quant.kivi(bits=4, group_size=2, residual=4)
+  m, tok = _model(), _toks(2, 14)
+  pc = _paged_cache(2, capacity=16, num_pages=8, quant=spec)
+  qc = quant.init_model_cache(CFG, 2, 16, spec)
+  lp, pc = _prefill(m, tok[:, :5], cache=pc)
+  lq, qc = _prefill(m, tok[:, :5], cache=qc)
+  np.testing.assert_allclose(lp, lq, atol=1e-5)
+  for i in range(5, 12):
+    lp, pc = _decode(m, tok[:, i:i + 1], pc)
+    lq, qc = _decode(m, tok[:, i:i + 1], qc)
+    np.testing.assert_allclose(lp, lq, atol=1e-5)
+  # 12 tokens, R = 4, G = 2: 8 flushed = 2 pages per row (a full-precision pool: 3)
+  assert paged.pages_in_use(pc).tolist() == [4, 4]
+  paged.check_invariants(pc.segments[0])
+  press = KnormPress(compression_ratio=0.5)
+  pc = paged.PagedPress(press).compress_model(pc, None, CFG)
+  dense = cache_lib.ModelCache.from_layers([c.to_dense() for c in qc.layers()],
+                                           qc.next_position, grouping=qc.grouping)
+  qc = quant.quantize_model(press.compress_model(dense, None, CFG, room=4), spec)
+  assert paged.pages_in_use(pc).tolist() == [2, 2]       # 6 kept: 2 flushed + 4 exact
+  for i in range(12, 14):
+    lp, pc = _decode(m, tok[:, i:i + 1], pc)
+    lq, qc = _decode(m, tok[:, i:i + 1], qc)
+    np.testing.assert_allclose(lp, lq, atol=1e-5)
+
+
+
+def test_partitioned_pool_runs_out_per_partition():
+  """Two pool partitions of 4 pages, two rows each: partition 0 running out is an
+  OutOfPages naming it although partition 1 has free pages; under jit nothing is written;
+  after releasing a row the step runs, and every row's logits equal the dense cache's."""
+  m, tok = _model(), _toks(4, 9)
+  fac = paged.layer_factory(4, CFG.num_kv_heads, CFG.head_dim, num_pages=8, page_size=4,
+                            partitions=2)
+  pc = models.init_cache(CFG, 4, 16, layer_factory=fac)
+  assert pc.segments[0].max_pages == 4                    # default: one partition's pages
+  mask = np.ones((4, 8), np.int32)
+  mask[2:, 1:] = 0                                        # rows 2, 3 (partition 1): 1 token
+  _, pc = _prefill(m, tok[:, :8], cache=pc, attention_mask=mask)
+  _, dc = _prefill(m, tok[:, :8], capacity=16, attention_mask=mask)
+  assert np.asarray(pc.segments[0].part_free).tolist() == [[0, 2]] * 2
+  with pytest.raises(paged.OutOfPages, match="partition 0: .* needs 2 new pages but only 0") as e:
+    _decode(m, tok[:, 8:9], pc)
+  assert e.value.partition == 0
+  before = paged.to_dense(pc)
+  _, pc2 = _decode(m, tok[:, 8:9], jax.tree.map(jnp.copy, pc), check_capacity=False)
+  assert paged.overflowed(pc2)
+  np.testing.assert_array_equal(paged.to_dense(pc2).segments[0].k, before.segments[0].k)
+  pc = paged.release_rows(pc, [1])
+  lp, pc = _decode(m, tok[:, 8:9], pc, attention_mask=np.asarray([[1], [0], [1], [1]]))
+  ld, dc = _decode(m, tok[:, 8:9], dc)
+  np.testing.assert_allclose(np.asarray(lp)[[0, 2, 3]], np.asarray(ld)[[0, 2, 3]], atol=1e-5)
+  paged.check_invariants(pc.segments[0])
+  assert np.asarray(pc.segments[0].part_free).tolist() == [[1, 2]] * 2
+  with pytest.raises(ValueError, match="same pool partition"):
+    paged.fork_rows(pc, [0], [2])

@@ -43,6 +43,17 @@ def test_placement_rules():
   assert pc.k_pages.spec == P(None, None, "model", None, None)     # [L, N, Hkv, P, D]
   assert pc.page_table.spec == P(None, "data", None)
   assert pc.refcount.spec == P(None, None) and pc.num_free.spec == P(None)
+  # a pool in 2 partitions puts one on each data shard (pages, refcounts, free lists);
+  # 3 partitions do not split over 2 data shards: the pool stays replicated over data
+  fac2 = paged.layer_factory(4, 4, 8, num_pages=6, page_size=4, partitions=2)
+  p2 = sharding.cache_sharding(models.init_cache(cfg, 4, 8, layer_factory=fac2), mesh)
+  p2 = p2.segments[0]
+  assert p2.k_pages.spec == P(None, "data", "model", None, None)
+  assert p2.refcount.spec == P(None, "data") and p2.part_free.spec == P(None, "data")
+  assert p2.page_table.spec == P(None, "data", None)
+  fac3 = paged.layer_factory(6, 4, 8, num_pages=6, page_size=4, partitions=3)
+  p3 = sharding.cache_sharding(models.init_cache(cfg, 6, 8, layer_factory=fac3), mesh)
+  assert p3.segments[0].k_pages.spec == P(None, None, "model", None, None)
   # a lone layer cache has no layer axis; 3 kv heads do not split 4 ways -> replicated
   one = sharding.cache_sharding(DenseKVCache.init(4, 3, 8, 8), mesh)
   assert one.k.spec == P("data", None, None, None)
@@ -58,15 +69,17 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     import models
-    from kvjax import paged, sharding
+    from kvjax import paged, quant, sharding
 
     cfg = models.ModelConfig(num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
                              hidden_size=32, intermediate_size=64)
     B, T0, T = 4, 5, 8
     tok = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size, dtype=jnp.int32)
 
-    def fac(b):
-      return paged.layer_factory(b, cfg.num_kv_heads, cfg.head_dim, num_pages=12, page_size=4)
+    def fac(b, **kw):
+      return paged.layer_factory(b, cfg.num_kv_heads, cfg.head_dim, num_pages=12, page_size=4,
+                                 **kw)
+    kivi = dict(partitions=2, quant=quant.kivi(bits=4, group_size=2, residual=2))
 
     def run(m, cache, tokens):
       lg, cache = models.prefill(m, tokens[:, :T0], cache=cache)
@@ -80,6 +93,8 @@ SCRIPT = textwrap.dedent("""
     # one device, dense cache: the reference for both sharded runs (paged == dense on one
     # device is tests/kvjax/test_paged.py's business)
     ref = run(model, models.init_cache(cfg, B, T), tok)[0]
+    # KIVI pages are lossy: their reference is the same partitioned pool on one device
+    ref_kivi = run(model, models.init_cache(cfg, B, T, layer_factory=fac(B, **kivi)), tok)[0]
 
     mesh = sharding.make_mesh(data=2, model=4)
     tp = {"wq": P(None, None, "model"), "wk": P(None, None, "model"),
@@ -93,15 +108,23 @@ SCRIPT = textwrap.dedent("""
     nnx.update(model, jax.tree_util.tree_map_with_path(place, state))
     tok_s = jax.device_put(tok, sharding.batch_sharding(mesh))
     out = {"devices": len(jax.devices())}
-    for k, f in (("dense", None), ("paged", fac(B))):
+    for k, f, want in (("dense", None, ref), ("paged", fac(B), ref),
+                       ("paged_parts", fac(B, partitions=2), ref),
+                       ("kivi_parts", fac(B, **kivi), ref_kivi)):
       cache = sharding.shard(models.init_cache(cfg, B, T, layer_factory=f), mesh, strict=True)
       lg, cache = run(model, cache, tok_s)
-      leaf = cache.segments[0].k if k == "dense" else cache.segments[0].k_pages
-      out[k] = {"maxdiff": float(np.abs(lg - ref).max()),
-                "scale": float(np.abs(ref).max()),
+      seg = cache.segments[0]
+      leaf = seg.k if k == "dense" else seg.k_pages
+      out[k] = {"maxdiff": float(np.abs(lg - want).max()),
+                "scale": float(np.abs(want).max()),
                 "shards": len(leaf.sharding.device_set),
                 "shard_shape": list(leaf.addressable_shards[0].data.shape),
                 "shape": list(leaf.shape)}
+      if k != "dense":
+        paged.check_invariants(jax.device_get(seg))
+      if k == "kivi_parts":
+        out[k]["res_shard_shape"] = list(seg.k_res.addressable_shards[0].data.shape)
+        out[k]["pages_in_use"] = paged.pages_in_use(cache).tolist()
     out["wq_shard"] = list(model.wq.value.addressable_shards[0].data.shape)
     print("RESULT" + json.dumps(out))
 """)
@@ -119,11 +142,18 @@ def test_eight_devices_match_one():
   out = json.loads(line[len("RESULT"):])
   assert out["devices"] == 8
   assert out["wq_shard"] == [2, 32, 16]                 # q heads split 4 ways
-  for kind in ("dense", "paged"):
+  for kind in ("dense", "paged", "paged_parts", "kivi_parts"):
     r = out[kind]
     assert r["maxdiff"] <= 1e-4 * max(1.0, r["scale"]), (kind, r)
     assert r["shards"] == 8, (kind, r)
   # kv heads split over model (4 -> 1), rows over data (4 -> 2) for the dense cache;
-  # the page pool keeps its pages and splits heads only
+  # a one-partition page pool keeps all its pages on every data shard (heads split only);
+  # a two-partition pool puts one partition (6 of 12 pages) on each data shard
   assert out["dense"]["shard_shape"] == [2, 2, 1, 8, 8], out["dense"]
   assert out["paged"]["shard_shape"] == [2, 12, 1, 4, 8], out["paged"]
+  assert out["paged_parts"]["shard_shape"] == [2, 6, 1, 4, 8], out["paged_parts"]
+  kv = out["kivi_parts"]
+  assert kv["shard_shape"] == [2, 6, 1, 4, 4], kv        # int4 codes: 8 dims in 4 bytes
+  assert kv["res_shard_shape"] == [2, 2, 1, 2, 8], kv    # residual window: rows and heads
+  # 8 tokens per row, R = 2, G = 2: 6 flushed = 2 pages per row
+  assert kv["pages_in_use"] == [8, 8], kv
