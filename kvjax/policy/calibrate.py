@@ -176,18 +176,18 @@ def profile(next_logits: Callable, model_cache: cache_lib.ModelCache,
   return Profile(names, kl, frac, head_kl)
 
 
-def _fits(fraction_sum, n, budget):
-  return fraction_sum <= budget * n + 1e-9
+def _fits(fraction_sum, n, budget, slack=0.0):
+  return fraction_sum <= budget * n * (1 + slack) + 1e-9
 
 
 def plan(prof: Profile, memory_budget: float, *, allowed: Optional[Sequence[str]] = None,
-         resolution: float = 1e-3) -> tuple:
+         resolution: float = 1e-3, slack: float = 0.0) -> tuple:
   """One stage label per layer minimising summed KL with mean byte fraction <= budget.
 
   The multiple-choice knapsack is solved exactly by dynamic programming over bytes
   discretised to `resolution` of a layer's bf16 bytes (fractions rounded up, so a plan never
-  exceeds the budget). Raises ValueError when even the cheapest stage of every layer
-  exceeds the budget.
+  exceeds the budget * (1 + slack)). Raises ValueError when even the cheapest stage of
+  every layer exceeds it.
   """
   if not 0 < memory_budget <= 1:
     raise ValueError(f"memory_budget={memory_budget!r}; must be in (0, 1]")
@@ -197,7 +197,7 @@ def plan(prof: Profile, memory_budget: float, *, allowed: Optional[Sequence[str]
   kl, fr = prof.kl[idx], prof.fraction[idx]
   c, n = kl.shape
   w = np.ceil(fr / resolution - 1e-9).astype(np.int64)             # [C, L] units
-  cap = int(np.floor(memory_budget * n / resolution + 1e-9))
+  cap = int(np.floor(memory_budget * (1 + slack) * n / resolution + 1e-9))
   if int(w.min(0).sum()) > cap:
     raise ValueError(f"memory_budget={memory_budget} is below the cheapest plan "
                      f"({fr.min(0).sum() / n:.3f} of the bf16 full cache: every layer at its "
@@ -228,13 +228,15 @@ def plan(prof: Profile, memory_budget: float, *, allowed: Optional[Sequence[str]
 
 
 def choose(prof: Profile, memory_budget: float, evaluate: Callable[[AdaptivePipeline], float],
-           *, allowed: Optional[Sequence[str]] = None, name: str = "adaptive"
-           ) -> tuple[AdaptivePipeline, dict]:
+           *, allowed: Optional[Sequence[str]] = None, name: str = "adaptive",
+           slack: float = 0.01) -> tuple[AdaptivePipeline, dict]:
   """The best of the planned pipeline and every uniform plan that fits, by measured KL.
 
   Args:
     evaluate: fn(pipeline) -> KL on calibration data (lower is better).
     allowed: restrict to these profiled stage labels.
+    slack: byte fractions may exceed the budget by this relative amount (token rounding
+      and the rows' ragged lengths move a technique sized for the budget by a hair).
 
   Returns: (pipeline named `name`, {candidate label: measured KL}).
   """
@@ -242,13 +244,13 @@ def choose(prof: Profile, memory_budget: float, evaluate: Callable[[AdaptivePipe
   n = prof.kl.shape[1]
   cands = {}
   try:
-    greedy = plan(prof, memory_budget, allowed=names)
-    cands["[" + ", ".join(greedy) + "]"] = greedy
+    planned = plan(prof, memory_budget, allowed=names, slack=slack)
+    cands["[" + ", ".join(planned) + "]"] = planned
   except ValueError:
     pass
   for s in names:
     i = prof.index(s)
-    if _fits(float(prof.fraction[i].sum()), n, memory_budget):
+    if _fits(float(prof.fraction[i].sum()), n, memory_budget, slack):
       cands.setdefault("[" + ", ".join([s] * n) + "]", (s,) * n)
   if not cands:
     raise ValueError(f"memory_budget={memory_budget}: no profiled stage fits (allowed: {names})")

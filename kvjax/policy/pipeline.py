@@ -23,6 +23,7 @@ infeasible above the budget; press + kind keeps the fraction that fits
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 from kvjax import presses as press_lib
@@ -87,7 +88,7 @@ class Stage:
   def label(self) -> str:
     if self.press is None:
       return self.quant or FULL
-    head = f"{self.press}@{self.ratio:.3g}"
+    head = f"{self.press}@{self.ratio:g}"     # exact: ratios carry <= 6 decimals
     return f"{head}+{self.quant}" if self.quant else head
 
   @property
@@ -100,16 +101,43 @@ class Stage:
     return None if self.press is None else make_press(self.press, self.ratio)
 
 
-def single_at_budget(family: str, memory_budget: float, head_dim: int) -> Optional[Stage]:
+def layer_bytes(quant: Optional[str], tokens: int, head_dim: int, dtype="bfloat16") -> int:
+  """Exact bytes one (row, kv head) of a layer holding `tokens` tokens takes (no room):
+  a DenseKVCache of `dtype` (quant None) or a QuantizedKVCache of kind `quant`."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from kvjax import memory  # pylint: disable=import-outside-toplevel
+  from kvjax.quant.cache import QuantizedKVCache  # pylint: disable=import-outside-toplevel
+  from kvjax.quant.model import resolve_spec  # pylint: disable=import-outside-toplevel
+  if quant is None:
+    scale = jnp.dtype(dtype).itemsize / memory.BF16_BYTES
+    kv = 2 * tokens * head_dim * memory.BF16_BYTES
+    return int(kv * scale) + 4 * tokens + 4
+  return QuantizedKVCache.init(1, 1, tokens, head_dim, resolve_spec(quant)).nbytes
+
+
+def single_at_budget(family: str, memory_budget: float, head_dim: int, *,
+                     tokens: Optional[int] = None, dtype="bfloat16") -> Optional[Stage]:
   """`family` ('snapkv', 'int4', 'snapkv+int8', 'full') configured to `memory_budget`.
+
+  Args:
+    family: a press, a kind, press+kind, or 'full'.
+    memory_budget: fraction of the bf16 full cache, in (0, 1].
+    head_dim: the model's.
+    tokens: the context length the technique will see. Given, the configuration uses exact
+      layer bytes at that length (fixed costs such as KIVI's full-precision residual window
+      included, `dtype` the cache's full-precision dtype); else marginal bytes per token
+      (kvjax.mixed.budget_split), which is exact only for long contexts.
 
   Returns None when the family cannot fit (a kind alone costing more than the budget, or
   full at a budget below 1).
   """
   from kvjax import mixed  # pylint: disable=import-outside-toplevel
+  from kvjax import memory  # pylint: disable=import-outside-toplevel
   from kvjax.quant.model import resolve_spec  # pylint: disable=import-outside-toplevel
   if not 0 < memory_budget <= 1:
     raise ValueError(f"memory_budget={memory_budget!r}; must be in (0, 1]")
+  if tokens is not None and (not isinstance(tokens, int) or tokens < 2):
+    raise ValueError(f"tokens={tokens!r}; must be an int >= 2")
   if family == FULL:
     return Stage() if memory_budget >= 1 else None
   press, _, quant = family.partition("+")
@@ -120,13 +148,33 @@ def single_at_budget(family: str, memory_budget: float, head_dim: int) -> Option
                      f"{QUANTS}, or press+kind")
   if quant and quant not in QUANTS:
     raise ValueError(f"family={family!r}: kind {quant!r} not in {QUANTS}")
-  spec = resolve_spec(quant) if quant else None
-  keep = mixed.budget_split(memory_budget, spec, head_dim)
+  if tokens is None:
+    spec = resolve_spec(quant) if quant else None
+    keep = mixed.budget_split(memory_budget, spec, head_dim)
+    kept = None
+  else:
+    limit = memory_budget * memory.dense_bf16_bytes(1, 1, tokens, head_dim, head_dim)
+    cost = lambda k: layer_bytes(quant or None, k, head_dim, dtype)  # noqa: E731
+    if cost(tokens) <= limit:
+      keep, kept = 1.0, tokens
+    else:
+      lo, hi = 0, tokens          # largest k with cost(k) <= limit (cost increases with k)
+      while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid)
+      kept = lo
+      keep = kept / tokens
   if not press:
     return Stage(quant=quant) if keep >= 1 else None
   if keep >= 1:
     return Stage(quant=quant or None) if quant else None   # nothing to evict
-  return Stage(press=press, ratio=round(1 - keep, 4), quant=quant or None)
+  if kept is not None:
+    if kept < 1:
+      return None
+    ratio = math.ceil((1 - kept / tokens) * 1e6) / 1e6    # keeps int(T (1 - r)) <= kept
+  else:
+    ratio = round(1 - keep, 4)
+  return Stage(press=press, ratio=ratio, quant=quant or None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,12 +136,23 @@ class Recommendation:
     return "\n".join(lines)
 
 
+def _sized(family, memory_budget, head_dim, tokens):
+  """single_at_budget, or None where the family's kind does not apply to this head_dim
+  (e.g. KIVI's 32-channel groups on head_dim 16)."""
+  try:
+    return single_at_budget(family, memory_budget, head_dim, tokens=tokens)
+  except ValueError as e:
+    if "must divide" in str(e):
+      return None
+    raise
+
+
 def _candidates(scenario: Scenario, memory_budget: float, num_layers: int, head_dim: int,
-                profile: Optional[calibrate.Profile], evaluate) -> list:
+                profile: Optional[calibrate.Profile], evaluate, tokens) -> list:
   """[(pipeline, why)] in order of preference."""
   singles = []
   for fam in scenario.families:
-    st = single_at_budget(fam, memory_budget, head_dim)
+    st = _sized(fam, memory_budget, head_dim, tokens)
     if st is not None and all(st.label != s.label for s, _ in singles):
       singles.append((st, fam))
   out = []
@@ -158,7 +169,7 @@ def _candidates(scenario: Scenario, memory_budget: float, num_layers: int, head_
         else:
           pipe = AdaptivePipeline(calibrate.plan(profile, memory_budget, allowed=allowed),
                                   name=f"adaptive({scenario.strategy})")
-          why = "calibrated per-layer plan (greedy knapsack on per-layer KL)"
+          why = "calibrated per-layer plan (knapsack on per-layer KL)"
         out.append((pipe, why))
       except ValueError:
         pass   # nothing profiled fits: fall back to the scenario's singles
@@ -172,7 +183,7 @@ def recommend(scenario: str, memory_budget: float, *, num_layers: int, head_dim:
               profile: Optional[calibrate.Profile] = None,
               evaluate: Optional[Callable[[AdaptivePipeline], float]] = None,
               verify: Optional[Callable[[AdaptivePipeline], dict]] = None,
-              max_tries: int = 3) -> Recommendation:
+              max_tries: int = 3, tokens: Optional[int] = None) -> Recommendation:
   """A pipeline for `scenario` within `memory_budget`, verified when `verify` is given.
 
   Args:
@@ -184,6 +195,8 @@ def recommend(scenario: str, memory_budget: float, *, num_layers: int, head_dim:
     evaluate: fn(pipeline) -> calibration KL, to pick among plans by measurement.
     verify: fn(pipeline) -> dict with "quality_drop" (and anything else to report).
     max_tries: candidates verified at most, in order of preference.
+    tokens: typical context length: single techniques are sized by exact bytes at that
+      length (pipeline.single_at_budget), else by marginal bytes per token.
   """
   from kvjax import offload as offload_lib  # pylint: disable=import-outside-toplevel
   if scenario not in SCENARIOS:
@@ -195,7 +208,7 @@ def recommend(scenario: str, memory_budget: float, *, num_layers: int, head_dim:
   if max_tries < 1:
     raise ValueError(f"max_tries={max_tries}; must be >= 1")
   sc = SCENARIOS[scenario]
-  cands = _candidates(sc, float(memory_budget), num_layers, head_dim, profile, evaluate)
+  cands = _candidates(sc, float(memory_budget), num_layers, head_dim, profile, evaluate, tokens)
   if not cands:
     raise ValueError(f"memory_budget={memory_budget}: none of scenario {scenario!r}'s families "
                      f"{sc.families} fits; raise the budget")
@@ -222,12 +235,13 @@ def recommend(scenario: str, memory_budget: float, *, num_layers: int, head_dim:
                         f"{sc.strategy}: {why}", tried, v, ok)
 
 
-def scenario_stages(memory_budget: float, head_dim: int, scenarios=None) -> list:
+def scenario_stages(memory_budget: float, head_dim: int, scenarios=None, *,
+                    tokens: Optional[int] = None) -> list:
   """Stage labels of every scenario's families at this budget (what to profile)."""
   out = ["full"]
   for name in scenarios or SCENARIOS:
     for fam in SCENARIOS[name].families:
-      st = single_at_budget(fam, memory_budget, head_dim)
+      st = _sized(fam, memory_budget, head_dim, tokens)
       if st is not None and st.label not in out:
         out.append(st.label)
   return out

@@ -72,14 +72,17 @@ def test_stage_names_round_trip_and_errors_name_the_argument():
     AdaptivePipeline(("full",) * 3).compress_model(cache, obs, CFG)
 
 
-@pytest.mark.parametrize("family,budget", [("snapkv", 0.3), ("int4", 0.5), ("knorm+int8", 0.3),
-                                           ("expected_attention+int4", 0.2)])
-def test_single_at_budget_fits_the_budget_in_exact_bytes(family, budget):
+@pytest.mark.parametrize("family,budget,exact", [
+    ("snapkv", 0.3, False), ("int4", 0.5, False), ("knorm+int8", 0.3, False),
+    ("expected_attention+int4", 0.2, False), ("knorm+int8", 0.3, True),
+    ("snapkv+int4", 0.25, True)])
+def test_single_at_budget_fits_the_budget_in_exact_bytes(family, budget, exact):
   """Given a budget b, the technique configured for it holds at most b of the bf16 full
   cache's bytes (kvjax.memory, scales and positions included) and, when it evicts, not
-  much less (the budget is used, not wasted)."""
+  much less (the budget is used, not wasted); exact=True sizes it by the layer bytes at
+  the prompt's length (fixed costs included)."""
   _, _, cache, obs = _setup()
-  st = single_at_budget(family, budget, CFG.head_dim)
+  st = single_at_budget(family, budget, CFG.head_dim, tokens=T if exact else None)
   assert st is not None and st.family == family
   out = AdaptivePipeline.uniform(st, CFG.num_layers).compress_model(_copy(cache), obs, CFG)
   rep = memory.report(out, tokens=[T, T])
