@@ -17,8 +17,9 @@ measured here by output KL rather than by learned gates).
 
 Bytes are exact: the converted layer's bytes (every array, scales and positions included)
 over the bf16 full cache of the same prompt tokens, as `fraction` (without the decode room,
-which every technique adds alike; computed from shapes, nothing runs). `plan` solves the multiple-choice knapsack
-min sum_l KL[c_l, l] s.t. mean_l fraction[c_l, l] <= budget exactly, by dynamic programming
+which every technique adds alike; computed from shapes, nothing runs). `plan` solves the
+multiple-choice knapsack min sum_l KL[c_l, l] s.t. mean_l fraction[c_l, l] <= budget
+exactly, by dynamic programming
 over discretised bytes (TailorKV-style per-layer assignment, KVTuner-style sensitivity;
 kvjax.mixed.assign_budget is the greedy variant). Per-layer KLs are only approximately
 additive, so `choose` also measures the real KL of the planned pipeline and of every uniform
