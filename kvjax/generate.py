@@ -76,7 +76,8 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, attention_mask=None,
              capacity: Optional[int] = None, eos_id: Optional[int] = None, pad_id: int = 0,
              press=None, decode_press=None, cache_dtype=None, backend: str = "auto",
-             callback: Optional[Callable[[int, np.ndarray], None]] = None) -> GenerateOutput:
+             callback: Optional[Callable[[int, np.ndarray], None]] = None,
+             offload=None) -> GenerateOutput:
   """Generates up to max_new_tokens per row.
 
   Args:
@@ -96,6 +97,10 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
       If it has an `observe` attribute asking for statistics, each step's observations
       are passed as `maybe_compress(cache, step, obs=...)`; `reset()` is called first.
     callback: called as callback(step, new_ids) after each step (streaming).
+    offload: a kvjax.offload.OffloadSpec passed to model.prefill(offload=...): the cache
+      lives in host memory (mode "stream": layers streamed in with prefetch; "quest": the
+      prompt paged out, top-k pages per step, spec.room >= max_new_tokens). Not combined
+      with press or decode_press.
   """
   _validate(max_new_tokens, temperature, top_p, top_k)
   tokens = jnp.asarray(tokens)
@@ -114,6 +119,15 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
     kw.update(press=press, capacity=t, decode_room=capacity - t)
   if cache_dtype is not None:
     kw["cache_dtype"] = cache_dtype
+  if offload is not None:
+    if press is not None or decode_press is not None:
+      raise ValueError("offload= does not combine with press / decode_press")
+    kw["offload"] = offload
+    if getattr(offload, "mode", None) == "quest":
+      del kw["capacity"]           # the prompt is paged exactly; decoding uses spec.room
+      if offload.room < max_new_tokens:
+        raise ValueError(f"OffloadSpec.room={offload.room} < max_new_tokens="
+                         f"{max_new_tokens}; raise room")
   obs_request = getattr(decode_press, "observe", None) if decode_press is not None else None
   want_obs = obs_request is not None and bool(obs_request.colsum or obs_request.queries)
   if decode_press is not None and hasattr(decode_press, "reset"):

@@ -203,3 +203,19 @@ def test_offload_errors_name_the_argument():
                                                               top_k=2, room=1))
   with pytest.raises(ValueError, match=r"exceed OffloadSpec.room=1"):
     models.decode(m, _tokens(1, 2), qc)
+
+
+def test_generate_with_offload_equals_on_device_generation():
+  """kvjax.generate(offload=...): streamed layers, and Quest with every page selected, give
+  the greedy tokens of the on-device cache."""
+  import kvjax
+  m = _model(LLAMA)
+  tok = _tokens(2, 12, seed=6)
+  ref = kvjax.generate(m, tok, max_new_tokens=4).tokens
+  got = kvjax.generate(m, tok, max_new_tokens=4, offload=offload.OffloadSpec()).tokens
+  np.testing.assert_array_equal(got, ref)
+  quest = offload.OffloadSpec(mode="quest", page_size=4, top_k=3, room=4)
+  np.testing.assert_array_equal(
+      kvjax.generate(m, tok, max_new_tokens=4, offload=quest).tokens, ref)
+  with pytest.raises(ValueError, match=r"OffloadSpec.room=4 < max_new_tokens=5"):
+    kvjax.generate(m, tok, max_new_tokens=5, offload=quest)
