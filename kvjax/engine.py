@@ -22,6 +22,24 @@ Shared prefixes (a system prompt) are prefilled once into a reserved row with
 the prefix is stored once however many requests use it, and copy-on-write keeps their
 continuations private.
 
+Preemption moves a request out of its row in one of two ways: "swap" copies its pages to
+host memory (kvjax.offload) and resumes them bit-exactly; "recompute" (vLLM's other mode)
+drops its pages and re-queues it with prompt + generated tokens as its new prompt, which
+chunked prefill rebuilds. Pools with a residual window (KIVI pages) always recompute,
+since kvjax.offload's row swap moves pages only.
+
+Data-parallel pools (kvjax.paged `partitions=S`, one pool partition per data shard): the
+rows [s*B/S, (s+1)*B/S) draw on partition s only. Admission places a request in the
+partition with the most free pages that has a free row; a shortfall is resolved inside the
+short partition (the policy sees that partition's rows and free pages; the fallback
+preempts its latest-admitted row), so the other partitions keep running; a prefix is
+prefilled once per partition (each data shard holds its own copy, as each vLLM replica
+does).
+
+Bad input: `submit` rejects, with a ValueError naming the sizes, a request that could
+never fit one row or one (partition's) pool beside the registered prefixes; the engine's
+other requests are untouched.
+
 The model is duck-typed (kvjax never imports models): `model.decode(tokens, cache, *,
 attention_mask, logits, check_capacity)` and `model.config`; `make_cache(batch)` returns an
 empty ModelCache whose attention layers are PagedKVCache (same pool geometry in every layer).
@@ -62,6 +80,7 @@ class Request:
   first_token_time: float = 0.0
   finish_time: float = 0.0
   preemptions: int = 0
+  recomputed_tokens: int = 0
   compressions: int = 0
 
 
@@ -72,6 +91,13 @@ class _Row:
   last: Optional[int] = None    # sampled token not yet fed
   admitted: int = 0
   just_prefilled: bool = False
+
+
+@dataclasses.dataclass
+class _Recompute:
+  req: Request                  # preempted by recomputation
+  tokens: list                  # prompt + output so far: its prompt when re-admitted
+  admitted: int
 
 
 @dataclasses.dataclass
@@ -90,64 +116,82 @@ class Engine:
   Args:
     model: decode(tokens, cache, ...) and config (duck-typed).
     make_cache: fn(batch) -> empty paged ModelCache.
-    max_batch: rows B (prefix rows included).
+    max_batch: rows B (prefix rows included); a multiple of the pool's partitions.
     chunk: prompt tokens fed per step while prefilling.
-    policy: a kvjax.policy.Policy (default: preempt by swapping only).
+    policy: a kvjax.policy.Policy (default: preempt only).
     eos_id: stop a request when it samples this id.
     temperature, top_p, top_k, seed: sampling (temperature 0 = greedy).
     watermark: free pages kept in reserve when admitting (room for running rows to grow).
     backend: attention backend passed to decode.
+    preemption: "swap" (host memory, exact resume) or "recompute" (drop the pages, re-prefill
+      prompt + output later); pools with a residual window always recompute.
   """
+
+  PREEMPTION = ("swap", "recompute")
 
   def __init__(self, model, make_cache: Callable[[int], Any], *, max_batch: int = 8,
                chunk: int = 16, policy: Optional[policy_lib.Policy] = None,
                eos_id: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int = 0, watermark: int = 1, backend: str = "auto"):
-    if max_batch < 1 or chunk < 1 or watermark < 0:
-      raise ValueError(f"max_batch={max_batch}, chunk={chunk} must be >= 1 and "
-                       f"watermark={watermark} >= 0")
+               top_k: int = 0, seed: int = 0, watermark: int = 1, backend: str = "auto",
+               preemption: str = "swap"):
+    for name, val, lo in (("max_batch", max_batch, 1), ("chunk", chunk, 1),
+                          ("watermark", watermark, 0)):
+      if not isinstance(val, (int, np.integer)) or val < lo:
+        raise ValueError(f"{name}={val!r}; must be an int >= {lo}")
+    if preemption not in self.PREEMPTION:
+      raise ValueError(f"preemption={preemption!r}; allowed: {self.PREEMPTION}")
     self.model = model
     self.cache = make_cache(max_batch)
     segs = [s for s in self.cache.segments if isinstance(s, paged.PagedKVCache)]
     if not segs:
       raise ValueError("make_cache must build a ModelCache with PagedKVCache layers")
-    geo = {(s.num_pages, s.page_size, s.max_pages) for s in segs}
+    geo = {(s.num_pages, s.page_size, s.max_pages, s.partitions, s.residual) for s in segs}
     if len(geo) != 1:
-      raise ValueError(f"every paged layer needs the same pool geometry; got {sorted(geo)}")
-    self.num_pages, self.page_size, self.max_pages = geo.pop()
-    self.capacity = self.page_size * self.max_pages
+      raise ValueError(f"every paged layer needs the same pool geometry (num_pages, "
+                       f"page_size, max_pages, partitions, residual); got {sorted(geo)}")
+    self.num_pages, self.page_size, self.max_pages, self.partitions, residual = geo.pop()
+    self.capacity = self._probe.capacity
+    self.pages_per_partition = self.num_pages // self.partitions
+    self.rows_per_partition = max_batch // self.partitions
     self.max_batch, self.chunk, self.watermark = max_batch, chunk, watermark
+    self.preemption = "recompute" if residual else preemption
     self.policy = policy if policy is not None else policy_lib.Policy()
     self.eos_id, self.backend = eos_id, backend
     self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     self.key = jax.random.key(seed)
     self.rows: list = [None] * max_batch
-    self.queue: list = []
+    self.queue: list = []         # Request (new) or _Recompute (preempted), FIFO
     self.swapped: list = []
     self.done: list = []
-    self.prefixes: dict = {}      # id -> (row, length)
+    self.prefixes: dict = {}      # id -> (rows, length): one prefix row per partition
     self.step_count = 0
     self._ids = itertools.count()
     self._admit_seq = itertools.count()
     self.stats = dict(steps=0, decode_calls=0, prefill_steps=0, tokens_generated=0,
-                      prompt_tokens=0, swaps_out=0, swaps_in=0, compressions=0,
-                      peak_pages=0, rejected=0, model_seconds=0.0)
+                      prompt_tokens=0, swaps_out=0, swaps_in=0, recomputes=0,
+                      recomputed_tokens=0, compressions=0, peak_pages=0, peak_running=0,
+                      rejected=0, model_seconds=0.0)
 
   # -- requests ---------------------------------------------------------------------------------
   def register_prefix(self, tokens: Sequence[int]) -> int:
-    """Prefills a shared prefix into a reserved row; returns its id for Request.prefix."""
+    """Prefills a shared prefix into a reserved row (one per pool partition); returns its id
+    for Request.prefix."""
     tokens = [int(t) for t in tokens]
     if not tokens:
       raise ValueError("a prefix needs at least one token")
     paged.check_request(self._probe, len(tokens))
-    row = self._free_row()
-    if row is None:
-      raise ValueError(f"no free row for a prefix (max_batch={self.max_batch})")
-    self.rows[row] = _Row(None, list(tokens), admitted=next(self._admit_seq))
-    while self.rows[row].pending:
-      self._step_rows([row])
+    rows = []
+    for part in range(self.partitions):
+      row = self._free_row(part)
+      if row is None:
+        raise ValueError(f"no free row for a prefix in pool partition {part} "
+                         f"(max_batch={self.max_batch}, partitions={self.partitions})")
+      rows.append(row)
+      self.rows[row] = _Row(None, list(tokens), admitted=next(self._admit_seq))
+    while self.rows[rows[0]].pending:
+      self._step_rows(rows)
     pid = len(self.prefixes)
-    self.prefixes[pid] = (row, len(tokens))
+    self.prefixes[pid] = (tuple(rows), len(tokens))
     return pid
 
   def submit(self, prompt, max_new_tokens: int = 32, prefix: Optional[int] = None) -> Request:
@@ -168,12 +212,14 @@ class Engine:
     try:
       paged.check_request(self._probe, total)
       # Prefix rows hold their pages for good; a request shares their full pages.
-      held = sum(self._row_pages(r)[0] for r, _ in self.prefixes.values())
-      need = paged.pages_needed(total, self.page_size) - plen // self.page_size
-      if need > self.num_pages - held:
+      room = min(self.pages_per_partition - self._prefix_pages(part)
+                 for part in range(self.partitions))
+      need = self._probe.pages_for(total) - self._shared_pages(req.prefix)
+      if need > room:
+        where = "" if self.partitions == 1 else " in every pool partition"
         raise ValueError(f"needs {need} pages of page_size={self.page_size} beyond the shared "
-                         f"prefix, but only {self.num_pages - held} of num_pages="
-                         f"{self.num_pages} are not held by prefixes")
+                         f"prefix, but only {room} of num_pages={self.num_pages} are not "
+                         f"held by prefixes{where}")
     except ValueError as e:
       req.status, req.error = "rejected", str(e)
       self.stats["rejected"] += 1
@@ -188,6 +234,11 @@ class Engine:
   def busy(self) -> bool:
     return bool(self.queue or self.swapped or any(
         r is not None and r.req is not None for r in self.rows))
+
+  @property
+  def running(self) -> int:
+    """Requests holding a row now."""
+    return sum(r is not None and r.req is not None for r in self.rows)
 
   def run(self, requests: Sequence = (), *, max_steps: Optional[int] = None,
           callback: Optional[Callable[["Engine"], None]] = None) -> list:
@@ -253,6 +304,7 @@ class Engine:
     self.stats["decode_calls"] += 1
     self.stats["prefill_steps"] += int(t > 1)
     self.stats["peak_pages"] = max(self.stats["peak_pages"], self._used_pages())
+    self.stats["peak_running"] = max(self.stats["peak_running"], self.running)
     self.step_count += 1
     self.stats["steps"] = self.step_count
     finished = []
@@ -299,47 +351,75 @@ class Engine:
     a = getattr(s, name)
     return np.asarray(a[0] if s.stacked else a)
 
-  def _free_pages(self) -> int:
-    return int(np.asarray(self._probe.num_free).reshape(-1).min())
+  def _part(self, row: int) -> int:
+    return row // self.rows_per_partition
+
+  def _free_pages(self, part: Optional[int] = None) -> int:
+    """Free pages (worst layer) of the pool, or of partition `part`."""
+    s = self._probe
+    if part is None or self.partitions == 1:
+      return int(np.asarray(s.num_free).reshape(-1).min())
+    return int(np.asarray(s.part_free).reshape(-1, self.partitions)[:, part].min())
 
   def _used_pages(self) -> int:
     return self.num_pages - self._free_pages()
 
-  def _free_row(self) -> Optional[int]:
+  def _free_row(self, part: Optional[int] = None) -> Optional[int]:
     for i, r in enumerate(self.rows):
-      if r is None:
+      if r is None and (part is None or self._part(i) == part):
         return i
     return None
 
+  def _prefix_pages(self, part: int) -> int:
+    return sum(self._row_pages(rows[part])[0] for rows, _ in self.prefixes.values())
+
+  def _shared_pages(self, prefix: Optional[int]) -> int:
+    """Pages a request naming `prefix` shares for good (the prefix's full pages)."""
+    if prefix is None:
+      return 0
+    return self._probe.flushed_tokens(self.prefixes[prefix][1]) // self.page_size
+
+  def _place(self, need: int) -> Optional[tuple]:
+    """(row, partition) for a request needing `need` pages: the partition with the most
+    free pages that has a free row and room beyond the watermark; None if none."""
+    best = None
+    for part in range(self.partitions):
+      row = self._free_row(part)
+      free = self._free_pages(part) - self.watermark
+      if row is not None and need <= free and (best is None or free > best[2]):
+        best = (row, part, free)
+    return None if best is None else best[:2]
+
   def _resume_and_admit(self):
     while self.swapped:
-      row = self._free_row()
       sw = self.swapped[0]
-      if row is None or sw.pages + self.watermark > self._free_pages():
+      spot = self._place(sw.pages)
+      if spot is None:
         return  # resume before admitting anything new (FIFO fairness)
+      row = spot[0]
       self.swapped.pop(0)
       self.cache = offload.swap_in_rows(self.cache, sw.data, [row])
       self.rows[row] = _Row(sw.req, sw.pending, sw.last, sw.admitted)
       sw.req.status = "running" if not sw.pending else "prefilling"
       self.stats["swaps_in"] += 1
-    budget = self._free_pages() - self.watermark
     while self.queue:
-      row = self._free_row()
-      if row is None:
-        return
-      req = self.queue[0]
+      item = self.queue[0]
+      req = item.req if isinstance(item, _Recompute) else item
+      tokens = item.tokens if isinstance(item, _Recompute) else req.prompt
       plen = self.prefixes[req.prefix][1] if req.prefix is not None else 0
-      first = min(len(req.prompt), self.chunk)
+      first = min(len(tokens), self.chunk)
       # Pages its first chunk needs: full prefix pages are shared, the partial one is copied.
-      need = paged.pages_needed(plen + first, self.page_size) - plen // self.page_size
-      if need > budget:
+      need = self._probe.pages_for(plen + first) - self._shared_pages(req.prefix)
+      spot = self._place(need)
+      if spot is None:
         return
-      budget -= need
+      row, part = spot
       self.queue.pop(0)
       if req.prefix is not None:
-        src = self.prefixes[req.prefix][0]
+        src = self.prefixes[req.prefix][0][part]
         self.cache = paged.fork_rows(self.cache, [src], [row], plen)
-      self.rows[row] = _Row(req, list(req.prompt), admitted=next(self._admit_seq))
+      admitted = item.admitted if isinstance(item, _Recompute) else next(self._admit_seq)
+      self.rows[row] = _Row(req, list(tokens), admitted=admitted)
       req.status = "prefilling"
 
   def _step_need(self, rows) -> np.ndarray:
@@ -355,23 +435,29 @@ class Engine:
     return jnp.asarray(np.broadcast_to(pos[:, None, :], (self.max_batch, h, t)))
 
   def _make_room(self, rows: list) -> list:
-    """Applies policy actions (then preemption) until the step's pages fit; returns rows."""
+    """Applies policy actions (then preemption) until the step's pages fit; returns rows.
+
+    A shortfall is resolved inside the partition that is short: the policy sees its rows
+    and free pages, and the fallback preempts its latest-admitted request."""
     for _ in range(4 * self.max_batch + 4):
       try:
         paged.check_admission(self._probe, self._step_need(rows))
         return rows
       except paged.OutOfPages as e:
-        needed, free = e.needed, e.free
-      view = self._view(needed, rows)
+        needed, free, part = e.needed, e.free, e.partition
+      mine = [r for r in rows if part is None or self._part(r) == part]
+      view = self._view(needed, part)
       acts = self.policy.on_pressure(view)
-      before = (self._free_pages(), len(rows))
+      before = (self._free_pages(part), len(rows))
       self._apply(acts)
       rows = [r for r in rows if self.rows[r] is not None]
-      if (self._free_pages(), len(rows)) == before:
-        # The policy changed nothing: preempt the latest-admitted request by swapping.
-        if len(rows) <= 1:
-          raise paged.OutOfPages(needed, free, "Engine (a single request exceeds the pool)")
-        latest = max(rows, key=lambda r: self.rows[r].admitted)
+      mine = [r for r in mine if self.rows[r] is not None]
+      if (self._free_pages(part), len(rows)) == before:
+        # The policy changed nothing: preempt the latest-admitted request of the partition.
+        if len(mine) <= 1:
+          raise paged.OutOfPages(needed, free, "Engine (a single request exceeds the pool)",
+                                 partition=part)
+        latest = max(mine, key=lambda r: self.rows[r].admitted)
         self._apply([policy_lib.SwapOut((latest,))])
         rows = [r for r in rows if self.rows[r] is not None]
     raise RuntimeError("engine could not make room for the step")
@@ -392,6 +478,9 @@ class Engine:
           st = self.rows[r]
           if st is None or st.req is None:
             continue
+          if self.preemption == "recompute":
+            self._recompute(r)
+            continue
           pages = self._row_pages(r)[0]
           data, self.cache = offload.swap_out_rows(self.cache, [r], compress=a.compress)
           self.swapped.append(_Swapped(st.req, data, st.last, st.pending, pages, st.admitted))
@@ -403,19 +492,37 @@ class Engine:
       else:
         raise ValueError(f"unknown policy action {a!r}")
 
+  def _recompute(self, r: int):
+    """Preempts row r by recomputation: its pages are freed and the request re-queued (in
+    admission order, ahead of newer ones) with prompt + output so far as its prompt."""
+    st = self.rows[r]
+    req = st.req
+    tokens = list(req.prompt) + list(req.output)
+    self.cache = paged.release_rows(self.cache, [r])
+    self.rows[r] = None
+    req.status = "queued"
+    req.preemptions += 1
+    req.recomputed_tokens += len(tokens)
+    self.stats["recomputes"] += 1
+    self.stats["recomputed_tokens"] += len(tokens)
+    item = _Recompute(req, tokens, st.admitted)
+    at = next((i for i, q in enumerate(self.queue)
+               if not isinstance(q, _Recompute) or q.admitted > st.admitted), len(self.queue))
+    self.queue.insert(at, item)
+
   def _row_pages(self, r):
     pt = self._meta("page_table")[r]
     held = pt[pt >= 0]
     rc = self._meta("refcount")
     return len(held), int((rc[held] == 1).sum())
 
-  def _view(self, needed: int, rows=None) -> policy_lib.PoolView:
-    del rows
+  def _view(self, needed: int, part: Optional[int] = None) -> policy_lib.PoolView:
+    """The pool as a policy sees it: all rows, or those of partition `part` (its pages)."""
     lengths = self._meta("lengths").max(-1)
     nxt = np.asarray(self.cache.next_position)
     out = []
     for i, st in enumerate(self.rows):
-      if st is None or st.req is None:
+      if st is None or st.req is None or (part is not None and self._part(i) != part):
         continue
       pages, private = self._row_pages(i)
       out.append(policy_lib.RowView(
@@ -423,6 +530,7 @@ class Engine:
           tokens=int(lengths[i]), position=int(nxt[i]), pages=pages, private_pages=private,
           admitted=st.admitted, compressions=st.req.compressions,
           just_prefilled=st.just_prefilled))
-    return policy_lib.PoolView(num_pages=self.num_pages, page_size=self.page_size,
-                               free_pages=self._free_pages(), needed=int(needed),
+    num = self.num_pages if part is None else self.pages_per_partition
+    return policy_lib.PoolView(num_pages=num, page_size=self.page_size,
+                               free_pages=self._free_pages(part), needed=int(needed),
                                rows=tuple(out))

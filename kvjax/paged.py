@@ -381,12 +381,15 @@ class PagedKVCache:
     """Static token capacity of one row: max_pages * page_size (+ the residual window)."""
     return self.max_pages * self.page_size + self.residual
 
+  def flushed_tokens(self, n_tokens: int) -> int:
+    """Tokens of a row of n_tokens that live in pages (with a residual window: whole groups
+    beyond the newest R - G + 1 .. R; else all of them)."""
+    n, r, g = int(n_tokens), self.residual, self.token_group
+    return max(0, -(-(n - r) // g)) * g if r else n
+
   def pages_for(self, n_tokens: int) -> int:
     """Pages a row of n_tokens holds (with a residual window: only its flushed tokens)."""
-    n, r, g = int(n_tokens), self.residual, self.token_group
-    if r:
-      n = max(0, -(-(n - r) // g)) * g
-    return pages_needed(n, self.page_size)
+    return pages_needed(self.flushed_tokens(n_tokens), self.page_size)
 
   @property
   def batch(self) -> int:

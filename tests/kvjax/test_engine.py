@@ -82,7 +82,7 @@ def test_shared_prefix_is_stored_once():
   assert paged.pages_in_use(e.cache).tolist() == [2, 2]          # 6 tokens, one copy
   reqs = [e.submit(s, NEW, prefix=pid) for s in SUFFIXES]
   e.step()                                                        # admits the first
-  prow = e.prefixes[pid][0]
+  prow = e.prefixes[pid][0][0]                                    # its row (one partition)
   meta = e._meta  # pylint: disable=protected-access
   assert meta("refcount")[meta("page_table")[prow][0]] == 2      # prefix row + request
   e.run()
@@ -156,3 +156,84 @@ def test_policy_decisions():
   assert la.after_step(lv) == [policy.Compress((1,), press)]
   with pytest.raises(ValueError, match="must increase"):
     policy.LengthAdaptive(((8, None), (4, press)))
+
+
+# -- preemption by recomputation, bad input, partitioned pools, KIVI pages ----------------------
+def test_recompute_preemption_equals_greedy():
+  """Preempting by recomputation (pages dropped, prompt + output re-prefilled later) gives
+  every request the output it gets decoded alone, and leaks no page."""
+  e = _engine(preemption="recompute")
+  reqs = e.run([engine.Request(p, NEW) for p in PROMPTS])
+  np.testing.assert_array_equal([r.output for r in reqs], _reference()[:len(PROMPTS)])
+  assert e.stats["recomputes"] >= 1 and e.stats["swaps_out"] == 0
+  assert sum(r.preemptions for r in reqs) == e.stats["recomputes"]
+  assert e.stats["recomputed_tokens"] == sum(r.recomputed_tokens for r in reqs) > 0
+  assert paged.pages_in_use(e.cache).tolist() == [0, 0]
+  with pytest.raises(ValueError, match=r"preemption='drop'; allowed: \('swap', 'recompute'\)"):
+    _engine(preemption="drop")
+
+
+def test_oversized_request_is_rejected_while_others_keep_running():
+  """A request larger than the whole pool (though within a row's table), submitted while
+  others run, is rejected naming the sizes; the running requests are untouched and finish
+  with their exact outputs."""
+  e = _engine(num_pages=3)                            # rows hold up to 4 pages; the pool 3
+  reqs = [e.submit(PROMPTS[i], 2) for i in (1, 3)]     # 10 and 9 tokens: 3 pages each
+  for _ in range(2):
+    e.step()
+  big = engine.Request(list(range(14)), 2)            # 16 tokens = 4 pages
+  with pytest.raises(ValueError, match=r"prompt 14 \+ max_new_tokens 2 = 16 tokens: .*needs 4 "
+                     r"pages of page_size=4, but the whole pool has num_pages=3"):
+    e.submit(big)
+  assert big.status == "rejected" and e.stats["rejected"] == 1
+  with pytest.raises(ValueError, match="34 tokens needs 9 pages"):
+    e.submit(list(range(30)), 4)
+  e.run()
+  np.testing.assert_array_equal([r.output for r in reqs], _reference()[[1, 3], :2])
+  assert [r.status for r in reqs] == ["done", "done"] and e.stats["rejected"] == 2
+  assert paged.pages_in_use(e.cache).tolist() == [0, 0]
+
+
+def test_partitioned_pool_engine_equals_greedy():
+  """Two pool partitions (one per data shard), three rows and 6 pages each: requests are
+  placed by free pages, shortfalls are resolved inside the short partition, a prefix is
+  stored once per partition, and every output equals the request decoded alone."""
+  make = paged.model_cache_fn(models.init_cache, CFG, num_pages=12, page_size=4,
+                              max_tokens=16, partitions=2)
+  e = engine.Engine(_model(), make, max_batch=6, chunk=4)
+  pid = e.register_prefix(PREFIX)
+  rows = e.prefixes[pid][0]
+  assert [r // 3 for r in rows] == [0, 1]                       # one prefix row per partition
+  reqs = [e.submit(p, NEW) for p in PROMPTS] + [e.submit(s, NEW, prefix=pid) for s in SUFFIXES]
+  seen = []
+  e.run(callback=lambda eng: (seen.append(eng.running), paged.check_invariants(
+      eng.cache.segments[0])))
+  np.testing.assert_array_equal([r.output for r in reqs], _reference())
+  assert e.stats["swaps_out"] >= 1 and max(seen) == 4         # every request row was busy
+  # only the two prefixes (2 pages each, one copy per partition) are left
+  assert paged.pages_in_use(e.cache).tolist() == [4, 4]
+  assert np.asarray(e.cache.segments[0].part_free).tolist() == [[4, 4]] * 2
+
+
+def test_kivi_pages_engine_recomputes_under_pressure():
+  """KIVI pages (per-channel int4 key groups, exact window) under a tight pool: preemption
+  recomputes (swaps cannot carry the window); every request finishes, nothing leaks, and
+  requests never preempted produce the outputs of a pool large enough for all of them."""
+  from kvjax import quant  # pylint: disable=import-outside-toplevel
+  spec = quant.kivi(bits=4, group_size=2, residual=4)
+
+  def run(num_pages):
+    make = paged.model_cache_fn(models.init_cache, CFG, num_pages=num_pages, page_size=4,
+                                max_tokens=16, quant=spec)
+    e = engine.Engine(_model(), make, max_batch=2, chunk=4)
+    return e, e.run([engine.Request(p, NEW) for p in PROMPTS])
+
+  big, ref = run(12)
+  tight, reqs = run(4)
+  assert tight.preemption == "recompute" and big.stats["recomputes"] == 0
+  assert tight.stats["recomputes"] >= 1 and tight.stats["swaps_out"] == 0
+  assert all(r.status == "done" and len(r.output) == NEW for r in reqs)
+  same = [(r.output, q.output) for r, q in zip(reqs, ref) if r.preemptions == 0]
+  assert same and all(a == b for a, b in same)
+  assert paged.pages_in_use(tight.cache).tolist() == [0, 0]
+  assert tight.stats["peak_pages"] <= 4
