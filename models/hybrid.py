@@ -143,7 +143,8 @@ class HybridConfig(dec.DecoderConfig):
     recurrent: "rglru" | "gla".
     recurrent_per_attention: recurrent blocks per local-attention block (Griffin: 2).
     num_heads, num_kv_heads, head_dim, rope_theta: local attention (MQA by default).
-    window, sink_tokens: local attention window and sinks.
+    window, sink_tokens: local attention window and sinks; window=None makes the attention
+      block global (a DenseKVCache that grows with the context, which presses can compress).
     lru_width: RG-LRU width (default hidden_size); rglru_blocks: blocks of its gates.
     conv_kernel: temporal conv width of the RG-LRU block.
     gla_heads, key_dim, value_dim, chunk_size, gla_decay: the GLA block when recurrent="gla".
