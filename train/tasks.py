@@ -17,6 +17,8 @@ Tasks:
     (Liu et al., 2023, "Lost in the Middle", synthetic key-value retrieval).
   * `Copy`: a random token string, a separator, then the same string again
     (Jelassi et al., 2024, "Repeat After Me").
+  * `Repeats`: random text in which random spans reappear at random distances; only an
+    induction head (Olsson et al., 2022) predicts the second occurrences.
 
 Token ids follow `models.tokenizer.ByteTokenizer`: bytes 0..255, BOS 256, EOS 257, PAD
 258, SEP 259.
@@ -255,7 +257,63 @@ class Copy:
     return _finish(toks, np.arange(2 + self.n, 2 + 2 * self.n))
 
 
-TASKS = {"mqar": MQAR, "passkey": Passkey, "kv_retrieval": KVRetrieval, "copy": Copy}
+@dataclasses.dataclass(frozen=True)
+class Repeats:
+  """Random text whose spans reappear at random distances (dense induction targets).
+
+  BOS, then characters drawn uniformly from `alphabet`; `spans_per_100` times per 100
+  tokens a span of `min_span..max_span` characters is copied to a point up to `max_gap`
+  tokens after its end. Only the copied characters after the first of each copy count in
+  the loss: they are predictable only by finding the earlier occurrence by content (a
+  small alphabet makes one character ambiguous, so the match must use several) and
+  copying what followed it -- an induction head (Olsson et al., 2022), the circuit that
+  pass-key and key-value retrieval need. No fixed offset predicts them.
+  """
+  length: int = 256
+  alphabet: str = "abcdefghijklmnopqrstuvwxyz0123456789"
+  min_span: int = 4
+  max_span: int = 24
+  max_gap: int = 200
+  spans_per_100: float = 2.5
+
+  def __post_init__(self):
+    if not 2 <= len(self.alphabet) <= 255 or len(set(self.alphabet)) != len(self.alphabet):
+      raise ValueError(f"Repeats: alphabet={self.alphabet!r}; must be 2..255 distinct chars")
+    if not 2 <= self.min_span <= self.max_span:
+      raise ValueError(f"Repeats: min_span={self.min_span}, max_span={self.max_span}; need "
+                       "2 <= min_span <= max_span")
+    if self.max_gap < 0 or self.spans_per_100 <= 0:
+      raise ValueError(f"Repeats: max_gap={self.max_gap}, spans_per_100="
+                       f"{self.spans_per_100}; need max_gap >= 0 and spans_per_100 > 0")
+    _check_length("Repeats", self.length, 2 + 2 * self.max_span)
+
+  def example(self, seed: int, index: int) -> Example:
+    rng = example_rng(seed, index, 5)
+    alpha = np.frombuffer(self.alphabet.encode("latin-1"), np.uint8).astype(np.int32)
+    toks = alpha[rng.integers(0, len(alpha), self.length)]
+    toks[0] = BOS
+    mask = np.zeros(self.length, bool)
+    used = np.zeros(self.length, bool)    # sources and targets of copies so far
+    count = max(1, int(round(self.length * self.spans_per_100 / 100)))
+    placed = 0
+    for _ in range(4 * count):            # bounded retries; the first try always fits
+      if placed == count:
+        break
+      n = int(rng.integers(self.min_span, self.max_span + 1))
+      gap = int(rng.integers(0, min(self.max_gap, self.length - 1 - 2 * n) + 1))
+      src = int(rng.integers(1, self.length - 2 * n - gap + 1))
+      dst = src + n + gap
+      if used[src:src + n].any() or used[dst:dst + n].any():
+        continue   # overlaps an earlier copy: try another
+      toks[dst:dst + n] = toks[src:src + n]
+      used[src:src + n] = used[dst:dst + n] = True
+      mask[dst + 1:dst + n] = True
+      placed += 1
+    return _finish(toks, np.flatnonzero(mask))
+
+
+TASKS = {"mqar": MQAR, "passkey": Passkey, "kv_retrieval": KVRetrieval, "copy": Copy,
+         "repeats": Repeats}
 
 
 def make_task(name: str, length: int, **kwargs):

@@ -10,7 +10,8 @@ from train import tasks
 ALL = [tasks.MQAR(length=65, num_pairs=8), tasks.MQAR(length=40, num_pairs=6, num_queries=3),
        tasks.Passkey(length=200), tasks.Passkey(length=300, digits=7, depth=0.0),
        tasks.KVRetrieval(length=160), tasks.KVRetrieval(length=300, key_chars=4, num_pairs=5),
-       tasks.Copy(length=33), tasks.Copy(length=50, num_tokens=10, vocab=16)]
+       tasks.Copy(length=33), tasks.Copy(length=50, num_tokens=10, vocab=16),
+       tasks.Repeats(length=120), tasks.Repeats(length=300, alphabet="ab0", min_span=3)]
 
 
 @pytest.mark.parametrize("task", ALL, ids=lambda t: repr(t)[:40])
@@ -78,6 +79,9 @@ def test_copy_answer_recoverable():
     (lambda: tasks.KVRetrieval(length=20), "too short"),
     (lambda: tasks.Copy(length=10, num_tokens=5), "too short"),
     (lambda: tasks.make_task("mqar", 64, pairs=3), "no setting"),
+    (lambda: tasks.Repeats(length=256, alphabet="a"), "alphabet"),
+    (lambda: tasks.Repeats(length=256, min_span=9, max_span=4), "min_span"),
+    (lambda: tasks.Repeats(length=20, max_span=24), "too short"),
     (lambda: tasks.make_task("nope", 64), "unknown task"),
 ])
 def test_bad_settings_raise(make, match):
@@ -93,3 +97,20 @@ def test_mqar_query_replacement_asks_keys_repeatedly():
   asked = [int(t[p - 1]) for p in ex.answer_positions]
   assert len(asked) == 24 and len(set(asked)) < 24            # some key asked twice
   assert all(kv[k] == int(t[p]) for k, p in zip(asked, ex.answer_positions))
+
+
+def test_repeats_targets_are_copies_of_earlier_spans():
+  """Each run of answer tokens continues an earlier occurrence of the token before it."""
+  task = tasks.Repeats(length=400, alphabet="abcd", min_span=5, max_span=9, max_gap=50)
+  for index in range(10):
+    ex = task.example(0, index)
+    t = ex.tokens
+    pos = ex.answer_positions
+    runs = np.split(pos, np.flatnonzero(np.diff(pos) > 1) + 1)
+    assert len(runs) >= 2
+    for run in runs:
+      start, n = run[0] - 1, len(run) + 1        # the copy begins one token before its run
+      assert task.min_span <= n <= task.max_span
+      window = t[start:start + n]
+      earlier = [s for s in range(1, start - n + 1) if np.array_equal(t[s:s + n], window)]
+      assert earlier and start - (earlier[-1] + n) <= task.max_gap
