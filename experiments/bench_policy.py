@@ -17,8 +17,9 @@ on the default model's frontier; report where it does not".
    residual window included). Infeasible pairs are listed as such.
 2. Calibration (kvjax.policy.calibrate): samples of the same tasks with a different seed
    (--calib_seed; held-out text windows differ too) are prefilled once; every single stage
-   is applied to one layer at a time and scored by the KL of the teacher-forced answer /
-   continuation logits against the full cache (--heads: per kv head too). Per budget the
+   (also those sized for --pool_budgets) is applied to one layer at a time and scored by
+   the KL of the teacher-forced answer / continuation logits against the full cache
+   (--heads: per kv head too). Per budget the
    adaptive pipeline is the best, by measured calibration KL, of the optimal per-layer plan
    and every uniform plan that fits (so it never loses on calibration data).
 3. Evaluation: experiments.compare's harness (query-agnostic protocol, exact bytes from
@@ -69,6 +70,8 @@ flags.DEFINE_list("families", list(DEFAULT_TECHNIQUES), "Single-technique famili
                   "configured for every --budgets value.")
 flags.DEFINE_list("budgets", ["0.5", "0.3", "0.15"], "Memory budgets: KV bytes as fractions of "
                   "the bf16 full cache of the same tokens, each in (0, 1].")
+flags.DEFINE_list("pool_budgets", ["0.1", "0.75"], "Extra budgets whose sized techniques the "
+                  "adaptive pipelines may also pick per layer (not evaluated as singles).")
 flags.DEFINE_integer("calib_n", 4, "Calibration samples per task.")
 flags.DEFINE_integer("calib_length", 0, "Calibration context length (0: the first --lengths).")
 flags.DEFINE_integer("calib_seed", 1000, "Seed of the calibration samples (evaluation uses "
@@ -306,9 +309,15 @@ def _technique(label, stage, pipeline):
 
 
 def run(model, tokenizer, *, budgets: Sequence[float], families: Sequence[str],
-        eval_samples, calib_samples, heads=False, byte_slack=0.02, batch_size=8,
-        cache_dtype="bfloat16", backend="auto", progress=True, model_name=""):
-  """The whole benchmark; returns a dict (rows, summary, plan, adaptive, verdicts, ...)."""
+        eval_samples, calib_samples, pool_budgets: Sequence[float] = (), heads=False,
+        byte_slack=0.02, batch_size=8, cache_dtype="bfloat16", backend="auto",
+        progress=True, model_name=""):
+  """The whole benchmark; returns a dict (rows, summary, plan, adaptive, verdicts, ...).
+
+  The adaptive pipelines choose per layer among the families sized for every budget in
+  `budgets` and `pool_budgets` (the latter only widen the choice: e.g. an insensitive
+  layer at 0.1 pays for a sensitive one at 0.75); singles are evaluated at `budgets`.
+  """
   from experiments import results  # pylint: disable=import-outside-toplevel
   from kvjax.policy import calibrate  # pylint: disable=import-outside-toplevel
   from kvjax.policy import pipeline as pl  # pylint: disable=import-outside-toplevel
@@ -316,24 +325,30 @@ def run(model, tokenizer, *, budgets: Sequence[float], families: Sequence[str],
   # Singles are sized by exact bytes at the calibration context length (= the first
   # evaluation length by default): fixed costs such as KIVI's residual window count.
   tokens = max(len(s.prompt_tokens(tokenizer)[0]) for s in calib_samples)
-  for b in budgets:
-    if not 0 < b <= 1:
-      raise ValueError(f"budgets: {b} is not in (0, 1]")
-  plan, stages = {}, {}
-  for b in budgets:
-    plan[b] = []
+  for name, bs in (("budgets", budgets), ("pool_budgets", pool_budgets)):
+    for b in bs:
+      if not 0 < b <= 1:
+        raise ValueError(f"--{name}: {b} is not in (0, 1]")
+  plan, stages, pool = {}, {}, {}
+  for b in list(budgets) + [b for b in pool_budgets if b not in budgets]:
+    evaluated = b in budgets
+    if evaluated:
+      plan[b] = []
     for fam in families:
       try:
         st = pl.single_at_budget(fam, b, cfg.head_dim, tokens=tokens, dtype=cache_dtype)
       except ValueError as e:
         raise ValueError(f"--families: {fam!r} does not apply to this model "
                          f"(head_dim={cfg.head_dim}): {e}") from e
-      plan[b].append((fam, None if st is None else st.label))
+      if evaluated:
+        plan[b].append((fam, None if st is None else st.label))
       if st is not None:
-        stages.setdefault(st.label, st)
+        pool.setdefault(st.label, st)
+        if evaluated:
+          stages.setdefault(st.label, st)
   if not stages:
     raise ValueError(f"no technique of {list(families)} fits any budget of {list(budgets)}")
-  candidates = ["full"] + [l for l in stages if l != "full"]
+  candidates = ["full"] + [l for l in pool if l != "full"]
   t0 = time.time()
   cal = calibrate_on(model, tokenizer, calib_samples, observe=_merged_observe(candidates),
                      cache_dtype=cache_dtype, backend=backend)
@@ -476,6 +491,7 @@ def main(argv):
     name = "models/default" if FLAGS.model == "default" else FLAGS.model
     t0 = time.time()
     out = run(model, tok, budgets=budgets, families=FLAGS.families,
+              pool_budgets=_floats(FLAGS.pool_budgets, "pool_budgets"),
               eval_samples=eval_samples, calib_samples=calib_samples, heads=FLAGS.heads,
               byte_slack=FLAGS.byte_slack, batch_size=FLAGS.batch_size,
               cache_dtype=FLAGS.cache_dtype, backend=FLAGS.backend, progress=FLAGS.progress,

@@ -76,7 +76,8 @@ def test_cli_smoke_adaptive_row_matches_a_hand_run(model_dir, tmp_path):
   argv = ["bench_policy", f"--model={model_dir}", "--budgets=0.5", "--families=knorm,int4",
           "--tasks=passkey,perplexity", "--lengths=128", "--n=2", "--calib_n=1",
           "--batch_size=2", "--cache_dtype=float32", "--ppl_continuation=16",
-          "--scenarios=streaming", "--scenario_budget=0.5", f"--out_dir={out}",
+          "--pool_budgets=0.25", "--scenarios=streaming", "--scenario_budget=0.5",
+          f"--out_dir={out}",
           "--compilation_cache=", "--noprogress"]
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
