@@ -40,8 +40,14 @@ flags.DEFINE_enum("press", "knorm", ["knorm", "streaming_llm", "keydiff", "rando
                   "Query-agnostic press used by --policy=compress/length.")
 flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens removed).")
 flags.DEFINE_integer("length_threshold", 256, "--policy=length: compress longer prompts.")
-flags.DEFINE_enum("quant", "none", ["none", "int8", "fp8_e4m3", "int4"],
-                  "Store pages quantized (kvjax.quant per-token formats).")
+flags.DEFINE_enum("quant", "none", ["none", "int8", "fp8_e4m3", "int4", "kivi4", "kivi2"],
+                  "Store pages quantized (kvjax.quant per-token formats, or KIVI pages: "
+                  "per-channel key groups of --kivi_group tokens and an exact window).")
+flags.DEFINE_integer("kivi_group", 16, "KIVI key group (must divide --page_size).")
+flags.DEFINE_integer("kivi_residual", 32, "KIVI exact window (a multiple of --kivi_group).")
+flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled per step on a sub-batch while the "
+                     "others decode (0 = every row takes the chunk step).")
+flags.DEFINE_integer("table_buckets", 1, "Page-table widths the engine narrows to (1 = off).")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("seed", 0, "PRNG seed (sampling and synthetic prompts).")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
@@ -77,7 +83,10 @@ def main(argv):
   spec = None
   if FLAGS.quant != "none":
     from kvjax import quant  # pylint: disable=import-outside-toplevel
-    spec = quant.from_name(FLAGS.quant)
+    kw = {}
+    if FLAGS.quant.startswith("kivi"):
+      kw = dict(group_size=FLAGS.kivi_group, residual=FLAGS.kivi_residual)
+    spec = quant.from_name(FLAGS.quant, **kw)
   make = paged.model_cache_fn(models.init_cache, model.config, num_pages=FLAGS.num_pages,
                               page_size=FLAGS.page_size, max_tokens=FLAGS.max_tokens,
                               quant=spec)
@@ -86,7 +95,9 @@ def main(argv):
       policy=policy.from_name(FLAGS.policy, press=FLAGS.press, ratio=FLAGS.ratio,
                               threshold=FLAGS.length_threshold),
       eos_id=getattr(tok, "eos_id", None), temperature=FLAGS.temperature, seed=FLAGS.seed,
-      watermark=FLAGS.watermark, backend=FLAGS.backend)
+      watermark=FLAGS.watermark, backend=FLAGS.backend,
+      prefill_batch=min(FLAGS.prefill_batch, FLAGS.max_batch) or None,
+      table_buckets=FLAGS.table_buckets)
   prefix = None
   if FLAGS.system_prompt:
     prefix = eng.register_prefix(tok.encode(FLAGS.system_prompt))

@@ -13,8 +13,9 @@ ModelCache (kvjax.paged). Requests queue up; each step it
      (kvjax.policy) for actions -- compress rows with a press, swap rows out to host --
      and, if it returns none, preempts the latest-admitted row by swapping (vLLM);
   4. runs `model.decode(tokens [B, T], cache, attention_mask, logits="last")` (T = 1 when no
-     row is prefilling, else `chunk`: two compiled shapes), samples, and retires rows that
-     hit EOS or max_new_tokens, releasing their pages at once;
+     row is prefilling, else `chunk`: two compiled shapes; with `prefill_batch`, prefilling
+     rows run on a [prefill_batch, chunk] sub-batch and decoding rows on [B, 1]), samples,
+     and retires rows that hit EOS or max_new_tokens, releasing their pages at once;
   5. lets the policy act after the step (e.g. LengthAdaptive compresses fresh prompts).
 
 Shared prefixes (a system prompt) are prefilled once into a reserved row with
@@ -125,6 +126,14 @@ class Engine:
     backend: attention backend passed to decode.
     preemption: "swap" (host memory, exact resume) or "recompute" (drop the pages, re-prefill
       prompt + output later); pools with a residual window always recompute.
+    prefill_batch: None: a step with prefilling rows feeds every row a [B, chunk] chunk
+      (decoding rows one token of it); an int Bp: prefilling rows (oldest first, up to Bp)
+      take a [Bp, chunk] call on a sub-batch of the cache (kvjax.paged.split_rows, no page
+      copied) and decoding rows a [B, 1] call, so decoding rows never pay for chunks.
+    table_buckets: k > 1 narrows the page tables between steps to the smallest of k widths
+      (ceil(max_pages * i / k)) that holds every row (kvjax.paged.with_table_width): the
+      reference attention path reads whole tables, so its cost then follows the longest
+      live row instead of max_pages; one compile per width. 1: tables stay max_pages wide.
   """
 
   PREEMPTION = ("swap", "recompute")
@@ -133,7 +142,8 @@ class Engine:
                chunk: int = 16, policy: Optional[policy_lib.Policy] = None,
                eos_id: Optional[int] = None, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, watermark: int = 1, backend: str = "auto",
-               preemption: str = "swap"):
+               preemption: str = "swap", prefill_batch: Optional[int] = None,
+               table_buckets: int = 1):
     for name, val, lo in (("max_batch", max_batch, 1), ("chunk", chunk, 1),
                           ("watermark", watermark, 0)):
       if not isinstance(val, (int, np.integer)) or val < lo:
@@ -155,6 +165,18 @@ class Engine:
     self.rows_per_partition = max_batch // self.partitions
     self.max_batch, self.chunk, self.watermark = max_batch, chunk, watermark
     self.preemption = "recompute" if residual else preemption
+    if prefill_batch is not None:
+      if not isinstance(prefill_batch, (int, np.integer)) or not 1 <= prefill_batch <= max_batch:
+        raise ValueError(f"prefill_batch={prefill_batch!r}; must be None or an int in "
+                         f"[1, max_batch={max_batch}]")
+      if self.partitions != 1 or len(segs) != len(self.cache.segments):
+        raise ValueError("prefill_batch needs a cache of single-partition paged layers only "
+                         f"(partitions={self.partitions}); use prefill_batch=None")
+    self.prefill_batch = prefill_batch
+    if not isinstance(table_buckets, (int, np.integer)) or table_buckets < 1:
+      raise ValueError(f"table_buckets={table_buckets!r}; must be an int >= 1")
+    m = self.max_pages
+    self.widths = sorted({-(-m * i // table_buckets) for i in range(1, table_buckets + 1)})
     self.policy = policy if policy is not None else policy_lib.Policy()
     self.eos_id, self.backend = eos_id, backend
     self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -179,7 +201,7 @@ class Engine:
     tokens = [int(t) for t in tokens]
     if not tokens:
       raise ValueError("a prefix needs at least one token")
-    paged.check_request(self._probe, len(tokens))
+    paged.check_request(self._probe, len(tokens), self.max_pages)
     rows = []
     for part in range(self.partitions):
       row = self._free_row(part)
@@ -210,7 +232,7 @@ class Engine:
     what = (f"prefix {plen} + prompt {len(req.prompt)} + max_new_tokens "
             f"{req.max_new_tokens} = {total} tokens")
     try:
-      paged.check_request(self._probe, total)
+      paged.check_request(self._probe, total, self.max_pages)
       # Prefix rows hold their pages for good; a request shares their full pages.
       room = min(self.pages_per_partition - self._prefix_pages(part)
                  for part in range(self.partitions))
@@ -274,35 +296,27 @@ class Engine:
     return finished
 
   def _step_rows(self, rows: list) -> list:
+    if self.prefill_batch:
+      # decoding rows all step; prefilling rows (oldest first) up to the prefill batch
+      pre = sorted((r for r in rows if self.rows[r].pending), key=lambda r: self.rows[r].admitted)
+      rows = [r for r in rows if not self.rows[r].pending] + pre[:self.prefill_batch]
+    self._fit_width(rows)
     rows = self._make_room(rows)
     if not rows:
       return []
-    t = self.chunk if any(self.rows[r].pending for r in rows) else 1
-    b = self.max_batch
-    tokens = np.zeros((b, t), np.int32)
-    mask = np.zeros((b, t), np.int32)
-    fed = {}
-    for r in rows:
-      st = self.rows[r]
-      if st.pending:
-        piece = st.pending[:t]
-        fed[r] = "prompt"
-      else:
-        piece = [st.last]
-        fed[r] = "token"
-      tokens[r, :len(piece)] = piece
-      mask[r, :len(piece)] = 1
+    pre = [r for r in rows if self.rows[r].pending]
+    fed, ids = {}, {}
     t0 = time.perf_counter()
-    logits, self.cache = self.model.decode(jnp.asarray(tokens), self.cache,
-                                           attention_mask=jnp.asarray(mask), logits="last",
-                                           check_capacity=False, backend=self.backend)
-    self.key, sub = jax.random.split(self.key)
-    ids = np.asarray(sample(logits[:, -1], sub, **self.sampling))
+    if self.prefill_batch and pre:
+      self._call(pre, self.chunk, fed, ids, sub=True)
+      if len(pre) < len(rows):
+        self._call([r for r in rows if r not in fed], 1, fed, ids)
+    else:
+      self._call(rows, self.chunk if pre else 1, fed, ids)
     self.stats["model_seconds"] += time.perf_counter() - t0
     if paged.overflowed(self.cache):  # the page check above makes this unreachable
       raise RuntimeError("paged cache overflowed despite the page check (engine bug)")
-    self.stats["decode_calls"] += 1
-    self.stats["prefill_steps"] += int(t > 1)
+    self.stats["prefill_steps"] += int(bool(pre))
     self.stats["peak_pages"] = max(self.stats["peak_pages"], self._used_pages())
     self.stats["peak_running"] = max(self.stats["peak_running"], self.running)
     self.step_count += 1
@@ -311,8 +325,8 @@ class Engine:
     now = time.perf_counter()
     for r in rows:
       st = self.rows[r]
-      if fed[r] == "prompt":
-        n = int(mask[r].sum())
+      kind, n = fed[r]
+      if kind == "prompt":
         del st.pending[:n]
         if st.req is not None:
           self.stats["prompt_tokens"] += n
@@ -322,7 +336,7 @@ class Engine:
         if st.req is None:       # a prefix row: nothing to sample
           continue
       req = st.req
-      tok = int(ids[r])
+      tok = ids[r]
       req.output.append(tok)
       self.stats["tokens_generated"] += 1
       if req.first_token_step < 0:
@@ -338,6 +352,38 @@ class Engine:
         self.done.append(req)
         finished.append(req)
     return finished
+
+  def _call(self, rows: list, t: int, fed: dict, ids: dict, sub: bool = False):
+    """One model call feeding up to t tokens to each of `rows` (pending prompt tokens, else
+    the last sampled token); fills fed[row] = (kind, n) and ids[row] = sampled id. sub: run
+    on a [prefill_batch, t] sub-batch of the rows (kvjax.paged.split_rows), else on all B."""
+    b = self.prefill_batch if sub else self.max_batch
+    idx = list(rows)
+    if sub:   # distinct filler rows (fed nothing) complete the static sub-batch
+      idx += [i for i in range(self.max_batch) if i not in rows][:b - len(rows)]
+    tokens = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for j, r in enumerate(rows):
+      st = self.rows[r]
+      piece = st.pending[:t] if st.pending else [st.last]
+      fed[r] = ("prompt" if st.pending else "token", len(piece))
+      pos = j if sub else r
+      tokens[pos, :len(piece)] = piece
+      mask[pos, :len(piece)] = 1
+    kw = dict(attention_mask=jnp.asarray(mask), logits="last", check_capacity=False,
+              backend=self.backend)
+    if sub:
+      sel = jnp.asarray(idx, jnp.int32)
+      part, rest = paged.split_rows(self.cache, sel)
+      logits, part = self.model.decode(jnp.asarray(tokens), part, **kw)
+      self.cache = paged.join_rows(rest, part, sel)
+    else:
+      logits, self.cache = self.model.decode(jnp.asarray(tokens), self.cache, **kw)
+    self.key, key = jax.random.split(self.key)
+    out = np.asarray(sample(logits[:, -1], key, **self.sampling))
+    self.stats["decode_calls"] += 1
+    for j, r in enumerate(rows):
+      ids[r] = int(out[j if sub else r])
 
   # -- pages: admission, pressure, actions --------------------------------------------------------
   @property
@@ -398,6 +444,7 @@ class Engine:
         return  # resume before admitting anything new (FIFO fairness)
       row = spot[0]
       self.swapped.pop(0)
+      self._fit_width([], at_least=sw.pages)
       self.cache = offload.swap_in_rows(self.cache, sw.data, [row])
       self.rows[row] = _Row(sw.req, sw.pending, sw.last, sw.admitted)
       sw.req.status = "running" if not sw.pending else "prefilling"
@@ -421,6 +468,24 @@ class Engine:
       admitted = item.admitted if isinstance(item, _Recompute) else next(self._admit_seq)
       self.rows[row] = _Row(req, list(tokens), admitted=admitted)
       req.status = "prefilling"
+
+  def _fit_width(self, rows: list, at_least: int = 0):
+    """Narrows / widens the page tables to the smallest width that holds every row after
+    stepping `rows` (and at least `at_least` pages)."""
+    if len(self.widths) == 1:
+      return
+    probe = self._probe
+    held = (self._meta("page_table") >= 0).sum(-1)
+    lengths = self._meta("lengths").max(-1)
+    t = self.chunk if any(self.rows[r].pending for r in rows) else 1
+    need = max(int(held.max(initial=0)), at_least)
+    for r in rows:
+      st = self.rows[r]
+      n = min(len(st.pending), t) if st.pending else 1
+      need = max(need, probe.pages_for(int(lengths[r]) + n))
+    width = next((w for w in self.widths if w >= need), self.widths[-1])
+    if width != probe.max_pages:
+      self.cache = paged.with_table_width(self.cache, width)
 
   def _step_need(self, rows) -> np.ndarray:
     """Head-wise positions [B, Hkv, T] of the pending step (for the page check)."""
@@ -510,21 +575,22 @@ class Engine:
                if not isinstance(q, _Recompute) or q.admitted > st.admitted), len(self.queue))
     self.queue.insert(at, item)
 
-  def _row_pages(self, r):
-    pt = self._meta("page_table")[r]
-    held = pt[pt >= 0]
-    rc = self._meta("refcount")
+  def _row_pages(self, r, tables=None):
+    """(pages row r holds, pages only it holds); tables = (page_table, refcount) on host."""
+    pt, rc = tables if tables is not None else (self._meta("page_table"), self._meta("refcount"))
+    held = pt[r][pt[r] >= 0]
     return len(held), int((rc[held] == 1).sum())
 
   def _view(self, needed: int, part: Optional[int] = None) -> policy_lib.PoolView:
     """The pool as a policy sees it: all rows, or those of partition `part` (its pages)."""
     lengths = self._meta("lengths").max(-1)
+    tables = (self._meta("page_table"), self._meta("refcount"))   # one host copy per view
     nxt = np.asarray(self.cache.next_position)
     out = []
     for i, st in enumerate(self.rows):
       if st is None or st.req is None or (part is not None and self._part(i) != part):
         continue
-      pages, private = self._row_pages(i)
+      pages, private = self._row_pages(i, tables)
       out.append(policy_lib.RowView(
           row=i, request_id=st.req.id, state="prefilling" if st.pending else "running",
           tokens=int(lengths[i]), position=int(nxt[i]), pages=pages, private_pages=private,

@@ -539,11 +539,26 @@ def _attend_residual(cache, layer, q, k_new, v_new, q_positions, pos_h, spec, *,
   residual exact) plus the chunk exactly, then stores the chunk -- kvjax.quant's semantics,
   so tokens flushed by this very append are still seen exactly. colsum is mapped to the
   slots of the returned cache's `to_dense()` view."""
+  b, h, t = pos_h.shape
+  if not return_colsum:
+    # Slot order does not matter to attention (positions carry it): [pages | window |
+    # chunk] in one concatenation, without placing the window after each row's pages.
+    k, v, pos, _ = _pages_view(cache, layer)
+    get = lambda f: cache._get(f, layer)  # noqa: E731  pylint: disable=protected-access
+    res_pos = jnp.where(jnp.arange(cache.residual)[None, None] < get("res_lengths")[..., None],
+                        get("res_pos"), -1)
+    new, _ = _write(cache, layer, k_new, v_new, pos_h)
+    dt = k.dtype
+    kk = jnp.concatenate([k, get("k_res").astype(dt), k_new.astype(dt)], axis=2)
+    vv = jnp.concatenate([v, get("v_res").astype(dt), v_new.astype(dt)], axis=2)
+    pp = jnp.concatenate([pos, res_pos, pos_h], axis=-1)
+    res = attn_lib.attention(q, kk, vv, jnp.full((b, h), pp.shape[-1], jnp.int32),
+                             q_positions=q_positions, k_positions=pp, spec=spec, **kw)
+    return res, new
   k, v, pos, old_len = dense_view(cache, layer)
   new, _ = _write(cache, layer, k_new, v_new, pos_h)
   dt = k.dtype
   s = k.shape[2]
-  b, h, t = pos_h.shape
   kk = jnp.concatenate([k, k_new.astype(dt)], axis=2)
   vv = jnp.concatenate([v, v_new.astype(dt)], axis=2)
   pp = jnp.concatenate([pos, pos_h], axis=-1)
@@ -928,13 +943,9 @@ def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, sink_l
   return attn_lib.AttentionOutput(out, lse if return_lse else None, None)
 
 
-def dense_view(cache: PagedKVCache, layer=None):
-  """Gathers each row's pages: (k [B,H,S,D], v [B,H,S,Dv], positions, lengths [B,H]).
-
-  S = max_pages * page_size (+ R: a residual window's tokens follow the row's flushed
-  ones, so slots [0, lengths) are the row in order). Decodes quantized pages. Slots past
-  a row's length get position -1.
-  """
+def _pages_view(cache: PagedKVCache, layer=None):
+  """The paged part of each row: (k [B,H,M*P,D], v, positions (-1 past the row's paged
+  tokens), paged lengths [B,H]); pages decoded."""
   meta = cache._meta(layer)  # pylint: disable=protected-access
   pt = meta["page_table"]
   b, m = pt.shape
@@ -954,22 +965,36 @@ def dense_view(cache: PagedKVCache, layer=None):
               kb, cache.head_dim, dt, ka)
   v = _decode(gather(cache.v_pages), gather(cache.v_scale), gather(cache.v_zero), cache.quant,
               vb, cache.v_head_dim, dt, va)
+  paged_len = meta["lengths"]
+  if cache.residual:
+    paged_len = paged_len - meta["res_lengths"]
   pos = gather(cache.pos_pages)
-  lengths = meta["lengths"]
+  slot = jnp.arange(pos.shape[-1], dtype=jnp.int32)
+  pos = jnp.where(slot[None, None, :] < paged_len[..., None], pos, -1)
+  return k, v, pos, paged_len
+
+
+def dense_view(cache: PagedKVCache, layer=None):
+  """Gathers each row's pages: (k [B,H,S,D], v [B,H,S,Dv], positions, lengths [B,H]).
+
+  S = max_pages * page_size (+ R: a residual window's tokens follow the row's flushed
+  ones, so slots [0, lengths) are the row in order). Decodes quantized pages. Slots past
+  a row's length get position -1.
+  """
+  k, v, pos, paged_len = _pages_view(cache, layer)
+  lengths = cache._get("lengths", layer)  # pylint: disable=protected-access
   r = cache.residual
   if r:
-    res_len = meta["res_lengths"]
-    size = m * cache.page_size + r
+    res_len = lengths - paged_len
+    size = pos.shape[-1] + r
     pad = lambda x, fill: jnp.concatenate(  # noqa: E731
         [x, jnp.full(x.shape[:2] + (r,) + x.shape[3:], fill, x.dtype)], axis=2)
     i = jnp.arange(r, dtype=jnp.int32)
-    ridx = jnp.where(i < res_len[..., None], (lengths - res_len)[..., None] + i, size)
-    k = cache_lib.scatter_slots(pad(k, 0), ridx, cache._get("k_res", layer))  # pylint: disable=protected-access
-    v = cache_lib.scatter_slots(pad(v, 0), ridx, cache._get("v_res", layer))  # pylint: disable=protected-access
-    pos = cache_lib.scatter_slots(pad(pos, -1), ridx, cache._get("res_pos", layer))  # pylint: disable=protected-access
-  slot = jnp.arange(pos.shape[-1], dtype=jnp.int32)
-  valid = slot[None, None, :] < lengths[..., None]
-  pos = jnp.where(valid, pos, -1)
+    ridx = jnp.where(i < res_len[..., None], paged_len[..., None] + i, size)
+    get = lambda f: cache._get(f, layer)  # noqa: E731  pylint: disable=protected-access
+    k = cache_lib.scatter_slots(pad(k, 0), ridx, get("k_res"))
+    v = cache_lib.scatter_slots(pad(v, 0), ridx, get("v_res"))
+    pos = cache_lib.scatter_slots(pad(pos, -1), ridx, get("res_pos"))
   return k, v, pos, lengths
 
 
@@ -1118,7 +1143,12 @@ def repage(cache: PagedKVCache, k, v, positions, lengths, rows=None) -> PagedKVC
   return new.replace(pos_pages=pos_pages)
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "r_cap", "g"))
+@functools.partial(jax.jit, static_argnames=("page_size", "r_cap", "g", "stacked"))
+def _admission(meta, pos_h, page_size, r_cap, g, stacked):
+  fn = functools.partial(_admission_counts, page_size=page_size, r_cap=r_cap, g=g)
+  return jax.vmap(fn, in_axes=(0, None))(meta, pos_h) if stacked else fn(meta, pos_h)
+
+
 def _admission_counts(meta, pos_h, page_size, r_cap, g):
   toks = jnp.max(meta["lengths"] + jnp.sum(pos_h >= 0, axis=-1), axis=-1)
   if r_cap:
@@ -1140,12 +1170,8 @@ def _pool_words(cache: PagedKVCache) -> str:
 def check_admission(cache: PagedKVCache, pos_h) -> None:
   """Raises ValueError / OutOfPages if appending head-wise tokens pos_h [B,H,T] would fail."""
   meta = cache._meta(None)  # pylint: disable=protected-access
-  fn = functools.partial(_admission_counts, page_size=cache.page_size, r_cap=cache.residual,
-                         g=cache.token_group)
-  if cache.stacked:
-    total, free, rows_need, toks = jax.vmap(fn, in_axes=(0, None))(meta, pos_h)
-  else:
-    total, free, rows_need, toks = fn(meta, pos_h)
+  total, free, rows_need, toks = jax.device_get(_admission(
+      meta, pos_h, cache.page_size, cache.residual, cache.token_group, cache.stacked))
   total, free = np.asarray(total).reshape(-1, cache.partitions), np.asarray(free).reshape(
       -1, cache.partitions)
   rows_need, toks = np.asarray(rows_need).reshape(-1), np.asarray(toks).reshape(-1)
@@ -1170,15 +1196,20 @@ def pages_needed(n_tokens: int, page_size: int) -> int:
   return -(-int(n_tokens) // int(page_size))
 
 
-def check_request(cache: PagedKVCache, n_tokens: int) -> None:
-  """Admission control: ValueError if a request of n_tokens can never fit one row."""
+def check_request(cache: PagedKVCache, n_tokens: int, max_pages: Optional[int] = None) -> None:
+  """Admission control: ValueError if a request of n_tokens can never fit one row.
+
+  max_pages: the table width rows may grow to (default the cache's own; a server that
+  narrows tables between steps, see `with_table_width`, passes its full width)."""
   need = cache.pages_for(n_tokens)
+  m = cache.max_pages if max_pages is None else int(max_pages)
+  cap = m * cache.page_size + cache.residual
   if need > cache.pages_per_partition:
     raise ValueError(f"request of {n_tokens} tokens needs {need} pages of page_size="
                      f"{cache.page_size}, but {_pool_words(cache)}")
-  if need > cache.max_pages or n_tokens > cache.capacity:
+  if need > m or n_tokens > cap:
     raise ValueError(f"request of {n_tokens} tokens needs {need} pages but max_pages="
-                     f"{cache.max_pages} (capacity={cache.capacity} tokens per row)")
+                     f"{m} (capacity={cap} tokens per row)")
 
 
 def check_invariants(cache: PagedKVCache) -> None:
@@ -1300,6 +1331,66 @@ def fork_rows(mc: cache_lib.ModelCache, src, dst, n_tokens=None) -> cache_lib.Mo
   probe = next(sg for sg in mc.segments if isinstance(sg, PagedKVCache))
   _check_fork_rows(src, dst, mc.batch, probe.partitions)
   return _fork_model(mc, src, dst, n)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def with_table_width(mc: cache_lib.ModelCache, width: int) -> cache_lib.ModelCache:
+  """Every paged layer's page tables cut or padded (with -1) to `width` entries.
+
+  The reference attention path gathers a row's whole table (max_pages * page_size slots),
+  so a server narrows tables to what its longest row holds and widens them as rows grow:
+  one compile per width, attention cost following the live rows instead of the maximum.
+  Cutting below a row's held pages is the caller's error (those pages would leak).
+  """
+  def fit(s):
+    pt = s.page_table
+    m = pt.shape[-1]
+    if width <= m:
+      return s.replace(page_table=pt[..., :width])
+    pad = jnp.full(pt.shape[:-1] + (width - m,), -1, pt.dtype)
+    return s.replace(page_table=jnp.concatenate([pt, pad], axis=-1))
+  return _map_paged(mc, fit)
+
+
+ROW_AXIS_FIELDS = ("page_table", "lengths", "res_lengths") + ROW_FIELDS
+SHARED_FIELDS = POOL_FIELDS + ("refcount", "free_stack", "num_free", "overflow", "part_free")
+
+
+@jax.jit
+def split_rows(mc: cache_lib.ModelCache, rows):
+  """(sub, rest): a ModelCache of `rows` only (int [R], distinct) over the same pools, and
+  the other rows' state without the pools, for `join_rows` after the sub-batch ran.
+
+  Lets a server run a step on a few rows (e.g. prefill chunks on a small static batch while
+  decoding rows take a [B, 1] step) without copying any page. Every segment must be paged
+  with one pool partition (a sub-batch does not keep the partition layout).
+  """
+  subs, rests = [], []
+  for s in mc.segments:
+    if not isinstance(s, PagedKVCache) or s.partitions != 1:
+      raise ValueError("split_rows needs a ModelCache whose segments are all single-partition "
+                       f"PagedKVCaches; got {type(s).__name__}")
+    ax = 1 if s.stacked else 0
+    take = {f: jnp.take(getattr(s, f), rows, axis=ax) for f in ROW_AXIS_FIELDS
+            if getattr(s, f) is not None}
+    subs.append(s.replace(**take))
+    rests.append(s.replace(**{f: None for f in SHARED_FIELDS}))
+  return (mc.replace(segments=tuple(subs), next_position=mc.next_position[rows]),
+          mc.replace(segments=tuple(rests)))
+
+
+@jax.jit
+def join_rows(rest: cache_lib.ModelCache, sub: cache_lib.ModelCache, rows):
+  """Inverse of `split_rows`: the sub-batch's rows written back, its pools kept."""
+  segs = []
+  for r, s in zip(rest.segments, sub.segments):
+    ax = 1 if s.stacked else 0
+    idx = (slice(None),) * ax + (rows,)
+    upd = {f: getattr(r, f).at[idx].set(getattr(s, f)) for f in ROW_AXIS_FIELDS
+           if getattr(r, f) is not None}
+    segs.append(r.replace(**upd, **{f: getattr(s, f) for f in SHARED_FIELDS}))
+  return rest.replace(segments=tuple(segs),
+                      next_position=rest.next_position.at[rows].set(sub.next_position))
 
 
 @jax.jit

@@ -237,3 +237,23 @@ def test_kivi_pages_engine_recomputes_under_pressure():
   assert same and all(a == b for a, b in same)
   assert paged.pages_in_use(tight.cache).tolist() == [0, 0]
   assert tight.stats["peak_pages"] <= 4
+
+
+def test_prefill_sub_batch_and_narrow_tables_equal_greedy():
+  """Prefill chunks on a [1, chunk] sub-batch of the cache (no page copied) while decoding
+  rows take [B, 1] steps, and page tables narrowed to 2 or 4 entries as rows grow and
+  finish: every output still equals the request decoded alone, shared prefixes included,
+  and the swap preemption path still round-trips."""
+  e = engine.Engine(_model(), _make(8), max_batch=3, chunk=4, prefill_batch=1,
+                    table_buckets=2)
+  assert e.widths == [2, 4]
+  pid = e.register_prefix(PREFIX)
+  reqs = [e.submit(p, NEW) for p in PROMPTS] + [e.submit(s, NEW, prefix=pid) for s in SUFFIXES]
+  widths = []
+  e.run(callback=lambda eng: widths.append(eng._probe.max_pages))  # pylint: disable=protected-access
+  np.testing.assert_array_equal([r.output for r in reqs], _reference())
+  assert set(widths) == {2, 4}
+  assert e.stats["swaps_out"] >= 1
+  assert paged.pages_in_use(e.cache).tolist() == [2, 2]          # only the prefix is left
+  with pytest.raises(ValueError, match=r"prefill_batch=4; must be None or an int in \[1, "):
+    engine.Engine(_model(), _make(), max_batch=3, prefill_batch=4)
