@@ -15,7 +15,8 @@ stage 2 (`convert` section, run by train.convert) fine-tunes everything on the L
 Data: the Python standard library's sources (the teacher's language-modelling data) plus
 MQAR. See train/convert.py for the method and its references.
 
-Measured (GLA student, one run of 100 transfer + 100 fine-tune steps on a shared 2-core
+Measured (teacher: models/default as of commit 1323fff, since retrained with the same
+config; GLA student, one run of 100 transfer + 100 fine-tune steps on a shared 2-core
 CPU, 8m46s wall: `python -m train.convert --config=train/configs/convert.py:gla
 --workdir=/tmp/conv_gla --config.steps=100 --config.convert.finetune_steps=100`), held-out
 stdlib byte loss (nats/byte, 64 sequences of 256 bytes, the loop's eval set):
