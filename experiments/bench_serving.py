@@ -31,11 +31,14 @@ each configuration derives its pool and its rows (the engine's static batch): ro
 many requests of the workload's mean final size fit (capped by --max_rows), and pages =
 what the budget leaves after the rows' own arrays. Without --budget_kib the budget is what the
 full cache needs for --full_rows such requests; several values give one comparison each
-(the ratio depends on how tight the budget is). The engine preempts by recomputation
-(--preemption) when requests outgrow the pool.
+(the ratio depends on how tight the budget is). Every configuration runs the same engine
+settings: recomputation when requests outgrow the pool (--preemption), prompt chunks on a
+--prefill_batch sub-batch while the other rows decode, and page tables narrowed to the
+longest live row (--table_buckets), so neither side pays for padding it need not.
 
-Reported per configuration, all measured in this run after a warm-up that compiles every
-shape: generated tokens/s (and the ratio to full), the peak number of requests running
+Reported per configuration, all measured in this run after an untimed run that compiles
+every shape, over --rounds timed runs taken round-robin across configurations:
+generated tokens/s (median; and the ratio to full), the peak number of requests running
 at once (and its ratio to full), KV bytes per running sequence averaged over steps (and
 the memory saved vs full), time-to-first-token and latency percentiles, preemptions,
 compressions, and agreement with the full cache's greedy outputs (identical
@@ -57,7 +60,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "HF directory or preset name (models.presets); "
                     "'default' is the shipped default model.")
-flags.DEFINE_integer("num_requests", 48, "Requests in the workload.")
+flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
 flags.DEFINE_list("prompt_mix", ["32:96:0.5", "96:256:0.35", "256:512:0.15"],
                   "Prompt length mix: lo:hi:weight entries (lengths uniform in [lo, hi]).")
 flags.DEFINE_integer("system_len", 32, "Shared system-prompt tokens (0 = none).")
@@ -71,7 +74,7 @@ flags.DEFINE_integer("max_rows", 32, "Cap on any configuration's rows (static ba
 flags.DEFINE_integer("chunk", 64, "Prompt tokens fed per step while prefilling.")
 flags.DEFINE_integer("prefill_batch", 4, "Rows prefilled per step on a [prefill_batch, chunk] "
                      "sub-batch while the others decode (0 = every row takes the chunk step).")
-flags.DEFINE_list("configs", ["full", "int8", "kivi4", "kivi4+press"],
+flags.DEFINE_list("configs", ["full", "int8", "int4", "kivi4", "int4+press", "kivi4+press"],
                   "Configurations: full, int8, int4, kivi4, kivi2, each optionally +press.")
 flags.DEFINE_enum("press", "streaming_llm", ["knorm", "streaming_llm", "keydiff"],
                   "Query-agnostic press of the +press configurations.")
@@ -85,8 +88,9 @@ flags.DEFINE_enum("preemption", "recompute", ["recompute", "swap"],
                   "How the engine preempts when requests outgrow the pool (KIVI pools always "
                   "recompute; swapping compiles per swapped size, which a short warm-up misses).")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
-flags.DEFINE_bool("warmup", True, "Run each configuration's workload once untimed first "
-                  "(compiles every shape the timed run meets).")
+flags.DEFINE_integer("rounds", 3, "Timed runs per configuration, round-robin over the "
+                     "configurations (each configuration's workload first runs once untimed: "
+                     "it compiles every shape and gives the outputs); tokens/s is the median.")
 flags.DEFINE_string("out_dir", None, "Directory for results.json/.csv and serving.png.")
 
 QUANTS = ("full", "int8", "int4", "kivi4", "kivi2")
@@ -362,8 +366,9 @@ def main(argv):
 
 def compare_at(budget, model, system, prompts, configs, max_tokens, mean_pages):
   """Every configuration at one budget; prints the table; returns its rows."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
   new, p, extra = FLAGS.max_new_tokens, FLAGS.page_size, int(bool(system))
-  results, ref_out = [], None
+  plans, ref_out = [], None
   for name, base, press in configs:
     spec = quant_spec(base)
     units = unit_bytes(model, spec, max_tokens)
@@ -371,21 +376,32 @@ def compare_at(budget, model, system, prompts, configs, max_tokens, mean_pages):
     per_row, per_page = units[1], units[2]
     kw = dict(spec=spec, press=press, rows=rows, pages=pages, max_tokens=max_tokens,
               per_page=per_page, per_row=per_row)
-    if FLAGS.warmup:
-      # the same workload once untimed: the engine is deterministic (its steps never depend
-      # on wall time), so every shape the timed run meets -- prefill chunk, decode, press,
-      # preemption, table widths -- is compiled
-      run_engine(model, system, prompts, new, **kw)
-    r, outs = run_engine(model, system, prompts, new, **kw)
+    # The workload once untimed: the engine is deterministic (its steps never depend on
+    # wall time), so every shape the timed runs meet -- prefill chunk, decode, press,
+    # preemption, table widths -- compiles here, and the outputs are the timed runs'.
+    _, outs = run_engine(model, system, prompts, new, **kw)
     if ref_out is None:
       ref_out = outs
-    if r["compile_s"] > 0.05 * r["wall_s"]:
-      print(f"warning: {name}: {r['compile_s']:.1f}s of its {r['wall_s']:.1f}s timed run "
-            "compiled (a shape the warm-up missed)", flush=True)
-    r.update(config=name, rows=rows, pages=pages, budget_bytes=budget, cache_bytes=used,
-             page_bytes=per_page, row_bytes=per_row,
-             kv_bytes_per_token=per_page / p)
-    r["same_output"], r["leading_match"] = agreement(outs, ref_out)
+    info = dict(config=name, rows=rows, pages=pages, budget_bytes=budget, cache_bytes=used,
+                page_bytes=per_page, row_bytes=per_row, kv_bytes_per_token=per_page / p)
+    info["same_output"], info["leading_match"] = agreement(outs, ref_out)
+    plans.append((info, kw))
+  # Timed runs round-robin over the configurations, so a slow phase of a shared machine
+  # hits all of them alike; tokens/s is the median over rounds.
+  runs = [[] for _ in plans]
+  for _ in range(FLAGS.rounds):
+    for i, (info, kw) in enumerate(plans):
+      r, _ = run_engine(model, system, prompts, new, **kw)
+      if r["compile_s"] > 0.05 * r["wall_s"]:
+        print(f"warning: {info['config']}: {r['compile_s']:.1f}s of its {r['wall_s']:.1f}s "
+              "timed run compiled (a shape the warm-up missed)", flush=True)
+      runs[i].append(r)
+  results = []
+  for (info, _), rs in zip(plans, runs):
+    tps = sorted(x["tokens_per_s"] for x in rs)
+    r = dict(rs[len(rs) // 2] if len(rs) % 2 else rs[-1])
+    r.update(info, tokens_per_s=float(np.median(tps)), tokens_per_s_runs=tps,
+             wall_s=float(np.median([x["wall_s"] for x in rs])))
     results.append(r)
   full = results[0]
   for r in results:

@@ -46,7 +46,7 @@ def test_cli_same_budget_same_work_and_exact_bytes(model_dir, tmp_path):
                "--system_len=8", "--max_new_tokens=3", "--page_size=8", "--chunk=16",
                "--configs=full,kivi4+press", "--kivi_group=8", "--kivi_residual=8",
                "--press_threshold=20", "--max_rows=4", "--prefill_batch=2",
-               "--table_buckets=2", "--nowarmup", f"--out_dir={out}"])
+               "--table_buckets=2", "--rounds=1", f"--out_dir={out}"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "best compressed pipeline: kivi4+press" in proc.stdout
   rows = json.load(open(os.path.join(out, "results.json")))["rows"]

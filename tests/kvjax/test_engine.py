@@ -250,9 +250,9 @@ def test_prefill_sub_batch_and_narrow_tables_equal_greedy():
   pid = e.register_prefix(PREFIX)
   reqs = [e.submit(p, NEW) for p in PROMPTS] + [e.submit(s, NEW, prefix=pid) for s in SUFFIXES]
   widths = []
-  e.run(callback=lambda eng: widths.append(eng._probe.max_pages))  # pylint: disable=protected-access
+  e.run(callback=lambda eng: widths.append(paged.to_dense(eng.cache).segments[0].k.shape[3]))
   np.testing.assert_array_equal([r.output for r in reqs], _reference())
-  assert set(widths) == {2, 4}
+  assert set(widths) == {2 * 4, 4 * 4}                 # view slots: table width x page size
   assert e.stats["swaps_out"] >= 1
   assert paged.pages_in_use(e.cache).tolist() == [2, 2]          # only the prefix is left
   with pytest.raises(ValueError, match=r"prefill_batch=4; must be None or an int in \[1, "):
