@@ -43,7 +43,7 @@ trains such models far longer. These are one-seed, short-budget numbers.
 
 import ml_collections
 
-from train.configs import default
+from train.configs import mqar_tiny
 
 WINDOW = 8
 COMMON = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -78,24 +78,12 @@ def model_settings(family: str) -> dict:
 
 
 def get_config(family: str = "gla") -> ml_collections.ConfigDict:
-  c = default.get_config()
+  """mqar_tiny's optimizer and data (the llama recipe that learns MQAR) on `family`."""
+  c = mqar_tiny.get_config()
   c.model.family = family
   c.model.config = ml_collections.ConfigDict(model_settings(family))
   c.steps = 800
-  c.batch_size = 32
-  c.seq_len = 32
-  c.opt.lr = 3e-3
-  c.opt.warmup_steps = 100
-  c.opt.weight_decay = 0.1
-  c.data.sources = ml_collections.ConfigDict(dict(
-      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=4,
-                                          key_vocab=128, value_vocab=128, num_queries=12,
-                                          query_replacement=True)),
-  ))
   c.log_every = 100
   c.eval_every = 0
-  c.eval_examples = 512
-  c.eval_batch_size = 128
   c.checkpoint_every = 0
-  c.export = True
   return c
