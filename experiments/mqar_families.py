@@ -29,15 +29,23 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Per-family training dirs (resumable) and, by default, "
-                    "the results.")
-flags.DEFINE_list("families", [], "Families to run (default: every family of "
-                  "train/configs/mqar_families.py).")
-flags.DEFINE_integer("steps", 0, "Training steps per family (0: the recipe's).")
-flags.DEFINE_integer("context", 4096, "Context length at which cache bytes per token are "
-                     "measured.")
-flags.DEFINE_integer("eval_examples", 512, "Standard-MQAR examples per family.")
-flags.DEFINE_string("out_dir", "", "Where results go (default: --workdir).")
+
+
+def define_flags():
+  """The launcher's flags, defined only when it runs as a program: its names (workdir,
+  steps, out_dir, ...) are common, and other absl apps imported in the same process
+  (tests, notebooks) define them too."""
+  flags.DEFINE_string("workdir", None, "Per-family training dirs (resumable) and, by default, "
+                      "the results.")
+  flags.DEFINE_list("families", [], "Families to run (default: every family of "
+                    "train/configs/mqar_families.py).")
+  flags.DEFINE_integer("steps", 0, "Training steps per family (0: the recipe's).")
+  flags.DEFINE_integer("context", 4096, "Context length at which cache bytes per token are "
+                       "measured.")
+  flags.DEFINE_integer("eval_examples", 512, "Standard-MQAR examples per family.")
+  flags.DEFINE_string("out_dir", "", "Where results go (default: --workdir).")
+  flags.mark_flags_as_required(["workdir"])
+
 
 FIELDS = ("family", "params", "cache_bytes_per_token", "mqar_acc", "mqar_em", "train_acc",
           "train_em", "steps", "train_seconds")
@@ -134,5 +142,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  define_flags()
   app.run(main)
