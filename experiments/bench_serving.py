@@ -197,17 +197,21 @@ def unit_bytes(model, spec, max_tokens: int):
   return base, nbytes(2, 1) - base, nbytes(1, 2) - base
 
 
-def geometry(units, mean_pages: float, budget: int, extra_rows: int):
+def geometry(units, mean_pages: float, budget: int, extra_rows: int, min_pages: int,
+             what: str):
   """(rows, pages, exact bytes): the most request rows (<= --max_rows) whose mean-sized
   requests the pool holds, with the pages the budget leaves after all rows' arrays
-  (extra_rows: rows of shared prefixes)."""
+  (extra_rows: rows of shared prefixes; min_pages: the longest request beside the prefix
+  must fit, or the budget is a usage error)."""
   base, per_row, per_page = units
   for rows in range(FLAGS.max_rows, 0, -1):
     pages = (budget - base - (rows + extra_rows - 1) * per_row) // per_page + 1
-    if pages >= rows * mean_pages:
+    if pages >= max(rows * mean_pages, min_pages):
       break
-  if pages < 1:
-    raise ValueError(f"--budget_kib={budget // 1024} cannot hold one row and one page")
+  if pages < min_pages:
+    raise ValueError(f"a budget of {budget / 1024:.0f} KiB holds {max(pages, 0)} {what} pages "
+                     f"but the longest request (with the shared prefix) needs {min_pages}; "
+                     "raise --budget_kib / --full_rows")
   used = base + (rows + extra_rows - 1) * per_row + (pages - 1) * per_page
   assert used <= budget, (used, budget)
   return rows, int(pages), used
@@ -349,7 +353,12 @@ def main(argv):
   results = []
   for budget in budgets:
     print(f"cache budget {budget / 1024:.0f} KiB (every configuration)", flush=True)
-    results += compare_at(budget, model, system, prompts, configs, max_tokens, mean_pages)
+    try:
+      results += compare_at(budget, model, system, prompts, configs, max_tokens, mean_pages)
+    except ValueError as e:
+      if "raise --budget_kib" in str(e):
+        raise app.UsageError(str(e)) from e
+      raise
   if FLAGS.out_dir:
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     meta = dict(flags={k: str(v) for k, v in FLAGS.flag_values_dict().items()},
@@ -367,12 +376,16 @@ def main(argv):
 def compare_at(budget, model, system, prompts, configs, max_tokens, mean_pages):
   """Every configuration at one budget; prints the table; returns its rows."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from kvjax import paged  # pylint: disable=import-outside-toplevel
   new, p, extra = FLAGS.max_new_tokens, FLAGS.page_size, int(bool(system))
   plans, ref_out = [], None
   for name, base, press in configs:
     spec = quant_spec(base)
     units = unit_bytes(model, spec, max_tokens)
-    rows, pages, used = geometry(units, mean_pages(spec, press), budget, extra)
+    probe = paged.PagedKVCache.init(1, 1, model.config.head_dim, num_pages=1, page_size=p,
+                                    quant=spec)
+    longest = probe.pages_for(max_tokens) + probe.pages_for(len(system))
+    rows, pages, used = geometry(units, mean_pages(spec, press), budget, extra, longest, name)
     per_row, per_page = units[1], units[2]
     kw = dict(spec=spec, press=press, rows=rows, pages=pages, max_tokens=max_tokens,
               per_page=per_page, per_row=per_row)
