@@ -5,10 +5,12 @@
 
 A 3-layer, hidden-128 Llama (GQA 4 query / 2 KV heads, head_dim 32, RoPE theta 5e5) trained
 on Python standard-library source (language modelling) mixed with synthetic retrieval tasks
-(`train/tasks.py`): pass keys hidden in filler text, key-value lookup in a JSON object and
-MQAR. Sequences grow stage by stage (`STAGES` below); each stage warm-starts from the
-previous stage's exported parameters (`init_from`) with a fresh optimizer and a short
-warmup. The whole run fits a shared 2-core CPU in well under an hour and a half.
+(`train/tasks.py`): MQAR, random text with repeated spans, pass keys hidden in filler text
+and key-value lookup in a JSON object. Sequences grow stage by stage (`STAGES` below, 32 ->
+2048 tokens); each stage warm-starts from the previous stage's exported parameters
+(`init_from`) with a fresh optimizer and a short warmup. Measured: 53 minutes on a shared
+2-core CPU; held-out pass key at 2K 1.00, key-value retrieval at 2K 0.00 (token accuracy
+0.41), stdlib 1.27 nats/byte (models/default/README.md).
 
 `get_config()` is the base (every key of train/configs/default.py); `STAGES` holds each
 stage's overrides, applied by `train.curriculum`. Running this file directly with
