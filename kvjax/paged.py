@@ -118,6 +118,7 @@ import numpy as np
 
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
+from kvjax.quant import base as quant_base
 
 _static = lambda default=None: flax.struct.field(pytree_node=False, default=default)  # noqa: E731
 
@@ -568,7 +569,7 @@ def _attend_residual(cache, layer, q, k_new, v_new, q_positions, pos_h, spec, *,
   if return_colsum:
     # New view = the old one with the chunk's valid tokens packed after old_len.
     new_len = new._get("lengths", layer)  # pylint: disable=protected-access
-    rank = chunk_destinations(jnp.zeros((b, h), jnp.int32), pos_h, t)
+    rank = quant_base.chunk_destinations(jnp.zeros((b, h), jnp.int32), pos_h, t)
     inv = cache_lib.scatter_slots(jnp.zeros((b, h, t), jnp.int32), rank,
                                   jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, h, t)))
     slot = jnp.arange(s, dtype=jnp.int32)[None, None]
@@ -578,19 +579,6 @@ def _attend_residual(cache, layer, q, k_new, v_new, q_positions, pos_h, spec, *,
     colsum = jnp.where(src >= 0, jnp.take_along_axis(res.colsum, jnp.maximum(src, 0), -1), 0.)
     res = res._replace(colsum=colsum)
   return res, new
-
-
-def chunk_destinations(lengths, pos, size):
-  """Slot of each valid chunk token after `lengths` [B,H]; invalid -> size (dropped)."""
-  valid = pos >= 0
-  rank = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
-  return jnp.where(valid, lengths[..., None] + rank, size)
-
-
-def _gather_slots(x, idx):
-  """x [B,H,S,...] at idx [B,H,R] -> [B,H,R,...] (idx clipped into range)."""
-  idx = jnp.clip(idx, 0, x.shape[2] - 1)
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
 
 
 # -- the free list ----------------------------------------------------------------------------
@@ -856,7 +844,7 @@ def _write_residual(cache: PagedKVCache, layer, k_new, v_new, pos_h) -> PagedKVC
   plan = _plan(qmeta, pos_flush, cache.page_size)
   r = meta["res_lengths"]
   b, h, _ = pos_h.shape
-  dest = chunk_destinations(r, pos_h, p)
+  dest = quant_base.chunk_destinations(r, pos_h, p)
   dt = jnp.dtype(cache.dtype)
   get = lambda f_: cache._get(f_, layer)  # noqa: E731  pylint: disable=protected-access
 
@@ -889,9 +877,9 @@ def _write_residual(cache: PagedKVCache, layer, k_new, v_new, pos_h) -> PagedKVC
   ridx = f[..., None] + jnp.arange(r_cap, dtype=jnp.int32)
   keep = ridx < c[..., None]
   ok = plan.ok
-  res = {"k_res": jnp.where(keep[..., None], _gather_slots(ck, ridx), 0).astype(dt),
-         "v_res": jnp.where(keep[..., None], _gather_slots(cv, ridx), 0).astype(dt),
-         "res_pos": jnp.where(keep, _gather_slots(cpos, ridx), -1)}
+  res = {"k_res": jnp.where(keep[..., None], quant_base.gather_slots(ck, ridx), 0).astype(dt),
+         "v_res": jnp.where(keep[..., None], quant_base.gather_slots(cv, ridx), 0).astype(dt),
+         "res_pos": jnp.where(keep, quant_base.gather_slots(cpos, ridx), -1)}
   for f_, val in res.items():
     val = jnp.where(ok, val, get(f_))
     upd[f_] = val if layer is None else getattr(cache, f_).at[layer].set(val)
@@ -1091,7 +1079,7 @@ def _fork(cache: PagedKVCache, src, dst, n_tokens) -> PagedKVCache:
     ridx = paged_len[..., None] + jnp.arange(r_cap, dtype=jnp.int32)
     keep = ridx < new_len[..., None]
     for f, x, fill in (("k_res", k, 0), ("v_res", v, 0), ("res_pos", pos, -1)):
-      val = _gather_slots(x[src], ridx)
+      val = quant_base.gather_slots(x[src], ridx)
       val = jnp.where(keep[..., None] if val.ndim == 4 else keep, val, fill)
       upd[f] = getattr(cache, f).at[dst].set(val.astype(getattr(cache, f).dtype))
     meta["res_lengths"] = meta["res_lengths"].at[dst].set(new_len - paged_len)

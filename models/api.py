@@ -29,6 +29,17 @@ from models.config import ModelConfig
 LOGITS_MODES = ("all", "last")
 
 
+def empty_layer(config: ModelConfig, layer: int, batch: int, capacity: int, dtype,
+                window_cache: bool = True):
+  """The empty cache of one layer: a WindowKVCache ring of `sliding_window` slots on
+  sliding-window layers (with `window_cache`), else a DenseKVCache of `capacity` slots."""
+  w = config.layer_window(layer)
+  if window_cache and w is not None:
+    return WindowKVCache.init(batch, config.num_kv_heads, w, config.head_dim, dtype)
+  return cache_lib.DenseKVCache.init(batch, config.num_kv_heads, capacity, config.head_dim,
+                                     dtype)
+
+
 def init_cache(config: ModelConfig, batch: int, capacity, *, dtype=None,
                layer_factory: Optional[Callable[[int, int], Any]] = None,
                window_cache: bool = True) -> cache_lib.ModelCache:
@@ -58,10 +69,7 @@ def init_cache(config: ModelConfig, batch: int, capacity, *, dtype=None,
   dt = jnp.dtype(dtype or config.dtype)
   if layer_factory is None:
     def layer_factory(i, cap):
-      w = config.layer_window(i)
-      if window_cache and w is not None:
-        return WindowKVCache.init(batch, config.num_kv_heads, w, config.head_dim, dt)
-      return cache_lib.DenseKVCache.init(batch, config.num_kv_heads, cap, config.head_dim, dt)
+      return empty_layer(config, i, batch, cap, dt, window_cache)
   layers = [layer_factory(i, cap) for i, cap in enumerate(caps)]
   return cache_lib.ModelCache.from_layers(layers, jnp.zeros((batch,), jnp.int32),
                                           keys=tfm.layer_keys(config))

@@ -38,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax import cache as cache_lib
 from kvjax import offload
 from kvjax.observation import Observe
-from kvjax.window import WindowKVCache
+from models import api
 from models import transformer as tfm
 
 LOGITS_MODES = ("all", "last")
@@ -84,22 +83,21 @@ def _layer_finish(params, i, x, attn_out, *, config):
 def _empty_layers(config, batch: int, capacity: int, dtype, window_cache: bool) -> Iterator:
   """The layers of models.init_cache, built one at a time (so each goes to the host alone)."""
   for i in range(config.num_layers):
-    w = config.layer_window(i)
-    if window_cache and w is not None:
-      yield WindowKVCache.init(batch, config.num_kv_heads, w, config.head_dim, dtype)
-    else:
-      yield cache_lib.DenseKVCache.init(batch, config.num_kv_heads, capacity, config.head_dim,
-                                        dtype)
+    yield api.empty_layer(config, i, batch, capacity, dtype, window_cache)
+
+
+def _prologue(model, tokens, backend):
+  """(graphdef, state, config, stacked layer params, per-layer specs, embedded tokens)."""
+  graphdef, state = nnx.split(model)
+  cfg = model.config
+  return (graphdef, state, cfg, model.layer_params(), tfm.layer_specs(cfg, backend),
+          _embed(graphdef, state, tokens))
 
 
 def _stream_forward(model, tokens, positions, cache: offload.HostCache, backend: str,
                     logits_mode: str):
   """forward() with every layer's cache streamed from the host. Returns (logits, cache')."""
-  graphdef, state = nnx.split(model)
-  cfg = model.config
-  params = model.layer_params()
-  specs = tfm.layer_specs(cfg, backend)
-  x = _embed(graphdef, state, tokens)
+  graphdef, state, cfg, params, specs, x = _prologue(model, tokens, backend)
 
   def step(i, x, layer_cache):
     return _layer_step(params, i, x, positions, layer_cache, spec=specs[i], config=cfg)
@@ -114,11 +112,7 @@ def _stream_forward(model, tokens, positions, cache: offload.HostCache, backend:
 def _quest_forward(model, tokens, positions, cache: offload.QuestCache, backend: str,
                    logits_mode: str):
   """A forward pass whose attention reads the top-k offloaded pages + the device window."""
-  graphdef, state = nnx.split(model)
-  cfg = model.config
-  params = model.layer_params()
-  specs = tfm.layer_specs(cfg, backend)
-  x = _embed(graphdef, state, tokens)
+  graphdef, state, cfg, params, specs, x = _prologue(model, tokens, backend)
   recent, selected = [], []
   for i in range(cfg.num_layers):
     q, k, v = _layer_qkv(params, i, x, positions, spec=specs[i], config=cfg)
