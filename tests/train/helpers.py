@@ -25,6 +25,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.eval_batch_size = 8
   c.checkpoint_every = 0
   c.progress_bar = False
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets each dotted key of `overrides` ("opt.lr": 1e-3) in `c`; returns `c`."""
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

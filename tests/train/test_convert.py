@@ -24,6 +24,7 @@ from models import linear_attention as la_lib
 from models.config import ModelConfig
 from models.transformer import Transformer
 from tests.models.test_from_llama import numpy_llama_taps
+from tests.train.helpers import apply_overrides
 from tests.train.helpers import tiny_config
 from train import convert
 from train import data as data_lib
@@ -58,13 +59,7 @@ def convert_config(teacher_dir, **overrides):
     c.opt.lr = 2e-2
     c.convert = ml_collections.ConfigDict(dict(finetune_steps=4, finetune_lr=1e-3,
                                                finetune_warmup_steps=1, finetune_trainable=""))
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope="module")
