@@ -106,7 +106,7 @@ def test_cli_writes_table_results_and_plots(model_dir, tmp_path):
   for name in ("results.jsonl", "results.csv", "run.json", "frontier.png", "throughput.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   flags.FLAGS.unparse_flags()
-  flags.FLAGS(["compare", "--techniques=full,nope"])
+  flags.FLAGS(["compare", "--techniques=full,nope", "--compilation_cache="])
   with pytest.raises(app.UsageError, match="known: full"):
     compare.main(["compare"])
   flags.FLAGS.unparse_flags()
