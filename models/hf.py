@@ -121,15 +121,30 @@ def load_config(path: str, dtype: Optional[str] = None) -> ModelConfig:
     return ModelConfig.from_hf_dict(json.load(f), dtype=dtype)
 
 
-def from_pretrained(path: str, dtype: Optional[str] = None) -> Transformer:
-  """Loads an HF directory into a Transformer.
+def from_pretrained(path: str, dtype=None) -> Transformer:
+  """Loads an HF directory, a GGUF file or a named real model into a Transformer.
 
   Args:
-    path: local directory with config.json and *.safetensors.
-    dtype: parameter dtype ("float32" | "bfloat16" | "float16"); default from config.json.
+    path: local directory with config.json and *.safetensors; a `.gguf` file, or a directory
+      holding one and no config.json (read by `models.gguf`); or a named model from
+      `models.fetch.MODELS` (e.g. "smollm2-135m"), fetched once into the cache directory.
+    dtype: parameter dtype ("float32" | "bfloat16" | "float16", or the numpy / jnp dtype);
+      default from config.json (float32 for GGUF).
   """
-  config = load_config(path, dtype)
-  tensors = load_tensors(path)
+  return from_tensors(load_config(path, dtype), load_tensors(path), path)
+
+
+def from_tensors(config: ModelConfig, tensors: dict, source: str) -> Transformer:
+  """Builds a Transformer from tensors named and shaped as in HF checkpoints.
+
+  Shared by the safetensors loader above and the GGUF loader (`models.gguf`), which maps
+  llama.cpp's names to these first.
+
+  Args:
+    config: the model's config (its dtype is the parameter dtype).
+    tensors: HF name -> array ([out, in] for linear weights, as HF stores them).
+    source: the file or directory the tensors came from (named in errors).
+  """
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   expected = _expected_names(model)
   if config.tie_word_embeddings:
@@ -138,7 +153,7 @@ def from_pretrained(path: str, dtype: Optional[str] = None) -> Transformer:
   extra = sorted(n for n in tensors if n not in wanted and not n.endswith(_IGNORED_SUFFIXES))
   missing = sorted(n for n in wanted if n not in tensors)
   if missing or extra:
-    raise ValueError(f"checkpoint {path!r} does not match {config.architecture}: "
+    raise ValueError(f"checkpoint {source!r} does not match {config.architecture}: "
                      f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                      f"unexpected tensors {extra[:8]}{'...' if len(extra) > 8 else ''}")
   dt = jnp.dtype(config.dtype)
