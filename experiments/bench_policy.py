@@ -7,8 +7,10 @@ r"""Adaptive pipeline vs every single technique, at equal memory budgets, on one
     python -m experiments.bench_policy --model=tiny --lengths=256 --n=2 --calib_n=2 \
         --budgets=0.5 --families=knorm,int4 --tasks=passkey,perplexity     # smoke
 
-The issue's claim under test: "the adaptive pipeline should dominate each single technique
-on the default model's frontier; report where it does not".
+The claim under test, after the adaptive multi-stage pipelines that "KV Cache Optimization
+Strategies for Scalable and Efficient LLM Inference" (arXiv:2603.20397) argues for: the
+adaptive pipeline should dominate each single technique on the default model's frontier;
+where it does not, the report says so.
 
 1. Singles: every --families family is configured for every --budgets value (a fraction
    of the bf16 full cache; kvjax.policy.single_at_budget sized by exact layer bytes at the

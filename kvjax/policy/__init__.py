@@ -17,8 +17,9 @@ Policies (each one file):
                      the prompt is prefilled.
   Tiered             first policy that acts wins on pressure; all run after each step.
 
-This is the "adaptive, multi-stage pipeline" the surveys in ../shared/seeds call for:
-eviction, then offload, chosen at run time from memory pressure and context length.
+This is the "adaptive, multi-stage pipeline" that "KV Cache Optimization Strategies for
+Scalable and Efficient LLM Inference" (arXiv:2603.20397) calls for: eviction, then
+offload, chosen at run time from memory pressure and context length.
 
 Before run time (each one file):
   pipeline   Stage (one layer's technique: press@ratio, then a quantized kind) and
@@ -29,7 +30,7 @@ Before run time (each one file):
              calibration data, exact byte fractions; plan / choose pick a stage per layer
              under a budget.
   recommend  recommend(scenario, memory_budget, ...) for the seven deployment scenarios of
-             the survey, verified on the user's model through a harness callback
+             arXiv:2603.20397, verified on the user's model through a harness callback
              (experiments.bench_policy.recommend_on_model wires the experiments harness).
 """
 

@@ -1,7 +1,8 @@
 """`recommend(scenario, memory_budget, ...)`: a pipeline for a deployment scenario, verified.
 
-The seven deployment scenarios of the survey in ../shared/seeds (primary constraint ->
-recommended family), and what each maps to here:
+The seven deployment scenarios of "KV Cache Optimization Strategies for Scalable and
+Efficient LLM Inference" (arXiv:2603.20397) (primary constraint -> recommended family),
+and what each maps to here:
 
   long_context        GPU memory capacity -> hybrid memory + aggressive compression:
                       strong eviction / low-bit kinds, and the layers streamed from host
