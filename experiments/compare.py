@@ -6,7 +6,7 @@ r"""The main job: compare cache techniques on one model, task by task, in exact 
     python -m experiments.compare --model=path/to/hf_dir --tasks=longbench:/data/lb/ \
         --max_context=4096 --mode=question_aware
 
-Protocol (DESIGN.md, "Evaluation protocol"). In the default `query_agnostic` mode each
+Protocol (docs/EVALUATION.md). In the default `query_agnostic` mode each
 context is prefilled and compressed before the question is seen; the question is then fed
 through the compressed cache at positions continuing from the original context length
 (`models.decode` uses `cache.next_position`). In `question_aware` mode the context and the

@@ -2,7 +2,7 @@
 
 A row is one (technique, task, length[, depth]) cell:
 
-  mode            "query_agnostic" | "question_aware" (DESIGN.md, "Evaluation protocol")
+  mode            "query_agnostic" | "question_aware" (docs/EVALUATION.md)
   technique       label, e.g. "full", "snapkv@0.75", "int4", "snapkv@0.5+kivi2"
   family          "full" | "press" | "quant" | "press+quant"
   press, ratio, quant   the parts (ratio = kvpress compression_ratio, fraction removed)

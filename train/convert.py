@@ -1,7 +1,7 @@
 r"""Conversion fine-tuning: a full-attention Llama becomes a sliding-window, linear-attention
 or hybrid model by attention transfer, then LM fine-tuning.
 
-    python -m train.convert --config=train/configs/convert_gla.py --workdir=/tmp/conv
+    python -m train.convert --config=train/configs/convert.py:gla --workdir=/tmp/conv
 
 Stage 1, attention transfer (`objective="attention_transfer"`): the student Decoder starts
 from the teacher's weights (`models.from_llama`: embeddings, norms, MLPs and whatever of each

@@ -1,7 +1,7 @@
 """What an evaluation sample is, and how a task makes them.
 
-A `Sample` is split the way the evaluation protocol needs it (DESIGN.md, "Evaluation
-protocol"): `context` is prefilled and compressed before anything else is seen;
+A `Sample` is split the way the evaluation protocol needs it (docs/EVALUATION.md):
+`context` is prefilled and compressed before anything else is seen;
 `question` is fed afterwards, at positions continuing from the uncompressed context
 length (query-agnostic mode), or appended to the context before compression
 (question-aware mode). `answers` are the reference strings and `metric` names the scoring

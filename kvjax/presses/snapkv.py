@@ -11,7 +11,7 @@ Parameter names and defaults follow kvpress's SnapKVPress. Differences: kvpress 
 over queries and heads where this sums (same ranking); GQA groups are aggregated before
 pooling (pooling is linear, so the same).
 
-Evaluation note (DESIGN.md): at prefill the window is the end of the *context*
+Evaluation note (docs/EVALUATION.md): at prefill the window is the end of the *context*
 (query-agnostic); putting the question inside the window is the question-aware mode.
 """
 
