@@ -15,7 +15,8 @@ steps run with the bf16 run's greedy tokens. Reported per kind:
                 are interleaved and the min taken, the robust choice on a shared machine
                 (the median is in the JSON). Reference
                 XLA path: the cache is decompressed every step, so compressed kinds pay
-                for dequantization here; fused kernels are a separate issue
+                for dequantization here; the fused kernel is timed by
+                `python -m pallas_kernels.bench --kernels=quantized`
   step / bf16   that time relative to the bf16 cache's, measured in the same run
   KL            mean KL(bf16 || kind) of next-token distributions over the decode steps
 

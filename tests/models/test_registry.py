@@ -11,7 +11,7 @@ from models import registry
 FAMILIES = ["llama", "sliding", "dilated", "gla", "retnet", "mamba2", "hybrid", "cla", "mla"]
 
 
-def test_registry_names_the_issue_families():
+def test_registry_names_every_family():
   assert sorted(registry.FAMILIES) == sorted(FAMILIES)
 
 
