@@ -80,7 +80,7 @@ _LAYER_MAP = {
     "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
 }
 # Gemma's sandwich norms: HF's post_attention_layernorm normalises the attention output,
-# and the MLP input norm is pre_feedforward_layernorm (NOTES.md §4).
+# and the MLP input norm is pre_feedforward_layernorm (tests/fixtures/hf/NOTES.md §4).
 _SANDWICH_MAP = {
     "post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
     "mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", False),
@@ -131,6 +131,13 @@ def from_pretrained(path: str, dtype=None) -> Transformer:
     dtype: parameter dtype ("float32" | "bfloat16" | "float16", or the numpy / jnp dtype);
       default from config.json (float32 for GGUF).
   """
+  path = os.fspath(path)
+  from models import fetch, gguf  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path) and path in fetch.MODELS:
+    path = fetch.ensure(path)
+  if gguf.is_gguf_path(path):
+    return gguf.from_pretrained(path, dtype=dtype)
+  dtype = gguf.dtype_name(dtype)
   return from_tensors(load_config(path, dtype), load_tensors(path), path)
 
 
@@ -147,11 +154,12 @@ def from_tensors(config: ModelConfig, tensors: dict, source: str) -> Transformer
   """
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   expected = _expected_names(model)
+  present = set(tensors)  # names only: `tensors` may decode lazily (models.gguf)
   if config.tie_word_embeddings:
-    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    present.discard("lm_head.weight")
   wanted = {n for names, _ in expected.values() for n in names}
-  extra = sorted(n for n in tensors if n not in wanted and not n.endswith(_IGNORED_SUFFIXES))
-  missing = sorted(n for n in wanted if n not in tensors)
+  extra = sorted(n for n in present if n not in wanted and not n.endswith(_IGNORED_SUFFIXES))
+  missing = sorted(n for n in wanted if n not in present)
   if missing or extra:
     raise ValueError(f"checkpoint {source!r} does not match {config.architecture}: "
                      f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "

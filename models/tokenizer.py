@@ -1,14 +1,18 @@
 """Tokenizers: a byte-level tokenizer (built-in models) and HF `tokenizer.json` via `tokenizers`.
 
-    tok = models.tokenizer.load(path)   # tokenizer.json -> HF tokenizers; else byte-level
-    ids = tok.encode("text"); text = tok.decode(ids)
+    tok = models.tokenizer.load(path)   # tokenizer.json or a .gguf -> HF tokenizers;
+    ids = tok.encode("text"); text = tok.decode(ids)   # else byte-level
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+import re
+from typing import Optional, Sequence
+
+import numpy as np
 
 
 class ByteTokenizer:
@@ -42,33 +46,232 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """Wraps a `tokenizers.Tokenizer` loaded from tokenizer.json."""
+  """Wraps a `tokenizers.Tokenizer` (from tokenizer.json or from GGUF metadata).
 
-  def __init__(self, path: str):
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    self._tok = Tokenizer.from_file(path)
-    self.vocab_size = self._tok.get_vocab_size()
-    cfg_dir = os.path.dirname(path)
-    self.bos_id = self.eos_id = self.pad_id = None
-    cfg = os.path.join(cfg_dir, "config.json")
-    if os.path.exists(cfg):
-      with open(cfg) as f:
-        c = json.load(f)
+  Attributes:
+    bos_id / eos_id / pad_id: special ids (None when unknown).
+    add_bos: whether `encode` prepends BOS by default (GGUF's tokenizer.ggml.add_bos_token,
+      or tokenizer_config.json's add_bos_token).
+    chat_template: the Jinja chat template, or None.
+  """
+
+  def __init__(self, path: Optional[str] = None, *, tokenizer=None, bos_id=None, eos_id=None,
+               pad_id=None, add_bos: bool = False, chat_template: Optional[str] = None):
+    """Loads `path` (a tokenizer.json beside an HF config.json) or wraps `tokenizer`."""
+    if (path is None) == (tokenizer is None):
+      raise ValueError("HFTokenizer needs exactly one of path= (tokenizer.json) or tokenizer=")
+    self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+    self.add_bos, self.chat_template = bool(add_bos), chat_template
+    if tokenizer is None:
+      from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+      tokenizer = Tokenizer.from_file(path)
+      cfg_dir = os.path.dirname(path)
+      c = _read_json(os.path.join(cfg_dir, "config.json"))
       eos = c.get("eos_token_id")
       self.eos_id = eos[0] if isinstance(eos, list) else eos
       self.bos_id = c.get("bos_token_id")
       self.pad_id = c.get("pad_token_id")
+      tc = _read_json(os.path.join(cfg_dir, "tokenizer_config.json"))
+      if isinstance(tc.get("chat_template"), str):
+        self.chat_template = tc["chat_template"]
+      self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
+    self._tok = tokenizer
+    self.vocab_size = self._tok.get_vocab_size()
 
-  def encode(self, text: str, add_bos: bool = False) -> list[int]:
+  def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
+    """Token ids of `text` (special-token strings in it become their ids).
+
+    Args:
+      text: the string.
+      add_bos: prepend BOS; None = the tokenizer's own `add_bos` setting.
+    """
     ids = self._tok.encode(text, add_special_tokens=False).ids
+    add_bos = self.add_bos if add_bos is None else add_bos
     return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids])
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                          tokenize: bool = False):
+    """Renders a conversation with the model's chat template.
+
+    Uses Jinja (sandboxed, as transformers does) when `jinja2` is installed; otherwise a
+    ChatML renderer for ChatML-style templates (<|im_start|>role\ncontent<|im_end|>\n, with
+    the template's default system prompt when the conversation has none).
+
+    Args:
+      messages: [{"role": ..., "content": ...}, ...].
+      add_generation_prompt: end with the assistant turn's opening.
+      tokenize: return token ids instead of text.
+    """
+    text = render_chat(self.chat_template, messages, add_generation_prompt,
+                       bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))
+    return self.encode(text, add_bos=False) if tokenize else text
+
+  def _token(self, i) -> str:
+    return "" if i is None else (self._tok.id_to_token(int(i)) or "")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+  return d if isinstance(d, dict) else {}
+
+
+# --- chat templates ----------------------------------------------------------------------
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", re.S)
+
+
+def render_chat(template: Optional[str], messages: Sequence[dict],
+                add_generation_prompt: bool = True, *, bos_token: str = "",
+                eos_token: str = "") -> str:
+  """Renders `messages` with a chat template (Jinja if available, else ChatML)."""
+  if not isinstance(messages, (list, tuple)) or not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str)
+      and isinstance(m.get("content"), str) for m in messages):
+    raise ValueError("messages must be a list of {'role': str, 'content': str} dicts; got "
+                     f"{messages!r:.200}")
+  if template is None:
+    raise ValueError("this tokenizer has no chat template")
+  try:
+    from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    sandbox = None
+  if sandbox is not None:
+    def raise_exception(msg):
+      raise ValueError(f"chat template: {msg}")
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token, eos_token=eos_token)
+  if "<|im_start|>" not in template or "<|im_end|>" not in template:
+    raise ValueError("rendering this chat template needs jinja2 (pip install jinja2); "
+                     "without it only ChatML templates (<|im_start|> ... <|im_end|>) render")
+  out = []
+  m = _CHATML_SYSTEM.search(template)
+  if m and messages and messages[0]["role"] != "system":  # the template's default system turn
+    out.append(f"<|im_start|>system\n{m.group(1).replace(chr(92) + 'n', chr(10))}<|im_end|>\n")
+  for msg in messages:
+    out.append(f"<|im_start|>{msg['role']}\n{msg['content']}<|im_end|>\n")
+  if add_generation_prompt:
+    out.append("<|im_start|>assistant\n")
+  return "".join(out)
+
+
+# --- tokenizers from GGUF metadata -------------------------------------------------------
+# llama.cpp's `tokenizer.ggml.pre` names -> the pre-tokenizer HF's tokenizer.json uses for
+# that family (regexes from llama.cpp's llama-vocab.cpp / the models' tokenizer.json files).
+_GPT2 = "gpt2"
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
+              r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}"
+             r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = {
+    "default": _GPT2, "gpt2": _GPT2, "gpt-2": _GPT2,
+    "smollm": "digits", "starcoder": "digits", "refact": "digits",
+    "llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "smaug-bpe": _LLAMA3_RE,
+    "qwen2": _QWEN2_RE, "deepseek-r1-qwen": _QWEN2_RE,
+}
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+
+
+def from_gguf_metadata(md: dict, source: str = "GGUF metadata") -> HFTokenizer:
+  """Builds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`, gpt2-style BPE).
+
+  Args:
+    md: metadata dict (`models.gguf.read_header(path).metadata`).
+    source: named in errors (the file's path).
+
+  Returns:
+    HFTokenizer with bos/eos/pad ids, add_bos and chat_template from the metadata.
+  """
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+  from tokenizers import models as tok_models
+  # pylint: enable=import-outside-toplevel
+  kind = md.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported; allowed: "
+                     "'gpt2' (byte-level BPE)")
+  pre = md.get("tokenizer.ggml.pre", "default")
+  if pre not in GGUF_PRE_TOKENIZERS:
+    raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; allowed: "
+                     f"{sorted(GGUF_PRE_TOKENIZERS)}")
+  tokens = md.get("tokenizer.ggml.tokens")
+  merges = md.get("tokenizer.ggml.merges")
+  if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    raise ValueError(f"{source}: tokenizer.ggml.tokens must be a non-empty array of strings")
+  if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+    raise ValueError(f"{source}: tokenizer.ggml.merges must be an array of strings")
+  vocab = {}
+  for i, t in enumerate(tokens):
+    if vocab.setdefault(t, i) != i:
+      raise ValueError(f"{source}: tokenizer.ggml.tokens[{i}]={t!r} repeats "
+                       f"tokenizer.ggml.tokens[{vocab[t]}]")
+  pairs = []
+  for i, m in enumerate(merges):
+    parts = m.split(" ")
+    if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
+      raise ValueError(f"{source}: tokenizer.ggml.merges[{i}]={m!r} is not two tokens of the "
+                       "vocabulary separated by one space")
+    pairs.append((parts[0], parts[1]))
+  types = md.get("tokenizer.ggml.token_type")
+  if types is None:
+    types = np.full(len(tokens), TOKEN_NORMAL, np.int32)
+  types = np.asarray(types)
+  if types.shape != (len(tokens),) or types.dtype.kind not in "iu":
+    raise ValueError(f"{source}: tokenizer.ggml.token_type must be {len(tokens)} integers")
+  regex = GGUF_PRE_TOKENIZERS[pre]
+  tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                                 ignore_merges=regex is _LLAMA3_RE))
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex in (_GPT2,
+                                                                                    "digits"))
+  if regex == _GPT2:
+    tok.pre_tokenizer = byte_level
+  elif regex == "digits":
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level])
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  specials = [AddedToken(tokens[i], special=True, normalized=False)
+              for i in np.nonzero(types == TOKEN_CONTROL)[0]]
+  user = [AddedToken(tokens[i], special=False, normalized=False)
+          for i in np.nonzero(types == TOKEN_USER_DEFINED)[0]]
+  tok.add_special_tokens(specials)
+  tok.add_tokens(user)
+
+  def special(key):
+    v = md.get(f"tokenizer.ggml.{key}")
+    if v is None:
+      return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens):
+      raise ValueError(f"{source}: tokenizer.ggml.{key}={v!r}; must be a token id in "
+                       f"[0, {len(tokens)})")
+    return v
+
+  add_bos = md.get("tokenizer.ggml.add_bos_token", False)
+  template = md.get("tokenizer.chat_template")
+  return HFTokenizer(tokenizer=tok, bos_id=special("bos_token_id"),
+                     eos_id=special("eos_token_id"), pad_id=special("padding_token_id"),
+                     add_bos=add_bos is True,
+                     chat_template=template if isinstance(template, str) else None)
 
 
 def load(path: str | None):
-  """Tokenizer for a model directory (None or no tokenizer file -> byte-level)."""
+  """Tokenizer for a model directory or GGUF file (None or no tokenizer -> byte-level)."""
   if path and os.path.exists(os.path.join(path, "tokenizer.json")):
     return HFTokenizer(os.path.join(path, "tokenizer.json"))
+  from models import gguf  # pylint: disable=import-outside-toplevel
+  if path and gguf.is_gguf_path(path):
+    return gguf.load_tokenizer(path)
   return ByteTokenizer()
