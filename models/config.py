@@ -210,7 +210,8 @@ class ModelConfig:
     if isinstance(eos, list):
       eos = eos[0] if eos else None
     if gemma:
-      # v5 reads `hidden_activation`; a Hub config's `hidden_act` is ignored (NOTES.md §4).
+      # v5 reads `hidden_activation`; a Hub config's `hidden_act` is ignored
+      # (tests/fixtures/hf/NOTES.md §4).
       act = d.get("hidden_activation") or "gelu_pytorch_tanh"
       gemma2 = arch == "Gemma2ForCausalLM"
       extra = dict(

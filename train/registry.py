@@ -7,7 +7,7 @@ an exporter. Everything else (data, optimizer, checkpoints, sharding) is family-
 
 Plugging in an architecture from `models/` needs no edit here:
 
-    # in models/mamba2.py (or anywhere imported before training starts)
+    # in your own module, imported before training starts
     from train import registry
     registry.register("mamba2", lambda kw, *, rngs: Mamba2(Mamba2Config(**kw), rngs=rngs))
 
