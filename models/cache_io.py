@@ -3,8 +3,10 @@
     models.save_cache(model, cache, "ctx.safetensors")      # after prefill (+ press)
     cache = models.load_cache(model, "ctx.safetensors")     # ValueError names any config
                                                             # field that differs
-The file format is kvjax.persist's (safetensors + JSON metadata); this module adds the
-model config, so a mismatch names the fields instead of only two fingerprints.
+The file format is kvjax.persist's (safetensors + JSON metadata; cache kinds only from its
+allowlist, every field validated before use); this module adds the model config, so a
+mismatch names the fields instead of only two fingerprints, and checks the cache's number
+of layers, kv heads and head dims against the model.
 """
 
 from __future__ import annotations
@@ -38,7 +40,22 @@ def save_cache(model_or_config, cache, path: str, *, metadata: Optional[dict] = 
 
 
 def load_cache(model_or_config, path: str, *, return_info: bool = False):
-  """Reads a cache saved by `save_cache`; raises ValueError naming config mismatches."""
+  """Reads a cache saved by `save_cache`, validated against the model.
+
+  Args:
+    model_or_config: a models.Transformer or its ModelConfig.
+    path: the file.
+    return_info: also return the file's info (`kvjax.persist.inspect`).
+
+  Returns:
+    The ModelCache (and info if return_info).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not a valid saved cache (names the file and field), belongs to
+      another config (names the differing fields), or its layers / kv heads / head dims
+      differ from the model's.
+  """
   cfg = _config_of(model_or_config)
   info = persist.inspect(path)
   fp = cfg.fingerprint()
@@ -50,5 +67,8 @@ def load_cache(model_or_config, path: str, *, return_info: bool = False):
     detail = "; ".join(diffs) if diffs else "config fields unknown (saved without them)"
     raise ValueError(f"{path}: the cache was saved for a different model config "
                      f"(fingerprint {info['fingerprint']} vs {fp}): {detail}")
-  cache, info = persist.load(path, fingerprint=fp)
+  # Beyond the fingerprint, every layer cache must have the model's shape: the file is data.
+  expect = {"num_layers": cfg.num_layers, "H": cfg.num_kv_heads, "D": cfg.head_dim,
+            "Dv": cfg.head_dim}
+  cache, info = persist.load(path, fingerprint=fp, expect=expect)
   return (cache, info) if return_info else cache
