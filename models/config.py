@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Optional
 
 from kvjax.rope import RopeConfig
@@ -23,6 +24,32 @@ _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
+# Bounds on sizes, checked before anything is allocated: (min, max) per field. Generous for
+# real models (Llama 3.1 405B: 126 layers, hidden 16384, vocab 128K; Gemma 3: vocab 262K).
+MAX_POSITIONS = 1 << 24
+LIMITS = {
+    "vocab_size": (1, 1 << 22), "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1024), "num_heads": (1, 1024), "num_kv_heads": (1, 1024),
+    "head_dim": (1, 1024), "max_position_embeddings": (1, MAX_POSITIONS),
+}
+
+
+def check_int(name: str, val, lo: int, hi: Optional[int]) -> int:
+  """Raises ValueError unless val is an int (not a bool) in [lo, hi]."""
+  if not isinstance(val, int) or isinstance(val, bool) or val < lo or (
+      hi is not None and val > hi):
+    allowed = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+    raise ValueError(f"{name}={val!r}; must be an int in {allowed}")
+  return val
+
+
+def check_float(name: str, val, lo: float, hi: Optional[float]) -> float:
+  """Raises ValueError unless val is a finite number with lo < val (< hi)."""
+  ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+  if not ok or not val > lo or (hi is not None and not val < hi):
+    allowed = f"in ({lo}, {hi})" if hi is not None else f"> {lo}"
+    raise ValueError(f"{name}={val!r}; must be a finite number {allowed}")
+  return float(val)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,21 +106,26 @@ class ModelConfig:
   local_rope_scaling: Optional[tuple] = None
 
   def __post_init__(self):
-    pos = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-               intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-               num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
-    for name, val in pos.items():
-      if not isinstance(val, int) or val < 1:
-        raise ValueError(f"{name}={val!r}; must be a positive int")
+    # Every source (presets, HF config.json, GGUF metadata) passes here before anything is
+    # allocated: sizes are ints within LIMITS, floats finite, names from known sets.
+    for name, (lo, hi) in LIMITS.items():
+      check_int(name, getattr(self, name), lo, hi)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
+    check_float("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0)
+    check_float("rope_theta", self.rope_theta, 0.0, None)
+    if self.local_rope_theta is not None:
+      check_float("local_rope_theta", self.local_rope_theta, 0.0, None)
+    if self.architecture not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"architecture={self.architecture!r}; supported: "
+                       f"{SUPPORTED_ARCHITECTURES}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act={self.hidden_act!r}; allowed: {ACTIVATIONS}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype={self.dtype!r}; allowed: {DTYPES}")
-    if self.sliding_window is not None and self.sliding_window < 1:
-      raise ValueError(f"sliding_window={self.sliding_window}; must be >= 1 or None")
+    if self.sliding_window is not None:
+      check_int("sliding_window", self.sliding_window, 1, MAX_POSITIONS)
     if self.layer_types is not None:
       if len(self.layer_types) != self.num_layers:
         raise ValueError(f"layer_types has {len(self.layer_types)} entries; "
@@ -105,10 +137,12 @@ class ModelConfig:
         raise ValueError("layer_types has 'sliding_attention' but sliding_window is None")
     for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
       val = getattr(self, name)
-      if val is not None and not val > 0:
-        raise ValueError(f"{name}={val!r}; must be > 0 or None")
-    self.rope  # validates rope settings
-    self.local_rope
+      if val is not None:
+        check_float(name, val, 0.0, None)
+    for name in ("rope", "local_rope"):  # validates rope settings
+      rope = getattr(self, name)
+      for field in ("factor", "low_freq_factor", "high_freq_factor"):
+        check_float(f"{name}.{field}", getattr(rope, field), 0.0, None)
 
   @property
   def rope(self) -> RopeConfig:
@@ -158,12 +192,28 @@ class ModelConfig:
   # --- HF translation -------------------------------------------------------------------
   @classmethod
   def from_hf_dict(cls, d: dict, dtype: Optional[str] = None) -> "ModelConfig":
+    if not isinstance(d, dict):
+      raise ValueError(f"config.json must hold a JSON object; got {type(d).__name__}")
     archs = d.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-      raise ValueError(f"unknown architecture {arch!r} in config.json; supported: "
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"unknown architecture {str(arch)[:80]!r} in config.json; supported: "
                        f"{SUPPORTED_ARCHITECTURES}")
     gemma = arch in _GEMMA
+    # Sizes first, before any per-layer list is built from them.
+    hf_limits = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+                 "intermediate_size": "intermediate_size", "num_hidden_layers": "num_layers",
+                 "num_attention_heads": "num_heads"}
+    for key, ours in hf_limits.items():
+      if key not in d:
+        raise ValueError(f"config.json has no {key!r} (required for {arch})")
+      check_int(key, d[key], *LIMITS[ours])
+    for key in ("sliding_window_pattern", "max_window_layers"):
+      if d.get(key) is not None:
+        check_int(key, d[key], 1 if key == "sliding_window_pattern" else 0, None)
+    for key in ("rope_scaling", "rope_parameters"):
+      if d.get(key) is not None and not isinstance(d[key], dict):
+        raise ValueError(f"{key}={str(d[key])[:80]}; must be a JSON object or null")
     n_heads = d["num_attention_heads"]
     n_layers = d["num_hidden_layers"]
     head_dim = d.get("head_dim") or (256 if gemma else d["hidden_size"] // n_heads)

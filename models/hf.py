@@ -6,8 +6,12 @@
 Reads a single `model.safetensors` or sharded `model-*.safetensors` with
 `model.safetensors.index.json`. Tensors are read with our own small safetensors reader
 (`kvjax.safetensors_io`: an 8-byte header length, a JSON header, raw little-endian bytes),
-which handles bfloat16 through `ml_dtypes` and memory-maps the files. Missing or unexpected
-tensors raise a ValueError naming them.
+which handles bfloat16 through `ml_dtypes`, validates every header against the file's size
+and memory-maps the files. Missing or unexpected tensors raise a ValueError naming them.
+
+Files are data (SECURITY.md): the config is validated before anything is allocated
+(`ModelConfig`), index entries and symlinks may not leave the model folder, and every weight
+must be floating point and finite; errors name the file and the tensor.
 """
 
 from __future__ import annotations
@@ -28,17 +32,67 @@ from models.transformer import Transformer
 _ST_DTYPES, _ST_NAMES = st_io.DTYPES, st_io.NAMES
 read_safetensors = st_io.read_safetensors
 write_safetensors = st_io.write_safetensors
+_MAX_JSON_BYTES = 64 << 20  # config.json / index files (real ones are kilobytes)
+
+
+def _read_json(path: str):
+  """A JSON file's content; ValueError naming the file if it is not valid JSON."""
+  if os.path.getsize(path) > _MAX_JSON_BYTES:
+    raise ValueError(f"{path}: {os.path.getsize(path)} bytes; JSON files here are at most "
+                     f"{_MAX_JSON_BYTES}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _inside(folder: str, name, what: str) -> str:
+  """folder/name, refusing names that leave the folder.
+
+  A name must be a relative path without `..`; once symlinks are resolved the file must lie
+  inside the folder -- or, for a Hugging Face hub snapshot (`<repo>/snapshots/<rev>`), in
+  that repo's `blobs` folder, where the hub's own symlinks point.
+
+  Args:
+    folder: the model directory.
+    name: the file name read from the directory or an index file.
+    what: what names it (for the error), e.g. "weight_map entry for 'lm_head.weight'".
+  """
+  if (not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name
+      or ".." in name.replace("\\", "/").split("/")):
+    raise ValueError(f"{what}: file name {str(name)[:200]!r} is not allowed (a relative path "
+                     f"inside {folder!r}: no absolute paths, no '..')")
+  full = os.path.join(folder, name)
+  real, root = os.path.realpath(full), os.path.realpath(folder)
+  roots = [root]
+  if os.path.basename(os.path.dirname(root)) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+  if not any(os.path.commonpath([real, r]) == r for r in roots):
+    raise ValueError(f"{what}: {name!r} resolves to {real!r}, outside the model folder "
+                     f"{root!r} (symlinks may not leave it)")
+  return full
 
 
 def load_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of an HF directory (single file or sharded with an index)."""
+  """All tensors of an HF directory (single file or sharded with an index).
+
+  Every file read must lie inside `path` (`_inside`); every safetensors header is validated
+  before a tensor is touched (`kvjax.safetensors_io`); a tensor stored twice is an error.
+  """
   if not os.path.isdir(path):
     raise ValueError(f"model path {path!r} is not a directory")
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    index = _inside(path, "model.safetensors.index.json", "index file")
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+      raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
+    for tensor, fn in weight_map.items():
+      _inside(path, fn, f"{index}: weight_map entry for {tensor!r}")
     files = sorted(set(weight_map.values()))
   elif os.path.exists(single):
     files = ["model.safetensors"]
@@ -48,12 +102,15 @@ def load_tensors(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"no *.safetensors files in {path!r} (found: {sorted(os.listdir(path))}); "
                      "convert .bin checkpoints with transformers' save_pretrained("
                      "safe_serialization=True)")
-  tensors = {}
+  tensors, origin = {}, {}
   for fn in files:
-    fp = os.path.join(path, fn)
+    fp = _inside(path, fn, f"shard {fn!r}")
     if not os.path.exists(fp):
       raise ValueError(f"shard {fn!r} listed in the index is missing from {path!r}")
-    tensors.update(read_safetensors(fp))
+    for name, arr in read_safetensors(fp).items():
+      if name in origin:
+        raise ValueError(f"tensor {name!r} is stored twice: in {origin[name]!r} and {fn!r}")
+      tensors[name], origin[name] = arr, fn
   return tensors
 
 
@@ -112,13 +169,17 @@ def _expected_names(model: Transformer) -> dict:
 
 
 def load_config(path: str, dtype: Optional[str] = None) -> ModelConfig:
+  """The ModelConfig of an HF directory's config.json (validated; errors name the file)."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isdir(path):
     raise ValueError(f"model path {path!r} is not a directory")
   if not os.path.exists(cfg_path):
     raise ValueError(f"{path!r} has no config.json")
-  with open(cfg_path) as f:
-    return ModelConfig.from_hf_dict(json.load(f), dtype=dtype)
+  d = _read_json(_inside(path, "config.json", "config file"))
+  try:
+    return ModelConfig.from_hf_dict(d, dtype=dtype)
+  except ValueError as e:
+    raise ValueError(f"{cfg_path}: {e}") from e
 
 
 def from_pretrained(path: str, dtype=None) -> Transformer:
@@ -167,6 +228,12 @@ def from_tensors(config: ModelConfig, tensors: dict, source: str) -> Transformer
   dt = jnp.dtype(config.dtype)
   for ours, (names, tr) in expected.items():
     arrs = [np.asarray(tensors[n]) for n in names]
+    for n, a in zip(names, arrs):  # weights are data: float and finite, or an error
+      if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"{source}: tensor {n!r} has dtype {a.dtype}; weights must be "
+                         "floating point (float32, bfloat16, float16, float64, float8)")
+      if not np.isfinite(a).all():
+        raise ValueError(f"{source}: tensor {n!r} holds NaN or infinite values")
     arrs = [a.T if tr else a for a in arrs]
     val = np.stack(arrs) if ours in Transformer.LAYER_PARAMS else arrs[0]
     param = getattr(model, ours)
