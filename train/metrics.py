@@ -1,19 +1,18 @@
 """Metric writers (stdout, metrics.jsonl, TensorBoard event files) and MFU accounting.
 
-TensorBoard event files are written by `tensorboardX` when it is installed, and otherwise
-by `EventFileWriter` below: a few lines that emit the same bytes for scalar summaries (a
-TFRecord stream of `Event` protos, each record framed by its length and masked CRC-32C), so
-TensorBoard reads our logs without TensorFlow or tensorboardX installed. `metrics.jsonl`
-(one JSON object per logged step) is always written; tests and scripts read that.
+`metrics.jsonl` (one JSON object per logged step) is always written; tests and scripts
+read that. TensorBoard event files (`<workdir>/tensorboard/`, `config.tensorboard=True`)
+are written by tensorboardX's `SummaryWriter`, a maintained writer that needs neither
+TensorFlow nor PyTorch. `read_records` / `read_scalars` read an event file back (a TFRecord
+stream of `Event` protos, each record's length and data checked by masked CRC-32C, every
+read bounded by the file's size) with tensorboardX's own CRC and `Event` message.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
-import time
 from typing import Mapping, Optional
 
 import jax
@@ -38,118 +37,23 @@ def peak_flops_per_device(override: float = 0.0) -> Optional[float]:
   return None
 
 
-# --- CRC-32C (Castagnoli), table driven -----------------------------------------------
-def _crc_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
+def _tensorboardx():
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("TensorBoard logging (config.tensorboard=True) needs tensorboardX: "
+                      "pip install tensorboardX (it is in requirements.txt and "
+                      "pyproject.toml); or set config.tensorboard=False") from e
+  return tensorboardX
 
 
-_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# --- protobuf wire format, just what Event/Summary need -------------------------------
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field_bytes(num: int, payload: bytes) -> bytes:
-  return _varint(num << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int, *, scalars: Optional[Mapping] = None,
-                 file_version: Optional[str] = None) -> bytes:
-  """tensorflow.Event{wall_time=1 (double), step=2, file_version=3, summary=5}."""
-  msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
-  if file_version is not None:
-    msg += _field_bytes(3, file_version.encode())
-  if scalars:
-    summary = b""
-    for tag, val in scalars.items():  # Summary.Value{tag=1, simple_value=2 (float)}
-      value = _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", val)
-      summary += _field_bytes(1, value)
-    msg += _field_bytes(5, summary)
-  return msg
-
-
-def frame_record(data: bytes) -> bytes:
-  """TFRecord framing: length, masked CRC of length, data, masked CRC of data."""
-  header = struct.pack("<Q", len(data))
-  return (header + struct.pack("<I", masked_crc32c(header)) + data
-          + struct.pack("<I", masked_crc32c(data)))
-
-
-def read_records(path: str) -> list[bytes]:
-  """Reads a TFRecord file back, checking both CRCs (used by tests)."""
-  out = []
-  with open(path, "rb") as f:
-    while True:
-      header = f.read(8)
-      if not header:
-        return out
-      (n,) = struct.unpack("<Q", header)
-      (hcrc,) = struct.unpack("<I", f.read(4))
-      data = f.read(n)
-      (dcrc,) = struct.unpack("<I", f.read(4))
-      if hcrc != masked_crc32c(header) or dcrc != masked_crc32c(data):
-        raise ValueError(f"{path}: CRC mismatch in record {len(out)}")
-      out.append(data)
-
-
-class EventFileWriter:
-  """Scalar summaries to `logdir/events.out.tfevents.<time>.<host>` (TensorBoard format)."""
+class TensorBoardWriter:
+  """Scalar summaries to `logdir/events.out.tfevents.*` through tensorboardX's writer."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
-    self._f.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
-    self._f.flush()
+    self._w = _tensorboardx().SummaryWriter(logdir)
 
   def add_scalars(self, step: int, scalars: Mapping[str, float]):
-    self._f.write(frame_record(encode_event(time.time(), int(step),
-                                            scalars={k: float(v) for k, v in scalars.items()})))
-
-  def flush(self):
-    self._f.flush()
-
-  def close(self):
-    self._f.close()
-
-
-class _TensorBoardX:
-
-  def __init__(self, logdir):
-    import tensorboardX  # pylint: disable=import-outside-toplevel
-    self._w = tensorboardX.SummaryWriter(logdir)
-
-  def add_scalars(self, step, scalars):
     for k, v in scalars.items():
       self._w.add_scalar(k, float(v), int(step))
 
@@ -158,6 +62,50 @@ class _TensorBoardX:
 
   def close(self):
     self._w.close()
+
+
+def read_records(path: str) -> list[bytes]:
+  """The records of a TFRecord stream (a TensorBoard event file), both CRCs checked.
+
+  Reads are bounded by the file's size: a record whose stated length runs past the end
+  of the file raises ValueError instead of being read.
+  """
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+  size = os.path.getsize(path)
+  out = []
+  with open(path, "rb") as f:
+    pos = 0
+    while pos < size:
+      if size - pos < 12:
+        raise ValueError(f"{path}: truncated record header at byte {pos}")
+      header = f.read(8)
+      (n,) = struct.unpack("<Q", header)
+      (hcrc,) = struct.unpack("<I", f.read(4))
+      if hcrc != masked_crc32c(header):
+        raise ValueError(f"{path}: header CRC mismatch in record {len(out)}")
+      if n + 4 > size - pos - 12:
+        raise ValueError(f"{path}: record {len(out)} states {n} bytes; only "
+                         f"{size - pos - 16} remain")
+      data = f.read(n)
+      (dcrc,) = struct.unpack("<I", f.read(4))
+      if dcrc != masked_crc32c(data):
+        raise ValueError(f"{path}: data CRC mismatch in record {len(out)}")
+      out.append(data)
+      pos += 16 + n
+  return out
+
+
+def read_scalars(path: str) -> list[tuple[int, dict]]:
+  """(step, {tag: value}) for every event of an event file that carries scalars."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = []
+  for rec in read_records(path):
+    ev = event_pb2.Event.FromString(rec)
+    vals = {v.tag: v.simple_value for v in ev.summary.value if v.WhichOneof("value") ==
+            "simple_value"}
+    if vals:
+      out.append((int(ev.step), vals))
+  return out
 
 
 class MetricWriter:
@@ -173,10 +121,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
       logdir = os.path.join(workdir, "tensorboard")
-      try:
-        self._tb = _TensorBoardX(logdir)
-      except ImportError:
-        self._tb = EventFileWriter(logdir)
+      self._tb = TensorBoardWriter(logdir)
 
   def write(self, step: int, scalars: Mapping[str, float], log: bool = True):
     if not self.enabled:

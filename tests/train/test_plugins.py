@@ -1,7 +1,6 @@
 """Families plugged in by path, bf16 compute, metric files, registry errors."""
 
 import os
-import struct
 
 import jax
 import ml_collections
@@ -67,46 +66,3 @@ def test_registry_errors_and_registration():
     registry.get("tests.train.toy_family:missing")
   fam = registry.register("toy_test", lambda kw, *, rngs: None)
   assert registry.get("toy_test") is fam and "llama" in registry.names()
-
-
-def test_crc32c_and_event_records(tmp_path):
-  assert metrics_lib.crc32c(b"123456789") == 0xE3069283   # the CRC-32C check value
-  w = metrics_lib.MetricWriter(str(tmp_path), tensorboard=True)
-  w.write(7, {"loss": 1.5, "lr": 0.25}, log=False)
-  w.close()
-  (name,) = os.listdir(tmp_path / "tensorboard")
-  assert name.startswith("events.out.tfevents.")
-  recs = metrics_lib.read_records(str(tmp_path / "tensorboard" / name))
-  assert b"brain.Event:2" in recs[0]
-  ev = _parse_event(recs[1])
-  assert ev.step == 7
-  assert {v.tag: v.simple_value for v in ev.summary.value} == {"loss": 1.5, "lr": 0.25}
-  assert metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) == [
-      {"step": 7, "loss": 1.5, "lr": 0.25}]
-
-
-def _parse_event(blob):
-  """Decodes with protobuf from a hand-built descriptor of tensorflow's Event/Summary."""
-  from google.protobuf import descriptor_pb2, descriptor_pool  # pylint: disable=g-import-not-at-top
-  from google.protobuf import message_factory  # pylint: disable=g-import-not-at-top
-  f = descriptor_pb2.FileDescriptorProto(name="ev_test.proto", package="tfev")
-  fdp = descriptor_pb2.FieldDescriptorProto
-  val = f.message_type.add(name="Value")
-  val.field.add(name="tag", number=1, type=fdp.TYPE_STRING, label=fdp.LABEL_OPTIONAL)
-  val.field.add(name="simple_value", number=2, type=fdp.TYPE_FLOAT, label=fdp.LABEL_OPTIONAL)
-  summ = f.message_type.add(name="Summary")
-  summ.field.add(name="value", number=1, type=fdp.TYPE_MESSAGE, type_name=".tfev.Value",
-                 label=fdp.LABEL_REPEATED)
-  ev = f.message_type.add(name="Event")
-  ev.field.add(name="wall_time", number=1, type=fdp.TYPE_DOUBLE, label=fdp.LABEL_OPTIONAL)
-  ev.field.add(name="step", number=2, type=fdp.TYPE_INT64, label=fdp.LABEL_OPTIONAL)
-  ev.field.add(name="file_version", number=3, type=fdp.TYPE_STRING, label=fdp.LABEL_OPTIONAL)
-  ev.field.add(name="summary", number=5, type=fdp.TYPE_MESSAGE, type_name=".tfev.Summary",
-               label=fdp.LABEL_OPTIONAL)
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(f)
-  cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("tfev.Event"))
-  msg = cls()
-  msg.ParseFromString(blob)
-  assert msg.wall_time > 1e9 and struct.pack("<d", msg.wall_time)
-  return msg
