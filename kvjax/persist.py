@@ -22,11 +22,11 @@ round trip is bit-exact. The `__metadata__` holds JSON:
   user         any JSON-able metadata of the caller
 
 A file is data (see SECURITY.md). Loading never imports, resolves or calls anything the file
-names: a kind name is only a key into an explicit allowlist (`KINDS`: the cache kinds of
+names: a kind name is only a key into an explicit allowlist (`kinds()`: the cache kinds of
 kvjax, each with its declared array fields -- dims and dtype -- nested fields and typed
-static fields), static dataclass values (QuantSpec, RopeConfig) come only from the
-`STRUCTS` allowlist, and the only code called is the registered class's constructor after
-every field has been validated: tensors exist and are used once, dtypes and ranks match the
+static fields), static dataclass values (QuantSpec, RopeConfig) come only from an
+allowlist of static structs, and the only code called is the registered class's constructor
+after every field has been validated: tensors exist and are used once, dtypes and ranks match the
 declaration, dims agree across fields (and with the model, through `expect`), batch is one
 size across the file, lengths lie in [0, capacity], positions are >= -1 (-1 = empty slot),
 next_position >= 0, float arrays are finite, and each kind's own invariants hold (ring
@@ -157,7 +157,7 @@ class TupleOf:
 
 
 class Struct:
-  """A static dataclass value (QuantSpec, RopeConfig): its class must be in `STRUCTS`."""
+  """A static dataclass value (QuantSpec, RopeConfig): its class must be allowlisted."""
 
   def __init__(self, cls: Optional[type] = None):
     self.cls = cls  # None: any allowlisted struct
@@ -194,7 +194,7 @@ class DType:
 
 class AnyStatic:
   """Any static value `_static_to_json` writes (for kinds registered without types);
-  dataclass values still come only from `STRUCTS`."""
+  dataclass values still come only from the allowlisted static structs."""
 
   def parse(self, v, where, fail, depth=0):
     if depth > _MAX_DEPTH:
@@ -509,7 +509,9 @@ def _structs() -> dict[str, tuple]:
   return _STRUCTS_TABLE
 
 
-KINDS = _builtin  # KINDS() -> {kind name: KindSpec} of the built-in allowlist
+def kinds() -> dict[str, KindSpec]:
+  """The allowlist: {kind name: KindSpec}, the built-in kvjax kinds and registered ones."""
+  return {**_builtin(), **_USER_KINDS}
 
 
 def _spec_of(kind, fail, where) -> KindSpec:
