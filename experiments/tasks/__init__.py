@@ -5,7 +5,8 @@
     samples = suite["passkey"].samples(length=2048, n=16)
     tasks.metrics.score("prefix_match", "12345", ["12345"])           # 1.0
 
-Names: passkey, kv_retrieval, perplexity, the RULER-style tasks (niah_single,
+Names: passkey, kv_retrieval, perplexity (stdlib source, byte models), perplexity_en
+(English prose, subword models), the RULER-style tasks (niah_single,
 niah_multikey, niah_multivalue, vt, cwe, qa, or "ruler" for all six), and "needle" (the
 depth x length grid, built by `synthetic.needle_grid`). User files:
 "longbench:<path>", "infinitebench:<path>", "ruler_jsonl:<path>" (a .jsonl file or a
@@ -18,7 +19,8 @@ from experiments.tasks import base, loaders, metrics, perplexity, ruler, synthet
 from experiments.tasks.base import Sample, Task
 
 SYNTHETIC = {"passkey": synthetic.Passkey, "kv_retrieval": synthetic.KVRetrieval,
-             "perplexity": perplexity.HeldOutPerplexity}
+             "perplexity": perplexity.HeldOutPerplexity,
+             "perplexity_en": perplexity.EnglishPerplexity}
 FILE_FORMATS = {"longbench": "longbench", "infinitebench": "infinitebench",
                 "ruler_jsonl": "ruler"}
 KNOWN = sorted(SYNTHETIC) + sorted(ruler.RULER_TASKS) + ["ruler", "needle"] + \

@@ -44,10 +44,57 @@ class Sample:
   max_new_tokens: int = 8
   meta: dict = dataclasses.field(default_factory=dict)
 
-  def prompt_tokens(self, tokenizer) -> tuple[list[int], list[int]]:
-    """(context ids with BOS, question ids)."""
-    ctx = tokenizer.encode(self.context, add_bos=True)
-    return ctx, tokenizer.encode(self.question)
+  def prompt_tokens(self, tokenizer, chat: bool = False) -> tuple[list[int], list[int]]:
+    """(context ids, question ids).
+
+    Plain form: BOS + context, then the question as text to continue. Chat form (for
+    instruction-tuned models, `chat=True`): the tokenizer's chat template frames the
+    context as the user's message; the question's ask (up to its last "Answer:" or "?")
+    closes that message, and its cue ("The pass key is ") opens the assistant's turn, so
+    the answer is still read from the first generated tokens. The context part never
+    contains the question, as the query-agnostic protocol needs.
+    """
+    if not chat:
+      return tokenizer.encode(self.context, add_bos=True), tokenizer.encode(self.question)
+    head, tail = chat_frame(tokenizer)
+    ask, cue = split_question(self.question)
+    ctx = tokenizer.encode(head + self.context, add_bos=False)
+    return ctx, tokenizer.encode(ask + tail + cue, add_bos=False)
+
+
+_SLOT = "\x00kvjax-context\x00"
+
+
+def chat_frame(tokenizer) -> tuple[str, str]:
+  """(text before, text after) the user's message in `tokenizer`'s chat template.
+
+  The "after" part includes the assistant's generation prompt. ValueError when the
+  tokenizer has no chat template.
+  """
+  render = getattr(tokenizer, "apply_chat_template", None)
+  if render is None or not getattr(tokenizer, "chat_template", None):
+    raise ValueError(f"{type(tokenizer).__name__} has no chat template; use the plain "
+                     "prompt form (chat=False)")
+  text = render([{"role": "user", "content": _SLOT}], add_generation_prompt=True)
+  if text.count(_SLOT) != 1:
+    raise ValueError("the chat template does not place the user message once")
+  head, tail = text.split(_SLOT)
+  return head, tail
+
+
+def split_question(question: str) -> tuple[str, str]:
+  """(ask, cue): the question up to its last "Answer:" (else its last "?"), and the rest.
+
+  "What is the pass key? The pass key is " -> ("What is the pass key?", "The pass key is ")
+  A question with neither marker is all cue (the assistant's turn continues it).
+  """
+  cut = question.rfind("Answer:")
+  if cut >= 0:
+    return question[:cut].rstrip(), question[cut + len("Answer:"):].lstrip()
+  cut = question.rfind("?")
+  if cut >= 0:
+    return question[:cut + 1].rstrip(), question[cut + 1:].lstrip()
+  return "", question.lstrip()
 
 
 def byte_len(text: str) -> int:
