@@ -332,8 +332,7 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
   a = 0
   for n, per in grouping:
     reps = n // per
-    p_grp = jax.tree.map(lambda w, a=a, n=n, per=per: w[a:a + n].reshape(
-        (n // per, per) + w.shape[1:]), params)
+    a0 = a
     g_specs = specs[a:a + per]
     if cache is None:
       stacks = (None,) * per
@@ -343,13 +342,15 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
     carried = tuple(s if ip else None for s, ip in zip(stacks, inplace))
     scanned = tuple(None if ip else s for s, ip in zip(stacks, inplace))
 
-    def body(carry, xs, g_specs=g_specs, inplace=inplace, per=per):
+    def body(carry, xs, g_specs=g_specs, inplace=inplace, per=per, a0=a0):
       x, cs = carry
-      p_rep, i, sl = xs
+      i, sl = xs
       cs = list(cs)
       ys_c, ys_obs = [], []
       for j in range(per):
-        p_l = jax.tree.map(lambda w, j=j: w[j], p_rep)
+        # Index the stacked [L, ...] parameters in place: slicing/reshaping them into the
+        # scan's xs made XLA:CPU copy every weight once per call (a decode step's fixed cost).
+        p_l = jax.tree.map(lambda w, j=j: w[a0 + i * per + j], params)
         if inplace[j]:
           x, cs[j], obs = _layer(p_l, x, positions, cs[j], g_specs[j], c, observe,
                                  layer_index=i)
@@ -361,7 +362,7 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
       return (x, tuple(cs)), (tuple(ys_c), tuple(ys_obs))
 
     (x, carried), (ys_c, ys_obs) = jax.lax.scan(
-        body, (x, carried), (p_grp, jnp.arange(reps), scanned))
+        body, (x, carried), (jnp.arange(reps), scanned))
     for j in range(per):
       new_segments.append(carried[j] if inplace[j] else ys_c[j])
       for r in range(reps):
