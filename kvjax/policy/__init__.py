@@ -43,17 +43,29 @@ from kvjax.policy.pipeline import AdaptivePipeline, Stage, single_at_budget
 from kvjax.policy.recommend import SCENARIOS, Recommendation, Scenario, recommend, scenario_stages
 
 NAMES = ("none", "swap", "swap_int8", "compress", "length")
-PRESSES = ("knorm", "streaming_llm", "keydiff", "random")
+
+
+def press_names() -> tuple:
+  """Presses a runtime policy can run: query-agnostic and needing nothing but the cache
+  (policies compress between engine steps, without observations or a model forward), read
+  from kvjax.presses.registry so a newly registered press is listed here too."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  return registry.names(query_agnostic=True, provides=())
 
 
 def make_press(name: str, ratio: float):
-  """A query-agnostic press by name (kvjax.presses), with compression_ratio=ratio."""
-  from kvjax import presses  # pylint: disable=import-outside-toplevel
-  table = {"knorm": presses.KnormPress, "streaming_llm": presses.StreamingLLMPress,
-           "keydiff": presses.KeyDiffPress, "random": presses.RandomPress}
-  if name not in table:
-    raise ValueError(f"press={name!r}; allowed: {PRESSES}")
-  return table[name](compression_ratio=ratio)
+  """A press from press_names() (kvjax.presses.registry), with compression_ratio=ratio."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  allowed = press_names()
+  if name not in allowed:
+    raise ValueError(f"press={name!r}; allowed: {allowed}")
+  return registry.make(name, ratio)
+
+
+def __getattr__(name):
+  if name == "PRESSES":   # computed on access: presses registered later are listed too
+    return press_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def from_name(name: str, *, press: str = "knorm", ratio: float = 0.5,
@@ -80,6 +92,6 @@ def from_name(name: str, *, press: str = "knorm", ratio: float = 0.5,
 
 __all__ = ["Action", "Compress", "SwapOut", "Policy", "PoolView", "RowView", "Tiered",
            "SwapOnPressure", "CompressOnPressure", "LengthAdaptive", "from_name",
-           "make_press", "NAMES", "PRESSES", "calibrate", "Profile", "profile", "plan",
-           "choose", "AdaptivePipeline", "Stage", "single_at_budget", "SCENARIOS", "Scenario",
+           "make_press", "press_names", "NAMES", "PRESSES", "calibrate", "Profile", "profile",
+           "plan", "choose", "AdaptivePipeline", "Stage", "single_at_budget", "SCENARIOS", "Scenario",
            "Recommendation", "recommend", "scenario_stages"]

@@ -29,23 +29,33 @@ from typing import Any, Optional, Sequence
 from kvjax import presses as press_lib
 from kvjax.observation import Observe
 
-# Presses a pipeline may use; their observation requests merge (SnapKV's windowed colsum,
-# ExpectedAttention's queries), so one prefill serves any mix of them.
-PRESSES = ("streaming_llm", "knorm", "snapkv", "expected_attention", "keydiff", "random")
 QUANTS = ("int8", "int4", "int2", "kivi4", "kivi2", "fp8_e4m3", "fp8_e5m2")
 # Single-technique families (a press, a kind, or press+kind), as single_at_budget takes them.
 FULL = "full"
 
 
+def press_names() -> tuple:
+  """Presses a pipeline stage may use: every press in kvjax.presses.registry whose needs a
+  prefill provides (observations, RoPE, the KVzip reconstruction, o_proj). Stages whose
+  observation requests conflict (H2O's all-query colsum vs SnapKV's window) are rejected
+  when the pipeline is built."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  return registry.names(provides=registry.PREFILL_PROVIDES)
+
+
+def __getattr__(name):
+  if name == "PRESSES":   # computed on access: presses registered later are listed too
+    return press_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def make_press(name: str, ratio: float):
   """A press by name with compression_ratio=ratio (fraction of tokens removed)."""
-  table = {"streaming_llm": press_lib.StreamingLLMPress, "knorm": press_lib.KnormPress,
-           "snapkv": press_lib.SnapKVPress,
-           "expected_attention": press_lib.ExpectedAttentionPress,
-           "keydiff": press_lib.KeyDiffPress, "random": press_lib.RandomPress}
-  if name not in table:
-    raise ValueError(f"press={name!r}; allowed: {PRESSES}")
-  return table[name](compression_ratio=float(ratio))
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  allowed = press_names()
+  if name not in allowed:
+    raise ValueError(f"press={name!r}; allowed: {allowed}")
+  return registry.make(name, float(ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +67,8 @@ class Stage:
   quant: Optional[str] = None
 
   def __post_init__(self):
-    if self.press is not None and self.press not in PRESSES:
-      raise ValueError(f"press={self.press!r}; allowed: {PRESSES} or None")
+    if self.press is not None and self.press not in press_names():
+      raise ValueError(f"press={self.press!r}; allowed: {press_names()} or None")
     if self.quant is not None and self.quant not in QUANTS:
       raise ValueError(f"quant={self.quant!r}; allowed: {QUANTS} or None")
     if self.press is not None and not 0 < self.ratio < 1:
@@ -143,8 +153,8 @@ def single_at_budget(family: str, memory_budget: float, head_dim: int, *,
   press, _, quant = family.partition("+")
   if press in QUANTS and not quant:
     press, quant = "", press
-  if press and press not in PRESSES:
-    raise ValueError(f"family={family!r}; allowed: 'full', a press {PRESSES}, a kind "
+  if press and press not in press_names():
+    raise ValueError(f"family={family!r}; allowed: 'full', a press {press_names()}, a kind "
                      f"{QUANTS}, or press+kind")
   if quant and quant not in QUANTS:
     raise ValueError(f"family={family!r}: kind {quant!r} not in {QUANTS}")

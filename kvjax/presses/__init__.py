@@ -13,6 +13,10 @@ PerLayerCompressionPress (per layer), AdaKVPress (head-wise), DuoAttentionPress
 (retrieval vs streaming heads; `profile_head_scores`), ChunkKVPress (chunk-level).
 Options of every scorer: protected sinks / recent slots, `merge="cam" | "d2o"`,
 `rerotate=True`. Composition: `compose(p1, p2)`, `PerLayerPress`, `per_layer`.
+
+By name: `registry.make("snapkv", 0.5)`, `registry.names()`; each press registers itself
+with `@registry.register(name, query_agnostic=..., needs=...)` in its own file (see
+registry.py), and launchers, benches, policies and flags read that one table.
 """
 
 from kvjax.presses.adakv import AdaKVPress
@@ -29,6 +33,7 @@ from kvjax.presses.lagkv import LagKVPress
 from kvjax.presses.per_layer import PerLayerCompressionPress, PerLayerPress, per_layer
 from kvjax.presses.pyramidkv import PyramidKVPress
 from kvjax.presses.random_press import RandomPress
+from kvjax.presses import registry
 from kvjax.presses.snapkv import SnapKVPress
 from kvjax.presses.streaming_llm import StreamingLLMPress
 from kvjax.presses.tova import TOVAPress
@@ -39,5 +44,5 @@ __all__ = [
     "KnormPress", "ExpectedAttentionPress", "KeyDiffPress", "ChunkKVPress", "LagKVPress",
     "RandomPress", "AdaKVPress", "DuoAttentionPress", "profile_head_scores",
     "PerLayerCompressionPress", "PerLayerPress", "per_layer", "ComposedPress", "compose",
-    "DecodingPress",
+    "DecodingPress", "registry",
 ]

@@ -25,9 +25,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("adakv", query_agnostic=True, wraps="snapkv")
 @dataclasses.dataclass(frozen=True)
 class AdaKVPress(base.ScorerWrapperPress):
   """Head-wise adaptive budget over any scorer.

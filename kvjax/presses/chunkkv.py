@@ -18,9 +18,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("chunkkv", query_agnostic=True, wraps="snapkv")
 @dataclasses.dataclass(frozen=True)
 class ChunkKVPress(base.ScorerWrapperPress):
   """Chunk-level selection over any scorer.

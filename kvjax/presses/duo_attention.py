@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
 def profile_head_scores(obs_list: Sequence[dict], lengths, *, sink_size: int,
@@ -59,6 +59,13 @@ def profile_head_scores(obs_list: Sequence[dict], lengths, *, sink_size: int,
   return np.stack(out)
 
 
+def _duo_factory(cls, compression_ratio, **options):
+  """Registry factory: the ratio is the fraction of heads that become streaming heads."""
+  return cls(head_compression_ratio=compression_ratio, **options)
+
+
+@registry.register("duo_attention", query_agnostic=True, needs=("head_scores",),
+                   factory=_duo_factory)
 @dataclasses.dataclass(frozen=True)
 class DuoAttentionPress(base.Press):
   """Retrieval (full) heads vs streaming (sink + recent) heads.

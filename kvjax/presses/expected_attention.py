@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from kvjax import rope as rope_lib
 from kvjax.observation import Observe
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
 def average_rope_matrix(rope: rope_lib.RopeConfig, start, n_future: int, head_dim: int):
@@ -46,6 +46,7 @@ def average_rope_matrix(rope: rope_lib.RopeConfig, start, n_future: int, head_di
   return c_full[:, :, None] * eye + s_full[:, :, None] * p
 
 
+@registry.register("expected_attention", query_agnostic=True, needs=("queries", "rope"))
 @dataclasses.dataclass(frozen=True)
 class ExpectedAttentionPress(base.ScorerPress):
   """Expected attention of future queries (kvpress defaults).

@@ -18,9 +18,10 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.observation import Observe
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("h2o", query_agnostic=False, needs=("colsum",))
 @dataclasses.dataclass(frozen=True)
 class H2OPress(base.ScorerPress):
   """Cumulative attention (heavy hitters).

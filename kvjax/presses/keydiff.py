@@ -14,13 +14,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
 def _normalize(x, eps=1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+@registry.register("keydiff", query_agnostic=True)
 @dataclasses.dataclass(frozen=True)
 class KeyDiffPress(base.ScorerPress):
   """Score = -cosine(k, mean normalised key)."""

@@ -11,9 +11,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("knorm", query_agnostic=True)
 @dataclasses.dataclass(frozen=True)
 class KnormPress(base.ScorerPress):
   """Score = -||k||_2 per slot."""

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
 def _lag_scores(x):
@@ -34,6 +34,7 @@ def _lag_scores(x):
   return jax.nn.softmax(std, axis=-1)
 
 
+@registry.register("lagkv", query_agnostic=True)
 @dataclasses.dataclass(frozen=True)
 class LagKVPress(base.ScorerPress):
   """Lag-relative scores (kvpress defaults).

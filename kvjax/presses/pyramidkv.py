@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 from kvjax.presses.snapkv import SnapKVPress
 
 
@@ -41,6 +41,7 @@ def pyramid_keep(length: int, ratio: float, window_size: int, beta: float, layer
   return int(round(max_num - layer_idx * steps))
 
 
+@registry.register("pyramidkv", query_agnostic=False, needs=("colsum",))
 @dataclasses.dataclass(frozen=True)
 class PyramidKVPress(SnapKVPress):
   """SnapKV scores with pyramid per-layer budgets.

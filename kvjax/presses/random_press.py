@@ -12,9 +12,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("random", query_agnostic=True)
 @dataclasses.dataclass(frozen=True)
 class RandomPress(base.ScorerPress):
   """Uniform random scores.

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.observation import Observe
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
 def avg_pool_slots(x, kernel_size: int):
@@ -37,6 +37,10 @@ def avg_pool_slots(x, kernel_size: int):
   return summed / kernel_size
 
 
+@registry.register("snapkv", query_agnostic=False, needs=("colsum",))
+@registry.register("snapkv_cam", query_agnostic=False, needs=("colsum",),
+                   defaults={"merge": "cam"},
+                   summary="SnapKV with evicted values merged into kept ones (CaM)")
 @dataclasses.dataclass(frozen=True)
 class SnapKVPress(base.ScorerPress):
   """Observation-window attention + pooling.

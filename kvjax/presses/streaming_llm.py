@@ -15,9 +15,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("streaming_llm", query_agnostic=True)
+@registry.register("streaming_rerotate", query_agnostic=True, needs=("rope",),
+                   defaults={"rerotate": True},
+                   summary="StreamingLLM with kept keys re-rotated to in-cache positions")
 @dataclasses.dataclass(frozen=True)
 class StreamingLLMPress(base.ScorerPress):
   """Sinks + recent window.

@@ -14,9 +14,10 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.observation import Observe
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("tova", query_agnostic=False, needs=("colsum",))
 @dataclasses.dataclass(frozen=True)
 class TOVAPress(base.ScorerPress):
   """Last-query attention averaged over heads."""
