@@ -114,6 +114,10 @@ class _Cursor:
     self.need(n, what)
     (val,) = struct.unpack_from("<" + code, self.buf, self.pos)
     self.pos += n
+    if vtype == 6 and math.isfinite(val):
+      # float32 metadata (eps, rope base): the shortest decimal that is this float32, so
+      # 1e-5 reads back as 1e-5 rather than 9.999999747378752e-06.
+      val = float(np.format_float_positional(np.float32(val), unique=True, trim="0"))
     return val
 
   def string(self, what: str) -> str:
@@ -148,8 +152,9 @@ class _Cursor:
       raise GGUFError(f"GGUF file {self.path!r}: {what} has unknown element type {etype}; "
                       f"allowed: 0..12")
     if count * min_size > self.size - self.pos:
-      raise GGUFError(f"GGUF file {self.path!r} is truncated: {what} claims {count} elements "
-                      f"({count * min_size}+ bytes), {self.size - self.pos} bytes left")
+      raise GGUFError(f"GGUF file {self.path!r} is truncated or corrupt: element count of "
+                      f"{what} is {count} ({count * min_size}+ bytes), "
+                      f"{self.size - self.pos} bytes left")
     if etype in _SCALARS:
       arr = np.frombuffer(self.buf, _NP_SCALARS[etype], count, self.pos).copy()
       self.pos += count * min_size
@@ -196,11 +201,10 @@ def read_header(path: str) -> GGUFFile:
   n_kv = cur.scalar(10, "kv_count")
   # A metadata pair takes >= 13 bytes (key length, value type, one byte), a tensor record
   # >= 28 (name length, n_dims, one dim, type, offset): bound both by the file size.
-  if n_kv * 13 > size - cur.pos:
-    raise GGUFError(f"GGUF file {path!r}: kv_count={n_kv} does not fit in {size} bytes")
-  if n_tensors * 28 > size - cur.pos:
-    raise GGUFError(f"GGUF file {path!r}: tensor_count={n_tensors} does not fit in "
-                    f"{size} bytes")
+  for field, count, least in (("kv_count", n_kv, 13), ("tensor_count", n_tensors, 28)):
+    if count * least > size - cur.pos:
+      raise GGUFError(f"GGUF file {path!r} is truncated or corrupt: {field}={count} needs "
+                      f"at least {count * least} bytes, {size - cur.pos} left")
   metadata = {}
   for i in range(n_kv):
     key = cur.string(f"metadata key #{i}")
@@ -430,7 +434,8 @@ def _llama3_from_freqs(f: GGUFFile, a: str, head_dim: int, rot: int) -> dict:
   llama.cpp divides each RoPE frequency by rope_freqs[i]; transformers' "llama3" rope type
   computes the same divisors from (factor, low_freq_factor, high_freq_factor,
   original_max_position_embeddings). The factor is the largest divisor; the rest is found
-  among the values Llama 3.x releases use, and checked divisor by divisor.
+  from the divisors between the two regimes (or among common values when too few lie
+  there), and every divisor is checked against the result.
   """
   t = f.tensors["rope_freqs.weight"]
   if t.shape != (rot // 2,):
@@ -438,16 +443,29 @@ def _llama3_from_freqs(f: GGUFFile, a: str, head_dim: int, rot: int) -> dict:
                     f"({rot // 2},)")
   divisors = read_tensor(f, "rope_freqs.weight").astype(np.float64)
   theta = _get(f, f"{a}.rope.freq_base", float, 10000.0)
-  inv = theta ** (-np.arange(0, rot, 2, dtype=np.float64) / rot)
+  wl = 2 * np.pi * theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)  # wavelengths
   factor = float(divisors.max())
-  for orig in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
-    for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
-      wl = 2 * np.pi / inv
-      smooth = np.clip((orig / wl - low) / (high - low), 0.0, 1.0)
-      want = 1.0 / ((1 - smooth) / factor + smooth)
-      if np.allclose(want, divisors, rtol=1e-4, atol=1e-5):
-        return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                "high_freq_factor": high, "original_max_position_embeddings": orig}
+  candidates = []
+  if factor > 1:
+    # Between the two regimes, smooth = orig / wl / (high - low) - low / (high - low) is
+    # linear in 1 / wl: fit it, then read (orig, high) off with low = 1 (or 2).
+    smooth = (1 / divisors - 1 / factor) / (1 - 1 / factor)
+    mid = (smooth > 1e-4) & (smooth < 1 - 1e-4)
+    if mid.sum() >= 2:
+      slope, icpt = np.polyfit(1 / wl[mid], smooth[mid], 1)
+      for low in (1.0, 2.0, 0.5):
+        if icpt < 0:
+          span = -low / icpt
+          candidates.append((round(slope * span), low, low + span))
+  candidates += [(orig, low, high) for orig in (2 ** k for k in range(6, 21))
+                 for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0))]
+  for orig, low, high in candidates:
+    smooth = np.clip((orig / wl - low) / (high - low), 0.0, 1.0)
+    want = 1.0 / ((1 - smooth) / factor + smooth)
+    if orig >= 1 and np.allclose(want, divisors, rtol=1e-4, atol=1e-5):
+      return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+              "high_freq_factor": float(np.round(high, 4)),
+              "original_max_position_embeddings": int(orig)}
   raise GGUFError(f"GGUF file {f.path!r}: the rope_freqs tensor matches no Llama 3 RoPE "
                   "scaling (factor, low/high freq factors, original context); not supported")
 
