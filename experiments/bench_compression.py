@@ -35,6 +35,8 @@ import time
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("kinds", ["bf16", "int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2", "kivi4",
                             "kivi2", "kvquant4", "think50", "lowrank50", "snapkv50+int4"],
@@ -56,6 +58,10 @@ flags.DEFINE_integer("group_size", 32, "KIVI / KVQuant group size.")
 flags.DEFINE_integer("residual", 128, "KIVI / KVQuant full-precision residual window.")
 flags.DEFINE_integer("seed", 0, "PRNG seed for weights and prompts.")
 flags.DEFINE_string("out_dir", "results/bench_compression", "Where JSON/CSV/PNG go.")
+flagcheck.ints("batch", "prompt_len", "decode_steps", "num_layers", "hidden", "num_heads",
+               "num_kv_heads", "head_dim", "group_size", lo=1)
+flagcheck.ints("residual", "seed", lo=0)
+flagcheck.writable_dir("out_dir", allow_empty=False)
 
 
 def _model():

@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small", "Preset name or HF directory.")
 flags.DEFINE_list("contexts", ["1024", "2048", "4096", "8192", "16384"], "Context lengths.")
@@ -25,6 +27,9 @@ flags.DEFINE_integer("steps", 10, "Timed decode steps per context.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and cache dtype.")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
 flags.DEFINE_string("out", None, "Optional JSON output path.")
+flagcheck.int_lists("contexts", lo=1)
+flagcheck.ints("batch", "steps", lo=1)
+flagcheck.writable_file("out")
 
 
 def fill_cache(model, batch, length, capacity, dtype):

@@ -53,6 +53,7 @@ from absl import app
 from absl import flags
 
 from experiments import compare
+from experiments import flagcheck
 
 FLAGS = flags.FLAGS
 
@@ -85,6 +86,13 @@ flags.DEFINE_float("byte_slack", 0.02, "Verdict: the adaptive pipeline may hold 
 flags.DEFINE_list("scenarios", [], "kvjax.policy.recommend scenarios to run and verify "
                   "('all' = the seven), at --scenario_budget.")
 flags.DEFINE_float("scenario_budget", 0.3, "Memory budget of the --scenarios recommendations.")
+# (compare's shared flags carry compare's validators)
+flagcheck.float_lists("budgets", lo=0.0, hi=1.0, lo_open=True)
+flagcheck.float_lists("pool_budgets", lo=0.0, hi=1.0, lo_open=True, nonempty=False)
+flagcheck.ints("calib_n", lo=1)
+flagcheck.ints("calib_length", "calib_seed", lo=0)
+flagcheck.floats("byte_slack", lo=0.0)
+flagcheck.floats("scenario_budget", lo=0.0, hi=1.0, lo_open=True)
 
 
 # --- calibration on a model -------------------------------------------------------------------

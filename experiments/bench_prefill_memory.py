@@ -35,6 +35,8 @@ import time
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["4096", "8192", "16384", "32768", "65536"], "Prompt lengths.")
 flags.DEFINE_integer("capacity", 1024, "Press budget: slots kept per kv head and layer.")
@@ -47,6 +49,10 @@ flags.DEFINE_integer("acc_examples", 2, "Pass-key examples.")
 flags.DEFINE_bool("run_chunked", True, "Run chunked prefill for real to measure its peak KV.")
 flags.DEFINE_bool("memory_analysis", True, "Compile forward + press to read XLA memory stats.")
 flags.DEFINE_string("out", None, "Optional JSON output path.")
+flagcheck.int_lists("lengths", lo=1)
+flagcheck.ints("capacity", "chunk_size", "window_size", "acc_examples", lo=1)
+flagcheck.ints("acc_length", lo=0)
+flagcheck.writable_file("out")
 
 
 def make_press(name, budget, window_size):

@@ -58,6 +58,8 @@ import time
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "HF directory or preset name (models.presets); "
                     "'default' is the shipped default model.")
@@ -93,6 +95,13 @@ flags.DEFINE_integer("rounds", 3, "Timed runs per configuration, round-robin ove
                      "configurations (each configuration's workload first runs once untimed: "
                      "it compiles every shape and gives the outputs); tokens/s is the median.")
 flags.DEFINE_string("out_dir", None, "Directory for results.json/.csv and serving.png.")
+flagcheck.ints("num_requests", "max_new_tokens", "page_size", "max_rows", "chunk",
+               "kivi_group", "table_buckets", "rounds", lo=1)
+flagcheck.ints("system_len", "prefill_batch", "press_threshold", "kivi_residual", "seed", lo=0)
+flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
+flagcheck.float_lists("budget_kib", lo=0.0, lo_open=True, nonempty=False)
+flagcheck.int_lists("full_rows", lo=1, nonempty=False)
+flagcheck.writable_dir("out_dir")
 
 QUANTS = ("full", "int8", "int4", "kivi4", "kivi2")
 

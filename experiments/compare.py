@@ -56,6 +56,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 
 DEFAULT_TECHNIQUES = ("full", "streaming_llm", "knorm", "snapkv", "expected_attention", "int8",
@@ -99,6 +101,14 @@ flags.DEFINE_string("compilation_cache", os.path.join("~", ".cache", "kvjax", "x
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "jax.distributed.initialize(): auto (when the environment is multi-host).")
 flags.DEFINE_bool("progress", True, "tqdm progress bars.")
+# Every flag is checked at parse time, before any model loads (experiments/flagcheck.py).
+flagcheck.float_lists("ratios", lo=0.0, hi=1.0, hi_open=True)
+flagcheck.int_lists("lengths", "needle_lengths", lo=1)
+flagcheck.float_lists("needle_depths", lo=0.0, hi=1.0)
+flagcheck.ints("n", "needle_n", "ppl_continuation", "batch_size", "decode_steps", "max_context",
+               lo=1)
+flagcheck.ints("file_limit", "seed", lo=0)
+flagcheck.writable_dir("out_dir", allow_empty=False)
 
 
 # --- techniques -----------------------------------------------------------------------------
@@ -391,7 +401,7 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
           meta = {k: s.meta[k] for k in ("all_classes", "options") if k in s.meta}
           acc.scores[(label, batch.index[i])] = (
               metrics.score(s.metric, pred, s.answers, **meta), 1.0)
-      last_ids = jnp.asarray(np.full((b, 1), tokenizer.encode(" ")[0], np.int32))
+      last_ids = jnp.asarray(timing_tokens(tokenizer, batch.ctx))
       if decode_steps and (label, length_key) not in timing_done:
         # one untimed step compiles; then decode_steps timed single-token steps
         lg, c = models.decode(model, last_ids, c, logits="last", backend=backend,
@@ -407,6 +417,21 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
       del c
       if bar is not None:
         bar.update(1)
+
+
+def timing_tokens(tokenizer, ctx) -> "np.ndarray":
+  """[B, 1] int32 ids fed in the untimed + timed decode-speed steps (never scored).
+
+  " " where the tokenizer encodes it to at least one id; a tokenizer that encodes " " to
+  nothing (or only to special ids it strips) gets each row's last context token instead,
+  always a real token since contexts are left-padded.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  ctx = np.asarray(ctx)
+  ids = list(tokenizer.encode(" "))
+  if ids:
+    return np.full((ctx.shape[0], 1), int(ids[0]), np.int32)
+  return ctx[:, -1:].astype(np.int32)
 
 
 def _logsumexp(x):
@@ -642,10 +667,10 @@ def main(argv):
   if jax.process_index() != 0:
     return
   title = (f"kvjax compare: {name} ({presets.count_params(model):,} params), "
-           f"{jax.devices()[0].platform} x{jax.device_count()}, mode={FLAGS.mode}")
+           f"{results.device_label()}, mode={FLAGS.mode}")
   meta = {"flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
           "model": name, "params": presets.count_params(model),
-          "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+          "devices": results.device_label(), "environment": results.environment(),
           "processes": jax.process_count(), "wall_seconds": time.time() - t0, **info}
   paths = results.write(rows, FLAGS.out_dir, meta)
   print(results.table(rows, title=title))

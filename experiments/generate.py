@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default",
                     "HF model directory, or a built-in preset name (models.presets.PRESETS).")
@@ -28,6 +30,10 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("batch", 1, "Copies of the prompt to run as a batch.")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
+flagcheck.ints("max_new_tokens", "capacity", "batch", lo=1)
+flagcheck.ints("seed", lo=0)
+flagcheck.floats("temperature", lo=0.0)
+flagcheck.floats("top_p", lo=0.0, hi=1.0, lo_open=True)
 
 
 def main(argv):

@@ -28,6 +28,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 
 
@@ -45,6 +47,10 @@ def define_flags():
   flags.DEFINE_integer("eval_examples", 512, "Standard-MQAR examples per family.")
   flags.DEFINE_string("out_dir", "", "Where results go (default: --workdir).")
   flags.mark_flags_as_required(["workdir"])
+  flagcheck.ints("steps", lo=0)
+  flagcheck.ints("context", "eval_examples", lo=1)
+  flagcheck.writable_dir("workdir", allow_empty=False)
+  flagcheck.writable_dir("out_dir")
 
 
 FIELDS = ("family", "params", "cache_bytes_per_token", "mqar_acc", "mqar_em", "train_acc",

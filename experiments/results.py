@@ -15,7 +15,11 @@ A row is one (technique, task, length[, depth]) cell:
   prefill_tok_s   context tokens / (prefill + compression) seconds
   decode_tok_s    single-token decode steps per second x batch
 
-`write` appends nothing: it rewrites both files from the rows it is given.
+`write` appends nothing: it rewrites both files from the rows it is given. Its `run.json`
+(when given `meta`) also records `environment()`: backend and device kind, device and
+process counts, jax / jaxlib / flax versions, Python, platform and the git commit, so a
+number always says which machine and code made it. `device_label()` is the short form the
+printed tables carry in their header.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import csv
 import json
 import math
 import os
+import platform
+import sys
 from typing import Iterable, Mapping, Optional, Sequence
 
 FIELDS = ("mode", "technique", "family", "press", "ratio", "quant", "task", "metric", "length",
@@ -39,8 +45,61 @@ def _clean(v):
   return v
 
 
+def device_label() -> str:
+  """Backend, device kind and count, e.g. "gpu NVIDIA H100 80GB HBM3 x8" or "cpu x1"."""
+  import jax  # pylint: disable=import-outside-toplevel
+  dev = jax.devices()[0]
+  kind = str(getattr(dev, "device_kind", "") or "")
+  name = jax.default_backend()
+  if kind and kind.lower() != name.lower():
+    name += " " + kind
+  return f"{name} x{jax.device_count()}"
+
+
+def _version(dist: str) -> Optional[str]:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def git_commit(path: Optional[str] = None) -> Optional[str]:
+  """The commit checked out at `path` (default: this repository), with "+dirty" when the
+  tracked files differ from it; None when it is not a git checkout or git is missing."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=path, capture_output=True, text=True, timeout=30,
+                           check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return sha + ("+dirty" if dirty else "") if sha else None
+
+
+def environment() -> dict:
+  """What made a result: backend, devices, library versions, Python, platform, commit."""
+  import jax  # pylint: disable=import-outside-toplevel
+  dev = jax.devices()[0]
+  return {
+      "backend": jax.default_backend(), "device_kind": str(getattr(dev, "device_kind", "")),
+      "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+      "process_count": jax.process_count(), "device": device_label(),
+      "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
+      "python": sys.version.split()[0], "platform": platform.platform(),
+      "git_commit": git_commit(),
+  }
+
+
 def write(rows: Sequence[Mapping], out_dir: str, meta: Optional[Mapping] = None) -> dict:
-  """Writes results.jsonl + results.csv (+ run.json with `meta`); returns their paths."""
+  """Writes results.jsonl + results.csv (+ run.json with `meta`); returns their paths.
+
+  run.json holds `meta` (flags, model, timings, ...) plus `"environment": environment()`
+  unless `meta` already has one.
+  """
   os.makedirs(out_dir, exist_ok=True)
   paths = {"jsonl": os.path.join(out_dir, "results.jsonl"),
            "csv": os.path.join(out_dir, "results.csv")}
@@ -56,6 +115,8 @@ def write(rows: Sequence[Mapping], out_dir: str, meta: Optional[Mapping] = None)
                   for k in list(FIELDS) + extra})
   if meta is not None:
     paths["run"] = os.path.join(out_dir, "run.json")
+    meta = dict(meta)
+    meta.setdefault("environment", environment())
     with open(paths["run"], "w") as f:
       json.dump(meta, f, indent=1, sort_keys=True, default=str)
   return paths

@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "HF model directory or preset name (models.presets).")
 flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (or .jsonl).")
@@ -52,6 +54,13 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("seed", 0, "PRNG seed (sampling and synthetic prompts).")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
 flags.DEFINE_string("out", None, "Optional JSON output path.")
+flagcheck.ints("num_requests", "max_new_tokens", "max_batch", "num_pages", "page_size",
+               "max_tokens", "chunk", "kivi_group", "table_buckets", lo=1)
+flagcheck.ints("watermark", "length_threshold", "kivi_residual", "prefill_batch", "seed", lo=0)
+flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
+flagcheck.floats("temperature", lo=0.0)
+flagcheck.existing_file("prompts_file")
+flagcheck.writable_file("out")
 
 
 def load_prompts(path, n, tokenizer, seed):

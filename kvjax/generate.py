@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import checks
+
 
 @dataclasses.dataclass
 class GenerateOutput:
@@ -48,7 +50,12 @@ def _top_p_filter(logits, top_p):
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_p", "top_k"))
 def sample(logits, key, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
-  """Samples ids [B] from logits [B, V]; temperature 0 is greedy (argmax)."""
+  """Samples ids [B] from logits [B, V]; temperature 0 is greedy (argmax).
+
+  temperature: finite >= 0; top_p in (0, 1]; top_k an int >= 0 (0 = off). These are static,
+  so they are checked when the function is traced, at no cost per call.
+  """
+  checks.sampling(temperature, top_p, top_k)
   logits = logits.astype(jnp.float32)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -61,15 +68,13 @@ def sample(logits, key, *, temperature: float = 0.0, top_p: float = 1.0, top_k: 
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _validate(max_new_tokens, temperature, top_p, top_k):
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r}; must be an int >= 1")
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature}; must be >= 0")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p}; must be in (0, 1]")
-  if top_k < 0:
-    raise ValueError(f"top_k={top_k}; must be >= 0")
+def _validate(max_new_tokens, temperature, top_p, top_k, seed, eos_id, pad_id):
+  checks.require_int("max_new_tokens", max_new_tokens, 0)
+  checks.sampling(temperature, top_p, top_k)
+  checks.require_int("seed", seed, -2 ** 63, 2 ** 64 - 1)
+  if eos_id is not None:
+    checks.require_int("eos_id", eos_id, 0)
+  checks.require_int("pad_id", pad_id, -2 ** 31, 2 ** 31 - 1)
 
 
 def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -83,8 +88,9 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
   Args:
     model: object with prefill/decode (see module docstring).
     tokens: int [B, T] prompts (left padding marked by attention_mask).
-    max_new_tokens: tokens to generate per row.
-    temperature, top_p, top_k: sampling (temperature 0 = greedy).
+    max_new_tokens: tokens to generate per row (int >= 0; 0 runs the prompt only).
+    temperature, top_p, top_k: sampling (temperature 0 = greedy): temperature finite
+      >= 0, top_p in (0, 1], top_k an int >= 0 (0 = off).
     seed: PRNG seed (randomness only through explicit keys).
     capacity: cache slots; default prompt + max_new_tokens. With a `decode_press`
       generation may run past it (the press frees slots).
@@ -102,11 +108,17 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
       prompt paged out, top-k pages per step, spec.room >= max_new_tokens). Not combined
       with press or decode_press.
   """
-  _validate(max_new_tokens, temperature, top_p, top_k)
-  tokens = jnp.asarray(tokens)
+  _validate(max_new_tokens, temperature, top_p, top_k, seed, eos_id, pad_id)
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  tokens = checks.token_ids(tokens, vocab)
   b, t = tokens.shape
+  if attention_mask is not None:
+    checks.attention_mask(attention_mask, (b, t))
+  if cache_dtype is not None:
+    checks.float_dtype("cache_dtype", cache_dtype)
   if capacity is None:
     capacity = t + max_new_tokens
+  capacity = checks.require_int("capacity", capacity)
   if decode_press is None and capacity < t + max_new_tokens:
     raise ValueError(f"capacity={capacity} < prompt ({t}) + max_new_tokens ({max_new_tokens}); "
                      "raise capacity or pass a decode_press")
@@ -144,6 +156,9 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
   nxt.block_until_ready()
   t1 = time.perf_counter()
   out = np.full((b, max_new_tokens), pad_id, np.int32)
+  if max_new_tokens == 0:  # the prompt's cache, nothing sampled
+    return GenerateOutput(tokens=out, lengths=np.zeros((b,), np.int32), cache=cache,
+                          prefill_seconds=t1 - t0, decode_seconds=0.0, steps=0)
   done = np.zeros((b,), bool)
   lengths = np.zeros((b,), np.int32)
   steps = 0

@@ -1181,7 +1181,24 @@ def check_admission(cache: PagedKVCache, pos_h) -> None:
 
 
 def pages_needed(n_tokens: int, page_size: int) -> int:
+  if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+    raise ValueError(f"page_size={page_size!r}; must be an int >= 1")
   return -(-int(n_tokens) // int(page_size))
+
+
+def check_press(press, model_cache) -> None:
+  """ValueError if a press that reads dense layers is given a cache with paged layers.
+
+  Presses gather slots of `DenseKVCache` layers; on paged layers they run through
+  `PagedPress` (which compacts a dense view and re-pages what is kept).
+  """
+  if isinstance(press, PagedPress) or not hasattr(model_cache, "layer_structs"):
+    return
+  if any(isinstance(c, PagedKVCache) for c in model_cache.layer_structs()):
+    raise ValueError(
+        f"press={type(press).__name__} works on dense KV layers, but the cache has "
+        "PagedKVCache layers; wrap it as kvjax.paged.PagedPress(press) (PagedModel does "
+        "this for kvjax.generate)")
 
 
 def check_request(cache: PagedKVCache, n_tokens: int, max_pages: Optional[int] = None) -> None:
@@ -1260,6 +1277,9 @@ def layer_factory(batch: int, kv_heads: int, head_dim: int, *, num_pages: int, p
   unless max_pages is given; every layer gets a pool of num_pages pages in `partitions`
   partitions.
   """
+  if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
+    raise ValueError(f"page_size={page_size!r}; must be an int >= 1")
+
   def make(i, capacity):
     del i
     m = max_pages

@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from kvjax import cache as cache_lib
+from kvjax import checks
 from kvjax import offload as offload_lib
+from kvjax import paged as paged_lib
 from kvjax import presses as press_lib
 from kvjax.window import WindowKVCache
 from models import transformer as tfm
@@ -57,16 +59,9 @@ def init_cache(config: ModelConfig, batch: int, capacity, *, dtype=None,
 
   The caches are stacked into the model's scan groups (kvjax.cache.group_layers).
   """
-  if isinstance(capacity, (int, np.integer)):
-    caps = [int(capacity)] * config.num_layers
-  else:
-    caps = [int(c) for c in capacity]
-    if len(caps) != config.num_layers:
-      raise ValueError(f"capacity has {len(caps)} entries; num_layers={config.num_layers}")
-  for c in caps:
-    if c < 1:
-      raise ValueError(f"capacity={c}; must be >= 1")
-  dt = jnp.dtype(dtype or config.dtype)
+  checks.require_int("batch", batch)
+  caps = checks.capacities(capacity, config.num_layers)
+  dt = checks.float_dtype("dtype", config.dtype if dtype is None else dtype)
   if layer_factory is None:
     def layer_factory(i, cap):
       return empty_layer(config, i, batch, cap, dt, window_cache)
@@ -88,6 +83,23 @@ def _check_batch(tokens, cache):
   if cache.batch != tokens.shape[0]:
     raise ValueError(f"batch mismatch: tokens have batch {tokens.shape[0]} but the cache holds "
                      f"{cache.batch} rows")
+
+
+def _check_inputs(model, b, t, *, capacity=None, attention_mask=None, prompt_lengths=None,
+                  cache=None, cache_dtype=None, press=None):
+  """Boundary checks of prefill's arguments (kvjax.checks), before anything is built."""
+  if capacity is not None:
+    checks.capacities(capacity, model.config.num_layers)
+  if attention_mask is not None:
+    checks.attention_mask(attention_mask, (b, t))
+  if prompt_lengths is not None:
+    checks.prompt_lengths(prompt_lengths, b, t)
+  if cache_dtype is not None:
+    checks.float_dtype("cache_dtype", cache_dtype)
+  if cache is not None:
+    checks.live_cache(cache)
+    if press is not None:
+      paged_lib.check_press(press, cache)
 
 
 def _check_room(cache, positions):
@@ -160,10 +172,13 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
       QuestCache); models.decode takes either (see models/offload.py). Not combined with
       press, cache, observe or chunk_size.
   """
-  tokens = tfm.check_tokens(tokens, model.config)
+  tokens = checks.token_ids(tokens, model.config.vocab_size)
   if logits not in LOGITS_MODES:
     raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
   b, t = tokens.shape
+  _check_inputs(model, b, t, capacity=capacity, attention_mask=attention_mask,
+                prompt_lengths=prompt_lengths, cache=cache, cache_dtype=cache_dtype,
+                press=press)
   if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or
                                  isinstance(chunk_size, bool) or chunk_size < 1):
     raise ValueError(f"chunk_size={chunk_size!r}; must be an int >= 1 (or None)")
@@ -187,8 +202,6 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     if attention_mask is not None:
       raise ValueError("pass either attention_mask or prompt_lengths, not both")
     pl = jnp.asarray(prompt_lengths)
-    if pl.shape != (b,):
-      raise ValueError(f"prompt_lengths shape {pl.shape}; expected {(b,)}")
     attention_mask = jnp.arange(t)[None, :] < pl[:, None]
   if offload is not None:
     from models import offload as model_offload  # pylint: disable=import-outside-toplevel
@@ -312,7 +325,10 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   or when full, see kvjax.presses.DecodingPress.
   """
   _check_decode_room(decode_room)
-  tokens = tfm.check_tokens(tokens, model.config)
+  tokens = checks.token_ids(tokens, model.config.vocab_size)
+  checks.live_cache(cache)
+  if attention_mask is not None:
+    checks.attention_mask(attention_mask, tokens.shape)
   if isinstance(cache, (offload_lib.HostCache, offload_lib.QuestCache)):
     from models import offload as model_offload  # pylint: disable=import-outside-toplevel
     if observe is not None or press is not None:
@@ -327,6 +343,8 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   if logits not in LOGITS_MODES:
     raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
   _check_batch(tokens, cache)
+  if press is not None:
+    paged_lib.check_press(press, cache)
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   if check_capacity:
     _check_room(cache, positions)

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax import cache as cache_lib
+from kvjax import checks
 from kvjax.observation import Observe
 from kvjax.presses import base as press_base
 from models import transformer as tfm
@@ -55,8 +56,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def require_int(name, value, lo=1):
   """Raises ValueError unless value is an int >= lo (the message names field and value)."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-    raise ValueError(f"{name}={value!r}; must be an int >= {lo}")
+  checks.require_int(name, value, lo)
 
 
 def require_choice(name, value, allowed):
@@ -400,7 +400,7 @@ def init_cache(config: DecoderConfig, batch: int, capacity: int, *,
   """
   require_int("batch", batch)
   require_int("capacity", capacity)
-  dt = jnp.dtype(dtype or config.dtype)
+  dt = checks.float_dtype("dtype", config.dtype if dtype is None else dtype)
   segs, sizes, periods = [], [], []
   for mixers, reps in config.groups():
     period = sum(m.has_cache for m in mixers)  # kvjax's layout: entry j of a group of
@@ -556,9 +556,12 @@ def decode(model: Decoder, tokens, cache: cache_lib.ModelCache, *, attention_mas
   With `press`, the dense-KV layers are compressed after the step (this step's
   observations; see `apply_press`) and get `decode_room` free slots each.
   """
-  tokens = tfm.check_tokens(tokens, model.config)
+  tokens = checks.token_ids(tokens, model.config.vocab_size)
   if not isinstance(cache, cache_lib.ModelCache):
     raise ValueError(f"cache must be a kvjax.cache.ModelCache; got {type(cache).__name__}")
+  checks.live_cache(cache)
+  if attention_mask is not None:
+    checks.attention_mask(attention_mask, tokens.shape)
   require_choice("logits", logits, LOGITS_MODES)
   _check_decode_room(decode_room)
   if cache.batch != tokens.shape[0]:
@@ -604,10 +607,22 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
     chunk_size: run the prompt in chunks of this many tokens (bounded activation memory);
       the result equals the one-shot prefill. Not combined with a press.
   """
-  tokens = tfm.check_tokens(tokens, model.config)
+  tokens = checks.token_ids(tokens, model.config.vocab_size)
   require_choice("logits", logits, LOGITS_MODES)
   _check_decode_room(decode_room)
   b, t = tokens.shape
+  if attention_mask is not None:
+    checks.attention_mask(attention_mask, (b, t))
+  if prompt_lengths is not None:
+    checks.prompt_lengths(prompt_lengths, b, t)
+  if capacity is not None:
+    require_int("capacity", capacity)
+  if cache_dtype is not None:
+    checks.float_dtype("cache_dtype", cache_dtype)
+  if cache is not None:
+    checks.live_cache(cache)
+  if chunk_size is not None:
+    require_int("chunk_size", chunk_size)
   room = 0
   if press is not None:
     if chunk_size is not None and chunk_size < t:
@@ -628,8 +643,6 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
     if attention_mask is not None:
       raise ValueError("pass either attention_mask or prompt_lengths, not both")
     pl = jnp.asarray(prompt_lengths)
-    if pl.shape != (b,):
-      raise ValueError(f"prompt_lengths shape {pl.shape}; expected {(b,)}")
     attention_mask = jnp.arange(t)[None, :] < pl[:, None]
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)

@@ -176,8 +176,14 @@ def load_jsonl(path: str, fmt: str, *, task: Optional[str] = None,
     raise ValueError(f"{fmt} file {path!r} does not exist")
   task = task or os.path.splitext(os.path.basename(path))[0]
   samples, errors = [], []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{fmt} file {path!r}, line {lineno}: not UTF-8 text (byte "
+                         f"{e.start} of the line is 0x{raw[e.start]:02x}); a {fmt} task "
+                         "file is UTF-8 JSON lines, is this the right file?") from e
       if not line.strip():
         continue
       try:

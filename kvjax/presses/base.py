@@ -69,7 +69,9 @@ class LayerContext:
 
 
 def check_ratio(name: str, value: float) -> None:
-  if not isinstance(value, (int, float)) or not 0 <= value < 1:
+  """ValueError unless value is a real number in [0, 1) (Python or numpy float / int)."""
+  if (isinstance(value, (bool, np.bool_)) or
+      not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1):
     raise ValueError(f"{name}={value!r}; must be a float in [0, 1)")
 
 
@@ -515,6 +517,8 @@ class ScorerPress(Press):
 
   def __post_init__(self):
     check_ratio("compression_ratio", self.compression_ratio)
+    # a numpy float hashes like the Python float: one compile for either spelling
+    object.__setattr__(self, "compression_ratio", float(self.compression_ratio))
     if self.budget is not None:
       check_nonneg_int("budget", self.budget, 1)
       if self.compression_ratio:

@@ -37,10 +37,53 @@ def test_write_round_trip(tmp_path):
   assert rows[0]["score"] == "1.0" and rows[0]["depth"] == ""
   assert list(rows[0])[:len(results.FIELDS)] == list(results.FIELDS)
   with open(paths["run"]) as f:
-    assert json.load(f) == {"model": "m"}
+    run = json.load(f)
+  assert run["model"] == "m" and set(run) == {"model", "environment"}
   # rewritten, not appended
   results.write(ROWS[:2], str(tmp_path))
   assert len(results.read_jsonl(paths["jsonl"])) == 2
+
+
+def test_run_json_records_the_environment(tmp_path):
+  import platform
+  import subprocess
+  import sys
+  from importlib import metadata
+
+  import jax
+  paths = results.write(ROWS[:1], str(tmp_path), meta={"flags": {"n": 4}})
+  with open(paths["run"]) as f:
+    env = json.load(f)["environment"]
+  dev = jax.devices()[0]
+  assert env["backend"] == jax.default_backend() == dev.platform
+  assert env["device_kind"] == dev.device_kind and env["device_count"] == jax.device_count()
+  assert env["jax"] == jax.__version__ == metadata.version("jax")
+  assert env["jaxlib"] == metadata.version("jaxlib") and env["flax"] == metadata.version("flax")
+  assert env["python"] == platform.python_version() == "%d.%d.%d" % sys.version_info[:3]
+  assert env["platform"] == platform.platform()
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                        text=True, check=False).stdout.strip()
+  if head:   # a git checkout: the commit, marked when tracked files differ from it
+    assert env["git_commit"].split("+")[0] == head
+  else:
+    assert env["git_commit"] is None
+  # a caller's own environment entry is kept as given
+  paths = results.write(ROWS[:1], str(tmp_path), meta={"environment": {"x": 1}})
+  with open(paths["run"]) as f:
+    assert json.load(f)["environment"] == {"x": 1}
+
+
+def test_device_label_names_backend_kind_and_count():
+  import jax
+  label = results.device_label()
+  assert label.startswith(jax.default_backend())
+  assert label.endswith(f" x{jax.device_count()}")
+  kind = jax.devices()[0].device_kind
+  if kind.lower() == jax.default_backend():       # CPU: the kind adds nothing
+    assert label == f"{kind} x{jax.device_count()}"
+  else:
+    assert f" {kind} x" in label
 
 
 def test_table_says_the_mode_and_every_technique():
