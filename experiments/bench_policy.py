@@ -68,9 +68,9 @@ POLICY_DEFAULTS = {"tasks": ["passkey", "kv_retrieval", "perplexity"], "lengths"
                    "out_dir": "policy_results"}
 
 flags.DEFINE_list("families", list(DEFAULT_TECHNIQUES), "Single-technique families: a press "
-                  "(streaming_llm, knorm, snapkv, expected_attention, keydiff, random), a kind "
-                  "(int8, int4, int2, kivi4, kivi2, fp8_e4m3, fp8_e5m2) or press+kind; each is "
-                  "configured for every --budgets value.")
+                  "(any of kvjax.policy.pipeline.press_names(), read from the press registry), "
+                  "a kind (int8, int4, int2, kivi4, kivi2, fp8_e4m3, fp8_e5m2) or press+kind; "
+                  "each is configured for every --budgets value.")
 flags.DEFINE_list("budgets", ["0.5", "0.3", "0.15"], "Memory budgets: KV bytes as fractions of "
                   "the bf16 full cache of the same tokens, each in (0, 1].")
 flags.DEFINE_list("pool_budgets", ["0.1", "0.75"], "Extra budgets whose sized techniques the "

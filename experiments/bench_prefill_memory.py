@@ -41,8 +41,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["4096", "8192", "16384", "32768", "65536"], "Prompt lengths.")
 flags.DEFINE_integer("capacity", 1024, "Press budget: slots kept per kv head and layer.")
 flags.DEFINE_integer("chunk_size", 1024, "Chunk size of chunked prefill.")
-flags.DEFINE_enum("press", "snapkv", ["snapkv", "streaming_llm", "knorm"], "Press.")
-flags.DEFINE_integer("window_size", 64, "SnapKV observation window.")
+
+
+def press_names() -> tuple:
+  """Presses chunked prefill can run (kvjax.presses.registry): those needing only the
+  chunk's observations and RoPE (not KVzip's reconstruction or a head pattern)."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  return registry.names(provides=("colsum", "queries", "rope"))
+
+
+flags.DEFINE_enum("press", "snapkv", press_names(), "Press (kvjax.presses.registry), run with "
+                  "an absolute budget of --capacity slots.")
+flags.DEFINE_integer("window_size", 64, "Observation window of presses that have one (SnapKV).")
 flags.DEFINE_string("model", "default", "'default' (models/default or tiny), a preset, or a dir.")
 flags.DEFINE_integer("acc_length", 2048, "Pass-key prompt length for accuracy (0 = skip).")
 flags.DEFINE_integer("acc_examples", 2, "Pass-key examples.")
@@ -56,12 +66,10 @@ flagcheck.writable_file("out")
 
 
 def make_press(name, budget, window_size):
-  from kvjax import presses as P  # pylint: disable=import-outside-toplevel
-  if name == "snapkv":
-    return P.SnapKVPress(budget=budget, window_size=window_size)
-  if name == "streaming_llm":
-    return P.StreamingLLMPress(budget=budget, n_sink=4)
-  return P.KnormPress(budget=budget)
+  """Press `name` from the registry with an absolute per-head budget of `budget` slots."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  options = {"window_size": window_size} if registry.accepts(name, "window_size") else {}
+  return registry.make(name, 0.0, **options).with_budget(budget)
 
 
 def load_model(name, longest):

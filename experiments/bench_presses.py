@@ -31,48 +31,63 @@ import time
 
 from absl import app, flags
 
+from experiments import flagcheck
+
 FLAGS = flags.FLAGS
-PRESS_NAMES = ("streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm",
-               "expected_attention", "keydiff", "chunkkv", "lagkv", "random", "adakv",
-               "duo_attention", "snapkv_cam", "streaming_rerotate")
-flags.DEFINE_string("model", "small", "Preset name (models.presets.PRESETS) or HF directory.")
-flags.DEFINE_integer("context", 8192, "Prompt tokens per row.")
-flags.DEFINE_integer("batch", 1, "Rows (the same for prefill and decode).")
-flags.DEFINE_list("presses", list(PRESS_NAMES), "Presses to time (names in PRESS_NAMES).")
-flags.DEFINE_float("ratio", 0.5, "compression_ratio (fraction removed) for the press timings.")
-flags.DEFINE_list("budgets", ["0.25", "0.5"], "Kept fractions for the decode-step comparison.")
-flags.DEFINE_integer("room", 64, "Free slots left for decoding after each press.")
-flags.DEFINE_integer("repeats", 2, "Timed runs per measurement (after one warm-up run).")
-flags.DEFINE_integer("decode_steps", 20, "Timed decode steps per cache.")
-flags.DEFINE_integer("decode_batch", 8, "Second decode batch size (rows replicated).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and cache dtype.")
-flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
-flags.DEFINE_integer("seed", 0, "Seed of the random prompt.")
-flags.DEFINE_string("out_dir", "/tmp/kvjax_bench_presses", "Where JSON/CSV/PNG results go.")
 
 
-def make_presses(ratio, num_layers, num_kv_heads, seed=0):
-  """{name: press} with kvpress defaults."""
+def press_names() -> tuple:
+  """Every press in kvjax.presses.registry (the bench supplies DuoAttention's head pattern)."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  return registry.names()
+
+
+def define_flags():
+  """The launcher's flags, defined only when it runs as a program: its names (model,
+  context, presses, ...) would collide with other absl launchers imported in one process
+  (tests import experiments.compare and this module's press table together)."""
+  flags.DEFINE_string("model", "small", "Preset name (models.presets.PRESETS) or HF directory.")
+  flags.DEFINE_integer("context", 8192, "Prompt tokens per row.")
+  flags.DEFINE_integer("batch", 1, "Rows (the same for prefill and decode).")
+  flags.DEFINE_list("presses", ["all"], "Presses to time: 'all' or names from "
+                    "kvjax.presses.registry (--presses=help lists them).")
+  flags.DEFINE_float("ratio", 0.5, "compression_ratio (fraction removed) for the press "
+                     "timings.")
+  flags.DEFINE_list("budgets", ["0.25", "0.5"], "Kept fractions for the decode-step "
+                    "comparison.")
+  flags.DEFINE_integer("room", 64, "Free slots left for decoding after each press.")
+  flags.DEFINE_integer("repeats", 2, "Timed runs per measurement (after one warm-up run).")
+  flags.DEFINE_integer("decode_steps", 20, "Timed decode steps per cache.")
+  flags.DEFINE_integer("decode_batch", 8, "Second decode batch size (rows replicated).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and cache dtype.")
+  flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random prompt.")
+  flags.DEFINE_string("out_dir", "/tmp/kvjax_bench_presses", "Where JSON/CSV/PNG results go.")
+  flagcheck.ints("context", "batch", "repeats", "decode_steps", "decode_batch", lo=1)
+  flagcheck.ints("room", "seed", lo=0)
+  flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
+  flagcheck.float_lists("budgets", lo=0.0, hi=1.0, lo_open=True)
+  flagcheck.writable_dir("out_dir", allow_empty=False)
+
+
+def make_presses(ratio, num_layers, num_kv_heads, seed=0, names=None):
+  """{name: press} for `names` (default: every registered press), kvpress defaults.
+
+  Presses that need a calibrated head pattern (DuoAttention) get a random one of the
+  model's shape; presses with a `seed` field get `seed`.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from kvjax import presses as P  # pylint: disable=import-outside-toplevel
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
   pattern = np.random.default_rng(seed).random((num_layers, num_kv_heads))
-  return {
-      "streaming_llm": P.StreamingLLMPress(compression_ratio=ratio),
-      "h2o": P.H2OPress(compression_ratio=ratio),
-      "snapkv": P.SnapKVPress(compression_ratio=ratio),
-      "pyramidkv": P.PyramidKVPress(compression_ratio=ratio),
-      "tova": P.TOVAPress(compression_ratio=ratio),
-      "knorm": P.KnormPress(compression_ratio=ratio),
-      "expected_attention": P.ExpectedAttentionPress(compression_ratio=ratio),
-      "keydiff": P.KeyDiffPress(compression_ratio=ratio),
-      "chunkkv": P.ChunkKVPress(P.SnapKVPress(compression_ratio=ratio)),
-      "lagkv": P.LagKVPress(compression_ratio=ratio),
-      "random": P.RandomPress(compression_ratio=ratio, seed=seed),
-      "adakv": P.AdaKVPress(P.SnapKVPress(compression_ratio=ratio)),
-      "duo_attention": P.DuoAttentionPress(head_compression_ratio=ratio, head_scores=pattern),
-      "snapkv_cam": P.SnapKVPress(compression_ratio=ratio, merge="cam"),
-      "streaming_rerotate": P.StreamingLLMPress(compression_ratio=ratio, rerotate=True),
-  }
+  out = {}
+  for name in (press_names() if names is None else names):
+    options = {}
+    if "head_scores" in registry.get(name).needs:
+      options["head_scores"] = pattern
+    if registry.accepts(name, "seed"):
+      options["seed"] = seed
+    out[name] = registry.make(name, ratio, **options)
+  return out
 
 
 def _time(fn, repeats):
@@ -154,9 +169,14 @@ def main(argv):
   if FLAGS.decode_batch < 1 or FLAGS.decode_batch % FLAGS.batch:
     raise app.UsageError(f"--decode_batch={FLAGS.decode_batch} must be a positive multiple of "
                          f"--batch={FLAGS.batch}")
-  unknown = [p for p in FLAGS.presses if p not in PRESS_NAMES]
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  if FLAGS.presses == ["help"]:
+    print(registry.help_text())
+    return
+  names = press_names() if FLAGS.presses == ["all"] else tuple(FLAGS.presses)
+  unknown = [p for p in names if p not in press_names()]
   if unknown:
-    raise app.UsageError(f"--presses: unknown {unknown}; allowed: {PRESS_NAMES}")
+    raise app.UsageError(f"--presses: unknown {unknown}; allowed: all, {press_names()}")
   model, _ = presets.load_model_and_tokenizer(FLAGS.model, dtype=FLAGS.dtype)
   cfg = model.config
   b, t = FLAGS.batch, FLAGS.context
@@ -170,8 +190,7 @@ def main(argv):
   prefill_s, prefill_med, (_, cache0) = _time(lambda: models.prefill(model, tokens, **kw),
                                                FLAGS.repeats)
   print(f"prefill (no observations): {prefill_s * 1e3:.1f} ms")
-  presses = {n: p for n, p in make_presses(FLAGS.ratio, cfg.num_layers, cfg.num_kv_heads,
-                                           FLAGS.seed).items() if n in FLAGS.presses}
+  presses = make_presses(FLAGS.ratio, cfg.num_layers, cfg.num_kv_heads, FLAGS.seed, names)
   observed = {}
   for obs_req in dict.fromkeys(p.observe for p in presses.values()):
     if obs_req == models.Observe():
@@ -262,4 +281,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

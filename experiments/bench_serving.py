@@ -61,6 +61,13 @@ from absl import app, flags
 from experiments import flagcheck
 
 FLAGS = flags.FLAGS
+
+
+def _policy_presses() -> tuple:
+  from kvjax import policy  # pylint: disable=import-outside-toplevel
+  return policy.press_names()
+
+
 flags.DEFINE_string("model", "default", "HF directory or preset name (models.presets); "
                     "'default' is the shipped default model.")
 flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
@@ -79,8 +86,9 @@ flags.DEFINE_integer("prefill_batch", 4, "Rows prefilled per step on a [prefill_
                      "sub-batch while the others decode (0 = every row takes the chunk step).")
 flags.DEFINE_list("configs", ["full", "int8", "int4", "kivi4", "int4+press", "kivi4+press"],
                   "Configurations: full, int8, int4, kivi4, kivi2, each optionally +press.")
-flags.DEFINE_enum("press", "streaming_llm", ["knorm", "streaming_llm", "keydiff"],
-                  "Query-agnostic press of the +press configurations.")
+flags.DEFINE_enum("press", "streaming_llm", _policy_presses(),
+                  "Query-agnostic press of the +press configurations "
+                  "(kvjax.policy.press_names(), from the press registry).")
 flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens evicted).")
 flags.DEFINE_integer("press_threshold", 96, "+press: compress prompts longer than this.")
 flags.DEFINE_integer("kivi_group", 16, "KIVI key group G (tokens; must divide page_size).")

@@ -113,21 +113,16 @@ flagcheck.writable_dir("out_dir", allow_empty=False)
 
 # --- techniques -----------------------------------------------------------------------------
 def _press_factories() -> dict:
-  from kvjax import presses as P  # pylint: disable=import-outside-toplevel
-  return {
-      "streaming_llm": lambda r: P.StreamingLLMPress(compression_ratio=r),
-      "snapkv": lambda r: P.SnapKVPress(compression_ratio=r),
-      "h2o": lambda r: P.H2OPress(compression_ratio=r),
-      "tova": lambda r: P.TOVAPress(compression_ratio=r),
-      "knorm": lambda r: P.KnormPress(compression_ratio=r),
-      "expected_attention": lambda r: P.ExpectedAttentionPress(compression_ratio=r),
-      "keydiff": lambda r: P.KeyDiffPress(compression_ratio=r),
-      "lagkv": lambda r: P.LagKVPress(compression_ratio=r),
-      "random": lambda r: P.RandomPress(compression_ratio=r),
-      "pyramidkv": lambda r: P.PyramidKVPress(compression_ratio=r),
-      "adakv": lambda r: P.AdaKVPress(press=P.SnapKVPress(compression_ratio=r)),
-      "chunkkv": lambda r: P.ChunkKVPress(press=P.SnapKVPress(compression_ratio=r)),
-  }
+  """{name: fn(ratio) -> press} for every registered press the harness can feed.
+
+  The names come from kvjax.presses.registry (one table for launchers, benches and
+  policies); the harness runs models.prefill with the presses' observations, so every press
+  whose needs a prefill provides is available (not DuoAttention: it needs a calibrated
+  head pattern).
+  """
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  return {n: (lambda r, n=n: registry.make(n, r))
+          for n in registry.names(provides=registry.PREFILL_PROVIDES)}
 
 
 def quant_names() -> tuple:
@@ -137,22 +132,6 @@ def quant_names() -> tuple:
 
 def known_techniques() -> list[str]:
   return ["full"] + sorted(_press_factories()) + list(quant_names()) + ["<press>+<kind>"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvictThenQuantize:
-  """A press, then the kept tokens quantized to `kind` (room added after quantization)."""
-  press: Any
-  kind: str
-
-  @property
-  def observe(self):
-    return self.press.observe
-
-  def compress_model(self, cache, obs=None, config=None, *, room=0, prompt_length=None):
-    from kvjax import quant  # pylint: disable=import-outside-toplevel
-    kept = self.press.compress_model(cache, obs, config, room=0, prompt_length=prompt_length)
-    return quant.quantize_model(kept, self.kind, room=room, config=config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,15 +146,17 @@ class Technique:
 
   def build(self):
     """An object with `observe` and `compress_model(cache, obs, config, room=, ...)`."""
+    from kvjax import mixed  # pylint: disable=import-outside-toplevel
     from kvjax import quant as q  # pylint: disable=import-outside-toplevel
+    from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
     if self.custom is not None:
       return self.custom
     if self.family == "full":
       return None
     if self.family == "quant":
       return q.QuantizePress(self.quant)
-    press = _press_factories()[self.press](self.ratio)
-    return press if self.family == "press" else EvictThenQuantize(press, self.quant)
+    press = registry.make(self.press, self.ratio)
+    return press if self.family == "press" else mixed.EvictThenQuantize(press, self.quant)
 
 
 def parse_techniques(names: Sequence[str], ratios: Sequence[float]) -> list[Technique]:

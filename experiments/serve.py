@@ -25,6 +25,13 @@ from absl import app, flags
 from experiments import flagcheck
 
 FLAGS = flags.FLAGS
+
+
+def _policy_presses() -> tuple:
+  from kvjax import policy  # pylint: disable=import-outside-toplevel
+  return policy.press_names()
+
+
 flags.DEFINE_string("model", "default", "HF model directory or preset name (models.presets).")
 flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (or .jsonl).")
 flags.DEFINE_integer("num_requests", 8, "Synthetic prompts when no --prompts_file is given.")
@@ -38,8 +45,9 @@ flags.DEFINE_integer("chunk", 32, "Prompt tokens fed per step while prefilling."
 flags.DEFINE_integer("watermark", 1, "Free pages kept in reserve when admitting requests.")
 flags.DEFINE_enum("policy", "swap", ["none", "swap", "swap_int8", "compress", "length"],
                   "What to do under memory pressure (see module docstring).")
-flags.DEFINE_enum("press", "knorm", ["knorm", "streaming_llm", "keydiff", "random"],
-                  "Query-agnostic press used by --policy=compress/length.")
+flags.DEFINE_enum("press", "knorm", _policy_presses(),
+                  "Query-agnostic press used by --policy=compress/length "
+                  "(kvjax.policy.press_names(), from the press registry).")
 flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens removed).")
 flags.DEFINE_integer("length_threshold", 256, "--policy=length: compress longer prompts.")
 flags.DEFINE_enum("quant", "none", ["none", "int8", "fp8_e4m3", "int4", "kivi4", "kivi2"],
