@@ -3,7 +3,11 @@
 Presses declare what they need with an `Observe` (their `observe` attribute); the model
 computes it inside attention (never as an S x S matrix) and hands each layer's dict to the
 press: {"colsum": [B, Hkv, S] (aligned with the layer's cache slots),
-        "queries": [B, Hq, W, D] last W valid queries, post-RoPE, zero-padded at the front}.
+        "queries": [B, Hq, W, D] last W valid queries, post-RoPE, zero-padded at the front,
+        "reconstruction": [B, Hkv, S] max attention each slot receives while the model
+                          re-reads its context (KVzip; models.prefill runs that extra
+                          forward in chunks of `reconstruction` tokens),
+        "o_proj": [Hq * D, H] the layer's attention output projection (CriticalKV)}.
 """
 
 from __future__ import annotations
@@ -21,16 +25,38 @@ class Observe:
       heads of each kv group ([B, Hkv, S], float32).
     colsum_window: only the last `colsum_window` queries count (SnapKV's window).
     queries: keep the last `queries` query vectors (post-RoPE) [B, Hq, W, D].
+    reconstruction: > 0: after the prompt, feed `reconstruction_prefix` + the prompt again
+      through the prefilled cache, `reconstruction` tokens at a time, and report per slot
+      the max attention probability over those queries and each kv group's query heads
+      (KVzip's context-reconstruction score). 0: off.
+    reconstruction_prefix: token ids fed before the context copy (the repeat instruction).
+    o_proj: report each layer's attention output projection weight.
   """
 
   colsum: bool = False
   colsum_window: Optional[int] = None
   queries: int = 0
+  reconstruction: int = 0
+  reconstruction_prefix: tuple = ()
+  o_proj: bool = False
 
   def merge(self, other: "Observe") -> "Observe":
     if self.colsum and other.colsum and self.colsum_window != other.colsum_window:
       raise ValueError(f"conflicting colsum_window requests: {self.colsum_window} vs "
                        f"{other.colsum_window}")
+    if (self.reconstruction and other.reconstruction and
+        tuple(self.reconstruction_prefix) != tuple(other.reconstruction_prefix)):
+      raise ValueError(f"conflicting reconstruction_prefix requests: "
+                       f"{self.reconstruction_prefix} vs {other.reconstruction_prefix}")
+    chunks = [c for c in (self.reconstruction, other.reconstruction) if c]
     return Observe(colsum=self.colsum or other.colsum,
                    colsum_window=self.colsum_window if self.colsum else other.colsum_window,
-                   queries=max(self.queries, other.queries))
+                   queries=max(self.queries, other.queries),
+                   reconstruction=min(chunks) if chunks else 0,
+                   reconstruction_prefix=tuple(self.reconstruction_prefix or
+                                               other.reconstruction_prefix),
+                   o_proj=self.o_proj or other.o_proj)
+
+  def forward_part(self) -> "Observe":
+    """What one forward pass computes (the reconstruction pass and weights come after)."""
+    return Observe(colsum=self.colsum, colsum_window=self.colsum_window, queries=self.queries)

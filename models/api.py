@@ -25,6 +25,7 @@ from kvjax import offload as offload_lib
 from kvjax import paged as paged_lib
 from kvjax import presses as press_lib
 from kvjax.window import WindowKVCache
+from models import press_inputs
 from models import transformer as tfm
 from models.config import ModelConfig
 
@@ -242,6 +243,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
   if press is not None:
     need = need.merge(getattr(press, "observe", tfm.Observe()))
   if chunked:
+    press_inputs.check_supported(need, "chunked prefill (chunk_size < prompt length)")
     if press is not None:  # checked against the whole prompt, as one-shot prefill is
       _validate_press(press, check_cache, int(chunk_size))
     return _prefill_chunks(model, tokens, positions, cache, chunk_size=int(chunk_size),
@@ -250,8 +252,10 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     _validate_press(press, check_cache, t)
   _check_room(cache, positions)
   graphdef, state = nnx.split(model)
-  out, cache, obs = _run(graphdef, state, tokens, positions, cache, observe=need,
-                         backend=backend, logits_mode=logits)
+  out, cache, obs = _run(graphdef, state, tokens, positions, cache,
+                         observe=need.forward_part(), backend=backend, logits_mode=logits)
+  obs = press_inputs.add_observations(model, _run, tokens, positions, cache, obs, need,
+                                      backend=backend)  # KVzip's reconstruction, o_proj
   if press is not None:
     cache = _apply_press(model, press, cache, obs, room=room, prompt_length=t)
   if observe is not None:
@@ -296,8 +300,10 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
     sl = slice(i * c, (i + 1) * c)
     if press is not None:
       _check_room(cache, pos[:, sl])
-    out, cache, obs = _run(graphdef, state, toks[:, sl], pos[:, sl], cache, observe=need,
-                           backend=backend, logits_mode=logits)
+    out, cache, obs = _run(graphdef, state, toks[:, sl], pos[:, sl], cache,
+                           observe=need.forward_part(), backend=backend, logits_mode=logits)
+    if need.o_proj:
+      obs = press_inputs.add_o_proj(model, obs)
     if press is not None:
       r = room if i == n - 1 else c
       if _press_fits(press, cache, c):
@@ -351,9 +357,12 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   need = observe or tfm.Observe()
   if press is not None:
     need = need.merge(getattr(press, "observe", tfm.Observe()))
+  press_inputs.check_supported(need, "models.decode")
   graphdef, state = nnx.split(model)
   out, cache, obs = _run(graphdef, state, tokens, positions, cache,
-                         observe=need, backend=backend, logits_mode=logits)
+                         observe=need.forward_part(), backend=backend, logits_mode=logits)
+  if need.o_proj:
+    obs = press_inputs.add_o_proj(model, obs)
   if press is not None:
     cache = _apply_press(model, press, cache, obs, room=decode_room)
   if observe is not None:
