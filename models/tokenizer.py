@@ -50,8 +50,11 @@ class HFTokenizer:
 
   Attributes:
     bos_id / eos_id / pad_id: special ids (None when unknown).
-    add_bos: whether `encode` prepends BOS by default (GGUF's tokenizer.ggml.add_bos_token,
-      or tokenizer_config.json's add_bos_token).
+    eos_ids: every id that ends generation (generation_config.json may list several).
+    generation: default sampling from generation_config.json ({"temperature", "top_p",
+      "top_k", "max_new_tokens"} where given; {} otherwise).
+    add_bos: whether `encode` prepends BOS by default (GGUF's tokenizer.ggml.add_bos_token;
+      False for tokenizer.json, whose callers pass add_bos explicitly).
     chat_template: the Jinja chat template, or None.
   """
 
@@ -62,21 +65,69 @@ class HFTokenizer:
       raise ValueError("HFTokenizer needs exactly one of path= (tokenizer.json) or tokenizer=")
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
     self.add_bos, self.chat_template = bool(add_bos), chat_template
+    self.eos_ids = () if eos_id is None else (int(eos_id),)
+    self.generation = {}
     if tokenizer is None:
       from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-      tokenizer = Tokenizer.from_file(path)
-      cfg_dir = os.path.dirname(path)
-      c = _read_json(os.path.join(cfg_dir, "config.json"))
-      eos = c.get("eos_token_id")
-      self.eos_id = eos[0] if isinstance(eos, list) else eos
-      self.bos_id = c.get("bos_token_id")
-      self.pad_id = c.get("pad_token_id")
-      tc = _read_json(os.path.join(cfg_dir, "tokenizer_config.json"))
-      if isinstance(tc.get("chat_template"), str):
-        self.chat_template = tc["chat_template"]
-      self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
+      _check_size(path, MAX_TOKENIZER_BYTES)
+      try:
+        tokenizer = Tokenizer.from_file(path)
+      except Exception as e:  # pylint: disable=broad-except  # the Rust error type
+        raise ValueError(f"{path}: not a readable tokenizer.json ({str(e)[:200]})") from None
+      self._configure(os.path.dirname(path), tokenizer)
     self._tok = tokenizer
     self.vocab_size = self._tok.get_vocab_size()
+
+  def _configure(self, cfg_dir: str, tokenizer) -> None:
+    """Special ids, chat template, add_bos and generation defaults from the HF files beside
+    tokenizer.json: config.json, tokenizer_config.json, generation_config.json."""
+    c = _read_json(os.path.join(cfg_dir, "config.json"))
+    tc = _read_json(os.path.join(cfg_dir, "tokenizer_config.json"))
+    gen = _read_json(os.path.join(cfg_dir, "generation_config.json"))
+    vocab = tokenizer.get_vocab_size()
+
+    def token_id(field, src, where):
+      v = src.get(field)
+      if isinstance(v, dict):   # tokenizer_config's AddedToken form {"content": ...}
+        v = v.get("content")
+      if isinstance(v, str):    # tokenizer_config names the token
+        v = tokenizer.token_to_id(v)
+      if v is None:
+        return None
+      if isinstance(v, list) and v:
+        return [token_id_value(x, field, where, vocab) for x in v]
+      return token_id_value(v, field, where, vocab)
+
+    eos = [token_id(k, src, w) for k, src, w in (
+        ("eos_token_id", gen, "generation_config.json"), ("eos_token_id", c, "config.json"),
+        ("eos_token", tc, "tokenizer_config.json"))]
+    ids = []
+    for e in eos:
+      for i in e if isinstance(e, list) else [e]:
+        if i is not None and i not in ids:
+          ids.append(i)
+    self.eos_ids = tuple(ids)
+    self.eos_id = ids[0] if ids else None
+    for attr, keys in (("bos_id", (("bos_token_id", c), ("bos_token_id", gen),
+                                   ("bos_token", tc))),
+                       ("pad_id", (("pad_token_id", c), ("pad_token_id", gen),
+                                   ("pad_token", tc)))):
+      for k, src in keys:
+        v = token_id(k, src, k)
+        if isinstance(v, list):
+          v = v[0]
+        if v is not None:
+          setattr(self, attr, v)
+          break
+    template = tc.get("chat_template")
+    if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
+      named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+      template = named.get("default")
+    if isinstance(template, str):
+      self.chat_template = template
+    self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
+    self.generation = generation_defaults(gen, os.path.join(cfg_dir,
+                                                            "generation_config.json"))
 
   def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
     """Token ids of `text` (special-token strings in it become their ids).
@@ -113,15 +164,72 @@ class HFTokenizer:
     return "" if i is None else (self._tok.id_to_token(int(i)) or "")
 
 
+MAX_JSON_BYTES = 64 << 20         # config / tokenizer_config / generation_config files
+MAX_TOKENIZER_BYTES = 512 << 20   # tokenizer.json (large vocabularies are tens of MiB)
+
+
+def _check_size(path: str, limit: int) -> int:
+  size = os.path.getsize(path)
+  if size > limit:
+    raise ValueError(f"{path}: {size} bytes, more than the {limit} bytes this file may hold; "
+                     "refusing to read it")
+  return size
+
+
 def _read_json(path: str) -> dict:
+  """A JSON object from `path` ({} if the file is absent), read only up to MAX_JSON_BYTES."""
   if not os.path.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    try:
-      d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+  _check_size(path, MAX_JSON_BYTES)
+  with open(path, "rb") as f:
+    raw = f.read(MAX_JSON_BYTES + 1)
+  try:
+    d = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
   return d if isinstance(d, dict) else {}
+
+
+def token_id_value(v, field: str, where: str, vocab: int) -> int:
+  """A special token id from a config file: an int in [0, vocab) or a ValueError."""
+  if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+    raise ValueError(f"{where}: {field}={v!r}; must be a token id in [0, {vocab})")
+  return v
+
+
+GENERATION_KEYS = {"temperature": (0.0, None), "top_p": (0.0, 1.0), "top_k": (0, None),
+                   "max_new_tokens": (1, None), "do_sample": None}
+
+
+def generation_defaults(gen: dict, where: str = "generation_config.json") -> dict:
+  """Default sampling settings from an HF generation_config.json's dict.
+
+  Returns {"temperature", "top_p", "top_k", "max_new_tokens"} for the keys present (values
+  validated); `do_sample: false` gives temperature 0 (greedy), as transformers does.
+  """
+  out = {}
+  for key, rng in GENERATION_KEYS.items():
+    if key not in gen or gen[key] is None:
+      continue
+    v = gen[key]
+    if rng is None:
+      if not isinstance(v, bool):
+        raise ValueError(f"{where}: {key}={v!r}; must be true or false")
+      continue
+    lo, hi = rng
+    is_int = isinstance(lo, int) and not isinstance(lo, float)
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and
+          (isinstance(v, int) or not is_int) and v == v and v >= lo and
+          (hi is None or v <= hi) and abs(v) != float("inf"))
+    if not ok:
+      raise ValueError(f"{where}: {key}={v!r}; must be a {'int' if is_int else 'number'} "
+                       f">= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    out[key] = int(v) if is_int else float(v)
+  if gen.get("do_sample") is False:
+    out["temperature"] = 0.0
+  if out.get("top_p") == 0.0:
+    raise ValueError(f"{where}: top_p=0; must be in (0, 1]")
+  return out
 
 
 # --- chat templates ----------------------------------------------------------------------
@@ -268,7 +376,14 @@ def from_gguf_metadata(md: dict, source: str = "GGUF metadata") -> HFTokenizer:
 
 
 def load(path: str | None):
-  """Tokenizer for a model directory or GGUF file (None or no tokenizer -> byte-level)."""
+  """Tokenizer for a model directory, a tokenizer.json file or a GGUF file.
+
+  None, or a directory without tokenizer.json or GGUF file -> ByteTokenizer. A
+  tokenizer.json is read with the tokenizer_config.json / generation_config.json /
+  config.json beside it (chat template, add_bos, special ids, generation defaults).
+  """
+  if path and os.path.isfile(path) and os.path.basename(path) == "tokenizer.json":
+    return HFTokenizer(path)
   if path and os.path.exists(os.path.join(path, "tokenizer.json")):
     return HFTokenizer(os.path.join(path, "tokenizer.json"))
   from models import gguf  # pylint: disable=import-outside-toplevel
