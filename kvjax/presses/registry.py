@@ -21,9 +21,10 @@ own package) register the same way once their module is imported.
 Metadata a consumer filters on:
   query_agnostic  the press decides without seeing the question (kvpress's evaluation
                   protocol). False for presses whose score is the attention of the last
-                  prompt queries (SnapKV, TOVA, H2O, ...): in DESIGN.md's query-agnostic
-                  mode they score the end of the context, not the question, so they are
-                  still usable, but a table should say which mode it ran.
+                  prompt queries (SnapKV, TOVA, H2O, ...): in the query-agnostic mode
+                  (docs/EVALUATION.md) they score the end of the context, not the
+                  question, so they are still usable, but a table should say which mode
+                  it ran.
   needs           what the press needs besides the layer cache, from NEEDS below. A
                   consumer that can provide a set of needs lists `names(provides=...)`.
 
