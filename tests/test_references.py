@@ -30,8 +30,10 @@ SELF = os.path.relpath(os.path.abspath(__file__), ROOT)   # holds the patterns t
 
 TEXT_EXT = (".py", ".md", ".txt", ".toml", ".cfg", ".ini", ".sh", ".yml", ".yaml", ".ipynb")
 TEXT_NAMES = (".ci/run", ".gitignore")
-CHECKED_EXT = ("py", "md", "toml", "txt", "ipynb", "sh", "json", "jsonl", "csv", "png",
-               "safetensors", "npz", "cfg", "yaml", "yml")
+# Paths in prose are checked when they name sources or docs; data files (whose names in
+# prose are often placeholders such as step_dir/checksums.json) only in backticks or links.
+PROSE_EXT = ("py", "md", "toml", "txt", "ipynb", "sh", "cfg", "yaml", "yml")
+CHECKED_EXT = PROSE_EXT + ("json", "jsonl", "csv", "png", "safetensors", "npz", "gguf")
 
 # Outputs of launchers, notebooks and tests (written at run time, not shipped), and
 # folders whose paths are relative to something other than this repository.
@@ -71,9 +73,14 @@ PROCESS = [
 _URL = re.compile(r"\b[a-zA-Z][\w+.-]*://\S+")
 _BACKTICK = re.compile(r"`([^`\n]+)`")
 _MD_LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
-_PATH = re.compile(
-    r"(?<![\w./~$<>{}-])((?:[\w-][\w.-]*/)+[\w-][\w.-]*\.(?:" + "|".join(CHECKED_EXT) + r"))"
-    r"(?::([A-Za-z_][\w.]*))?(?![\w/-])")
+def _path_re(exts):
+  return re.compile(
+      r"(?<![\w./~$<>{}-])((?:[\w-][\w.-]*/)+[\w-][\w.-]*\.(?:" + "|".join(exts) + r"))"
+      r"(?::([A-Za-z_][\w.]*))?(?![\w/-])")
+
+
+_PATH = _path_re(CHECKED_EXT)
+_PROSE_PATH = _path_re(PROSE_EXT)
 _FOREIGN = re.compile(r"[\w.-]+'s\s+`?$")   # "ggml's docs/gguf.md": another project's file
 _UPPER_MD = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")
 
@@ -139,7 +146,7 @@ def scan_text(text: str, citing: str, root: str = ROOT) -> list[str]:
       elif not os.path.exists(p) and not _ignored(target, citing):
         problems.append(f"{where}: link to a missing file: {target!r}")
     bare = _URL.sub(" ", line)
-    candidates = [(m.group(1), m.group(2)) for m in _PATH.finditer(bare)
+    candidates = [(m.group(1), m.group(2)) for m in _PROSE_PATH.finditer(bare)
                   if not _FOREIGN.search(bare[:m.start()])]
     for tm in _BACKTICK.finditer(bare):
       if _FOREIGN.search(bare[:tm.start()]):
@@ -186,6 +193,7 @@ def tree(tmp_path):
     "[the guide](docs/MISSING.md)",
     "[escape](../../outside.md)",
     "`train/configs/convert.py:retnet`",
+    "see `models/default/missing.json`",
 ])
 def test_scanner_flags(tree, line):
   assert scan_text(line, "README.md", tree), line
@@ -201,6 +209,7 @@ def test_scanner_flags(tree, line):
     "writes compare_results/results.csv and quickstart_out/frontier.png",
     "--workdir=$HOME/run, ~/.cache/kvjax/xla, <workdir>/tensorboard/events.txt, /tmp/dm/a.py",
     "GGUF (spec: ggml's docs/gguf.md); jax's `jax/experimental/pallas/ops/tpu/x.py`",
+    "Writes step_dir/checksums.json (atomically)",
     "keeps 1/2 of the slots at ratio 0.5; head_dim/2 pairs rotate",
 ])
 def test_scanner_passes(tree, line):

@@ -43,7 +43,8 @@ def test_a_backend_that_fails_otherwise_is_raised_to_warning(caplog):
 
 
 def test_other_jax_messages_and_errors_are_kept(caplog):
-  other = "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed."
+  other = ("An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not "
+           "installed.")
   assert _emit(caplog, logs.JAX_LOGGER, logging.WARNING, other) == [("WARNING", other)]
   assert _emit(caplog, logs.JAX_LOGGER, logging.ERROR, NOT_INSTALLED) == [("ERROR", NOT_INSTALLED)]
   assert _emit(caplog, logs.JAX_LOGGER, logging.INFO, "Backend 'cpu' ready") == [
