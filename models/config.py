@@ -24,6 +24,27 @@ _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype, name: str = "dtype") -> Optional[str]:
+  """A parameter dtype's name ("float32" | "bfloat16" | "float16"), or None for None.
+
+  The one place every model-level dtype argument is read (ModelConfig, from_pretrained,
+  presets, Decoder loading): accepts a string, a numpy dtype or type (np.float32) or a jnp
+  one (jnp.bfloat16); anything else is a ValueError naming `name` and the allowed values.
+  """
+  if dtype is None:
+    return None
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  try:
+    if isinstance(dtype, str):
+      import ml_dtypes  # pylint: disable=import-outside-toplevel,unused-import
+    dt = np.dtype(dtype)
+  except (TypeError, ValueError):
+    dt = None
+  if dt is None or dt.name not in DTYPES or isinstance(dtype, bool):
+    raise ValueError(f"{name}={dtype!r}; allowed: {DTYPES} (as strings, numpy or jnp dtypes)")
+  return dt.name
 # Bounds on sizes, checked before anything is allocated: (min, max) per field. Generous for
 # real models (Llama 3.1 405B: 126 layers, hidden 16384, vocab 128K; Gemma 3: vocab 262K).
 MAX_POSITIONS = 1 << 24
@@ -122,8 +143,9 @@ class ModelConfig:
                        f"{SUPPORTED_ARCHITECTURES}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act={self.hidden_act!r}; allowed: {ACTIVATIONS}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype={self.dtype!r}; allowed: {DTYPES}")
+    if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+      # np.float32 / jnp.bfloat16 / np.dtype(...) become their name (hashable, static)
+      object.__setattr__(self, "dtype", dtype_name(self.dtype))
     if self.sliding_window is not None:
       check_int("sliding_window", self.sliding_window, 1, MAX_POSITIONS)
     if self.layer_types is not None:

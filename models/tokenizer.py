@@ -53,8 +53,8 @@ class HFTokenizer:
     eos_ids: every id that ends generation (generation_config.json may list several).
     generation: default sampling from generation_config.json ({"temperature", "top_p",
       "top_k", "max_new_tokens"} where given; {} otherwise).
-    add_bos: whether `encode` prepends BOS by default (GGUF's tokenizer.ggml.add_bos_token;
-      False for tokenizer.json, whose callers pass add_bos explicitly).
+    add_bos: whether `encode` prepends BOS by default (GGUF's tokenizer.ggml.add_bos_token,
+      or tokenizer_config.json's add_bos_token).
     chat_template: the Jinja chat template, or None.
   """
 
