@@ -52,6 +52,7 @@ from ml_collections import config_flags
 from models import decoder as dec
 from models import decoder_io
 from models import from_llama
+from train import launch
 
 OBJECTIVES = ("lm", "attention_transfer")
 # Stage-1 default: mixer parameters except the value / output projections copied from the
@@ -217,7 +218,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from train import train as train_lib  # pylint: disable=import-outside-toplevel
   train_lib.maybe_initialize_distributed(FLAGS.config.distributed)
-  out = convert(FLAGS.config, FLAGS.workdir)
+  with launch.exit_on_error("train.convert"):
+    out = convert(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     for stage in ("transfer", "finetune"):
       s = out[stage]
@@ -236,4 +238,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Stage workdirs transfer/ and finetune/ (each resumable "
                       "like train.main's) and convert_summary.json are written here.")
   flags.mark_flags_as_required(["config", "workdir"])
+  launch.writable_dirs("workdir")
   app.run(main)

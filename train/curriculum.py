@@ -30,6 +30,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from train import launch
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Python file with get_config() and STAGES (e.g. "
                     "train/configs/default_model.py).")
@@ -39,6 +41,9 @@ flags.DEFINE_string("out", "", "Copy the final model, its loss curve (CSV + PNG)
                     "summary here (e.g. models/default); empty: <workdir>/final.")
 flags.DEFINE_integer("max_stages", 0, "Run only the first N stages (0: all).")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("max_stages", lambda v: isinstance(v, int) and v >= 0,
+                         message="--max_stages must be an int >= 0 (0: all stages)")
+launch.writable_dirs("workdir", "out")
 
 STAGE_KEYS = ("seq_len", "steps", "batch_size", "lr", "warmup_steps", "eval_examples",
               "weights")
@@ -162,7 +167,8 @@ def main(argv):
   train_lib.maybe_initialize_distributed(base.distributed)
   if FLAGS.max_stages:
     stages = stages[:FLAGS.max_stages]
-  s = run(base, stages, FLAGS.workdir, FLAGS.out)
+  with launch.exit_on_error("train.curriculum"):
+    s = run(base, stages, FLAGS.workdir, FLAGS.out)
   print(f"trained {len(stages)} stage(s) in {s['total_seconds']:.0f}s")
 
 

@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from train import launch
+
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file(
@@ -24,6 +26,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
                     "event files and the exported model; an existing one is resumed.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+launch.writable_dirs("workdir")
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -46,7 +50,8 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with launch.exit_on_error("train.main"):   # a bad setting or a diverged run: status 1
+    summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   summary.pop("trainer", None)
   logging.info("done: %s", summary)
   if jax.process_index() == 0:

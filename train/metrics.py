@@ -150,6 +150,29 @@ def _fmt(v: float) -> str:
   return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str, *, drop_torn_tail: bool = False):
+  """The rows of a metrics.jsonl file.
+
+  With drop_torn_tail, returns (rows, torn): a last line that is not complete JSON (a run
+  killed while writing it) is left out and returned as `torn` ("" when none). Any other
+  unreadable line raises ValueError naming the file and line.
+  """
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  while lines and not lines[-1].strip():
+    lines.pop()
+  rows, torn = [], ""
+  for i, raw in enumerate(lines, 1):
+    if not raw.strip():
+      continue
+    try:
+      row = json.loads(raw.decode("utf-8"))
+      if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+      if drop_torn_tail and i == len(lines):
+        torn = raw.decode("utf-8", "replace")
+        break
+      raise ValueError(f"{path}:{i}: not a JSON object ({e})") from e
+    rows.append(row)
+  return (rows, torn) if drop_torn_tail else rows

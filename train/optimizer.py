@@ -8,6 +8,7 @@ optimizer state, so the schedule resumes with it.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -16,10 +17,34 @@ import optax
 from train.sharding import path_str
 
 
+def _real(name, v, lo, hi=math.inf, lo_open=False, hi_open=False):
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+  if not ok:
+    rng = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+           if hi != math.inf else f"{'>' if lo_open else '>='} {lo}")
+    raise ValueError(f"opt.{name}={v!r}; must be a finite number {'in ' if hi != math.inf else ''}"
+                     f"{rng}")
+
+
+def check_config(c) -> None:
+  """ValueError naming the first setting of config.opt that cannot train (NaN lr, ...)."""
+  _real("lr", c.lr, 0.0, lo_open=True)
+  _real("min_lr_ratio", c.min_lr_ratio, 0.0, 1.0)
+  _real("weight_decay", c.weight_decay, 0.0)
+  _real("b1", c.b1, 0.0, 1.0, hi_open=True)
+  _real("b2", c.b2, 0.0, 1.0, hi_open=True)
+  _real("eps", c.eps, 0.0, lo_open=True)
+  _real("clip_norm", c.clip_norm, 0.0)
+  for name in ("warmup_steps", "decay_steps"):
+    v = getattr(c, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+      raise ValueError(f"opt.{name}={v!r}; must be an int")
+
+
 def learning_rate_schedule(c) -> optax.Schedule:
   """c: config.opt (lr, warmup_steps, decay_steps, min_lr_ratio)."""
-  if c.lr <= 0:
-    raise ValueError(f"opt.lr={c.lr}; must be > 0")
+  check_config(c)
   if c.warmup_steps < 0 or c.decay_steps < 1:
     raise ValueError(f"opt.warmup_steps={c.warmup_steps}, opt.decay_steps={c.decay_steps}; "
                      "need warmup >= 0 and decay >= 1")

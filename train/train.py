@@ -20,6 +20,7 @@ Shapes: A accumulation steps, B global batch, M = B / A micro-batch, T seq_len, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -109,7 +110,18 @@ def check_config(c, parts: ModelParts, mesh: Mesh):
   def need(ok, msg):
     if not ok:
       raise ValueError(msg)
-  need(c.steps >= 1, f"steps={c.steps}; must be >= 1")
+  def need_int(name, v, lo):
+    need(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+         f"{name}={v!r}; must be an int >= {lo}")
+  need_int("steps", c.steps, 1)
+  need_int("batch_size", c.batch_size, 1)
+  need_int("eval_batch_size", c.eval_batch_size, 1)
+  need_int("eval_examples", c.eval_examples, 0)
+  need_int("log_every", c.log_every, 1)
+  need_int("eval_every", c.eval_every, 0)
+  need_int("checkpoint_every", c.checkpoint_every, -1)
+  need_int("keep_checkpoints", c.keep_checkpoints, 1)
+  opt_lib.check_config(c.opt)
   need(c.seq_len >= 2, f"seq_len={c.seq_len}; must be >= 2")
   need(c.grad_accum_steps >= 1, f"grad_accum_steps={c.grad_accum_steps}; must be >= 1")
   need(c.model.param_dtype in DTYPES and c.model.compute_dtype in DTYPES,
@@ -440,6 +452,57 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
   return False
 
 
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN / inf loss; raised at the first such step, before it is saved."""
+
+  def __init__(self, step: int, value: float, last_checkpoint: Optional[int], lr: float):
+    self.step, self.value = step, value
+    saved = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+             else "no checkpoint was written")
+    super().__init__(
+        f"loss is {value} at step {step} (the first non-finite loss); training stopped "
+        f"without saving that state ({saved}). Lower opt.lr (now {lr}), raise "
+        "opt.warmup_steps or set opt.clip_norm, or check the data, then resume")
+
+
+def _check_losses(pending: list, host: list, last_checkpoint, lr) -> None:
+  """NonFiniteLossError at the first step of `pending` [(step, metrics)] whose loss is not
+  finite (`host`: the same metrics fetched to the host)."""
+  for (st, _), h in zip(pending, host):
+    v = float(h["loss"])
+    if not np.isfinite(v):
+      raise NonFiniteLossError(st, v, last_checkpoint, lr)
+
+
+@contextlib.contextmanager
+def _close_on_error(ckpt, writer, pbar):
+  """On an exception in the loop: finish pending saves (and their manifests), close files."""
+  try:
+    yield
+  except BaseException:
+    if pbar is not None:
+      pbar.close()
+    if ckpt is not None:
+      ckpt.close()
+    writer.close()
+    raise
+
+
+def _preempted(flag: bool, step: int, every: int) -> bool:
+  """Whether to checkpoint and stop now. One process: as soon as its SIGTERM arrived.
+
+  Several processes must stop at the same step (the save is collective), and the notice
+  reaches them at different times: every `every` steps they agree on it, any process's
+  flag stopping all (orbax-style preemption sync, over jax.distributed).
+  """
+  if jax.process_count() == 1:
+    return flag
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 class _Preemption:
   """Turns SIGTERM into a flag checked between steps (checkpoint, then stop)."""
 
@@ -489,15 +552,18 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=c.keep_checkpoints,
                                  async_save=c.async_checkpoint)
-  latest = ckpt.latest_step() if ckpt else None
+  latest = ckpt.latest_intact_step() if ckpt else None
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   if latest is not None:
     state, data_state = ckpt.restore(latest, trainer.abstract_state, trainer.meta)
     trainer.state = state
     mixture.restore(data_state)
     logging.info("resumed from %s step %d", ckpt.directory, latest)
     if jax.process_index() == 0:
-      _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), latest)
+      _truncate_metrics(metrics_path, latest)
   else:
+    if jax.process_index() == 0:  # rows of a run that never checkpointed are redone
+      _truncate_metrics(metrics_path, 0)
     trainer.init_state()
     if c.init_from:
       warm_start(trainer, c.init_from)
@@ -525,11 +591,21 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
   t_start = time.time()
   compile_s = None
 
+  saved_step = [latest]
+
+  def check_pending():
+    """Raises NonFiniteLossError before a non-finite state is logged as fine or saved."""
+    if pending:
+      _check_losses(pending, jax.device_get([m for _, m in pending]), saved_step[0],
+                    c.opt.lr)
+
   def save(step):
+    check_pending()
     if ckpt is not None:
       ckpt.save(step, trainer.state, mixture.state(), trainer.meta)
+      saved_step[0] = step
 
-  with _Preemption() as preempt:
+  with _Preemption() as preempt, _close_on_error(ckpt, writer, pbar):
     while step < c.steps:
       batch = trainer.train_batch(mixture)
       t0 = time.time()
@@ -540,11 +616,12 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
         t_last, step_last = time.time(), step + 1
         logging.info("first step (compile + run): %.2fs", compile_s)
       step += 1
-      pending.append(m)
+      pending.append((step, m))
       if pbar is not None:
         pbar.update(1)
       if step % c.log_every == 0 or step == c.steps:
-        host = jax.device_get(pending)
+        host = jax.device_get([m for _, m in pending])
+        _check_losses(pending, host, saved_step[0], c.opt.lr)
         pending = []
         now = time.time()
         dt, dsteps = now - t_last, step - step_last
@@ -567,8 +644,8 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
         writer.write(step, ev, log=True)
         summary["eval"] = ev
         t_last, step_last = time.time(), step   # keep eval time out of tokens/s
-      stop = preempt.flag or (stop_after_steps is not None
-                              and step - start_step >= stop_after_steps)
+      stop = _preempted(preempt.flag, step, c.log_every) or (
+          stop_after_steps is not None and step - start_step >= stop_after_steps)
       if (c.checkpoint_every > 0 and step % c.checkpoint_every == 0) or step == c.steps \
           or stop:
         save(step)
@@ -596,14 +673,26 @@ def train_and_evaluate(c, workdir: str, *, stop_after_steps: Optional[int] = Non
 
 
 def _truncate_metrics(path: str, step: int):
-  """Drops rows logged after `step` (a crash after the checkpoint); they will be redone."""
+  """Drops rows logged after `step` (a crash after the checkpoint); they will be redone.
+
+  A torn last line (the process was killed while writing it) is dropped with a warning;
+  the file is rewritten atomically (temp file + rename), so a kill during the rewrite
+  leaves either the old file or the new one.
+  """
   if not os.path.exists(path):
     return
-  rows = metrics_lib.read_jsonl(path)
+  rows, torn = metrics_lib.read_jsonl(path, drop_torn_tail=True)
+  if torn:
+    logging.warning("%s: dropped a torn last line (%d bytes, not JSON: the run was killed "
+                    "while writing it); its step is redone", path, len(torn))
   keep = [r for r in rows if r.get("step", 0) <= step]
-  if len(keep) != len(rows):
-    with open(path, "w") as f:
+  if len(keep) != len(rows) or torn:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def warm_start(trainer: Trainer, path: str) -> dict:
