@@ -1,9 +1,17 @@
-"""Training data without downloads: byte-level text streams, synthetic tasks, and a mixer.
+"""Training data without downloads: text streams (bytes or any tokenizer), synthetic tasks,
+and a mixer.
 
 Sources share one protocol: `source.example(seed, index) -> tasks.Example`, a pure function.
-Text sources cut a byte stream (documents joined by EOS) into fixed-length chunks and visit
+Text sources cut a token stream (documents joined by EOS) into fixed-length chunks and visit
 the chunks of each epoch in a seeded random order, so chunk `index` is also a pure function
 of (seed, index).
+
+Tokens are UTF-8 bytes (ByteTokenizer ids) by default. A text source's `tokenizer` setting
+picks another: a directory with tokenizer.json (its tokenizer_config.json /
+generation_config.json / config.json are honoured), a tokenizer.json file, a .gguf file (or
+a directory holding one), or a named model (`models.fetch.MODELS`, e.g. "smollm2-135m");
+"" or "bytes" keeps bytes. Documents are then tokenised once, when the source is built
+(no BOS; the tokenizer's EOS separates documents).
 
 `Mixture` draws each row of a batch from one source (chosen by a hash of (seed, row index)
 with the configured weights) and keeps one counter per source; its whole state is a small
@@ -132,23 +140,73 @@ def file_corpus(paths: Sequence[str], jsonl_field: str = "text") -> Corpus:
   return Corpus(names, [len(d) for d in docs], lambda i: docs[i])
 
 
-class TextStream:
-  """Fixed-length chunks of a corpus's byte stream (docs joined by EOS), shuffled per epoch.
+BYTES = ("", "bytes")
 
-  Chunk c holds stream bytes [c * L, c * L + L); every target counts in the loss except
-  the first token (nothing predicts it).
+
+def load_tokenizer(spec: str):
+  """The tokenizer a text source's `tokenizer` setting names (None: UTF-8 bytes).
+
+  Args:
+    spec: "" / "bytes"; a directory with tokenizer.json; a tokenizer.json file; a .gguf
+      file or a directory holding one; or a named model from models.fetch.MODELS.
+  """
+  from models import fetch  # pylint: disable=import-outside-toplevel
+  from models import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  if not isinstance(spec, str):
+    raise ValueError(f"tokenizer={spec!r}; must be a string (path, model name or 'bytes')")
+  if spec in BYTES:
+    return None
+  path = spec
+  if not os.path.exists(path):
+    if path in fetch.MODELS:
+      path = fetch.ensure(path)
+    else:
+      raise ValueError(f"tokenizer={spec!r} is neither an existing path (a directory with "
+                       "tokenizer.json, a tokenizer.json file, a .gguf file) nor a named "
+                       f"model {sorted(fetch.MODELS)}, nor 'bytes'")
+  tok = tok_lib.load(path)
+  if isinstance(tok, tok_lib.ByteTokenizer):
+    raise ValueError(f"tokenizer={spec!r}: no tokenizer.json or .gguf file there; use "
+                     "'bytes' for byte-level text")
+  if tok.eos_id is None:
+    raise ValueError(f"tokenizer={spec!r} has no EOS token (needed between documents); set "
+                     "eos_token_id in config.json / generation_config.json")
+  return tok
+
+
+class TextStream:
+  """Fixed-length chunks of a corpus's token stream (docs joined by EOS), shuffled per epoch.
+
+  Chunk c holds stream tokens [c * L, c * L + L); every target counts in the loss except
+  the first token (nothing predicts it). Tokens are the docs' bytes, or with `tokenizer`
+  its ids (every doc tokenised once, here).
   """
 
-  def __init__(self, corpus: Corpus, length: int, shuffle: bool = True):
+  def __init__(self, corpus: Corpus, length: int, shuffle: bool = True, tokenizer=None):
     if length < 2:
       raise ValueError(f"TextStream: length={length}; must be >= 2")
     self.corpus, self.length, self.shuffle = corpus, length, shuffle
-    self._ends = np.cumsum(corpus.sizes + 1)  # +1: the EOS after each doc
+    self.tokenizer = tokenizer
+    self.eos = EOS if tokenizer is None else int(tokenizer.eos_id)
+    self._tokens = None
+    sizes = corpus.sizes
+    if tokenizer is not None:
+      self._tokens = []
+      for i in range(len(corpus)):
+        try:
+          text = corpus.doc(i).decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise ValueError(f"document {corpus.names[i]!r} is not UTF-8 text ({e}); a "
+                           "tokenizer reads text") from None
+        self._tokens.append(np.asarray(tokenizer.encode(text, add_bos=False), np.int32))
+      sizes = np.asarray([len(t) for t in self._tokens], np.int64)
+    self._ends = np.cumsum(sizes + 1)  # +1: the EOS after each doc
     total = int(self._ends[-1])
     self.num_chunks = total // length
     if self.num_chunks < 1:
-      raise ValueError(f"TextStream: the corpus holds {total} bytes, fewer than one chunk "
-                       f"of length {length}")
+      unit = "bytes" if tokenizer is None else "tokens"
+      raise ValueError(f"TextStream: the corpus holds {total} {unit} (EOS included), fewer "
+                       f"than one chunk of length {length}")
     self._perm_cache = {}
 
   def _chunk_id(self, seed, index):
@@ -161,19 +219,23 @@ class TextStream:
           self.num_chunks)}
     return int(self._perm_cache[key][i])
 
+  def _doc_tokens(self, d: int) -> np.ndarray:
+    if self._tokens is not None:
+      return self._tokens[d]
+    return np.frombuffer(self.corpus.doc(d), np.uint8)
+
   def read(self, start: int, n: int) -> np.ndarray:
-    """n tokens of the stream starting at byte `start`."""
+    """n tokens of the stream starting at token `start`."""
     out = np.empty(n, np.int32)
     filled = 0
     d = bisect.bisect_right(self._ends, start)
     pos = start - (int(self._ends[d - 1]) if d else 0)
     while filled < n:
-      doc = self.corpus.doc(d)
-      piece = np.frombuffer(doc, np.uint8)[pos:pos + n - filled]
+      piece = self._doc_tokens(d)[pos:pos + n - filled]
       out[filled:filled + len(piece)] = piece
       filled += len(piece)
       if filled < n:  # doc exhausted: its EOS, then the next doc
-        out[filled] = EOS
+        out[filled] = self.eos
         filled += 1
         d, pos = d + 1, 0
     return out
@@ -192,13 +254,22 @@ def make_source(name: str, spec: Mapping, length: int, split: str = "train"):
   """One source from its config entry (`kind` plus settings; `weight` is read by the mixer).
 
   kinds: the task names in `tasks.TASKS`, "stdlib" (settings: heldout_percent), "files"
-  (settings: paths, jsonl_field).
+  (settings: paths, jsonl_field). Text kinds also take `tokenizer` (see `load_tokenizer`;
+  default bytes); tasks are byte-level and refuse it.
   """
   spec = dict(spec)
   spec.pop("weight", None)
   kind = spec.pop("kind", name)
+  tok_spec = spec.pop("tokenizer", "")
+  if kind not in ("stdlib", "files"):
+    if tok_spec not in BYTES:
+      raise ValueError(f"source {name!r}: kind {kind!r} is a byte-level task; tokenizer="
+                       f"{tok_spec!r} applies only to text kinds ('stdlib', 'files')")
+    return tasks_lib.make_task(kind, length, **spec)
+  tok = _cached_tokenizer(tok_spec)
   if kind == "stdlib":
-    return TextStream(stdlib_corpus(split, **spec), length, shuffle=split == "train")
+    return TextStream(stdlib_corpus(split, **spec), length, shuffle=split == "train",
+                      tokenizer=tok)
   if kind == "files":
     paths = spec.pop("paths", "")
     eval_paths = spec.pop("eval_paths", "")
@@ -208,8 +279,13 @@ def make_source(name: str, spec: Mapping, length: int, split: str = "train"):
       paths = eval_paths
     if not paths:
       raise ValueError(f"source {name!r}: kind 'files' needs paths (comma-separated)")
-    return TextStream(file_corpus(paths, **spec), length, shuffle=split == "train")
-  return tasks_lib.make_task(kind, length, **spec)
+    return TextStream(file_corpus(paths, **spec), length, shuffle=split == "train",
+                      tokenizer=tok)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(spec):
+  return load_tokenizer(spec)
 
 
 def is_task(source) -> bool:
