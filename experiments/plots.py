@@ -1,10 +1,14 @@
-"""PNG plots of a comparison (matplotlib, Agg backend; nothing is shown on screen).
+"""PNG plots of a comparison (matplotlib).
 
   frontier(rows, path)    memory-accuracy frontier: mean accuracy vs KV bytes per sequence,
                           one marker per technique, one colour per family, the full cache
                           as a reference line
   needle_heatmaps(rows, path)   one depth x length heatmap per technique (accuracy %)
   throughput(rows, path)  decode tokens/s vs context length, one line per technique
+
+Every plot is saved as a PNG. With `show=True` it is also shown where a figure can be shown
+(a notebook's inline backend, a desktop window); launchers and scripts run on the Agg
+backend (set here unless an IPython kernel chose a backend) and never open windows.
 """
 
 from __future__ import annotations
@@ -17,16 +21,34 @@ from experiments import results as results_lib
 
 
 def _plt():
+  import sys  # pylint: disable=import-outside-toplevel
   import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
+  if "ipykernel" not in sys.modules:   # a notebook keeps its inline backend
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   return plt
+
+
+def can_show() -> bool:
+  """Whether plt.show() displays anything (not on Agg and other file-only backends)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  backend = matplotlib.get_backend().lower()
+  return backend not in ("agg", "pdf", "ps", "svg", "cairo", "pgf", "template")
+
+
+def _finish(plt, fig, path: str, show: bool) -> str:
+  fig.savefig(path, dpi=110)
+  if show and can_show():
+    plt.show()
+  plt.close(fig)
+  return path
 
 
 FAMILY_MARKERS = {"full": "*", "press": "o", "quant": "s", "press+quant": "^"}
 
 
-def frontier(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[str]:
+def frontier(rows: Iterable[Mapping], path: str, title: str = "",
+             show: bool = False) -> Optional[str]:
   """Mean accuracy over the accuracy tasks vs KV bytes per sequence; None if no data."""
   summ = results_lib.summary(list(rows))
   pts = []
@@ -86,12 +108,11 @@ def frontier(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[st
     bx.legend(fontsize=7)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(plt, fig, path, show)
 
 
-def needle_heatmaps(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[str]:
+def needle_heatmaps(rows: Iterable[Mapping], path: str, title: str = "",
+                    show: bool = False) -> Optional[str]:
   """Depth x length accuracy heatmaps, one panel per technique; None without needle rows."""
   rows = [r for r in rows if r["task"] == "needle"]
   if not rows:
@@ -123,12 +144,11 @@ def needle_heatmaps(rows: Iterable[Mapping], path: str, title: str = "") -> Opti
   fig.suptitle(title or "needle in a haystack: accuracy % (depth x length)", fontsize=9)
   if im is not None:
     fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy %")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(plt, fig, path, show)
 
 
-def throughput(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[str]:
+def throughput(rows: Iterable[Mapping], path: str, title: str = "",
+               show: bool = False) -> Optional[str]:
   """Decode tokens/s vs context length per technique; None without decode timings."""
   pts: dict = {}
   for r in rows:
@@ -148,15 +168,16 @@ def throughput(rows: Iterable[Mapping], path: str, title: str = "") -> Optional[
   ax.grid(alpha=0.3)
   ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _finish(plt, fig, path, show)
 
 
-def all_plots(rows, out_dir: str, title: str = "") -> dict:
+def all_plots(rows, out_dir: str, title: str = "", show: bool = False) -> dict:
+  """Every plot that has data, as PNGs in `out_dir` (and shown with `show`); {name: path}."""
   os.makedirs(out_dir, exist_ok=True)
   rows = list(rows)
-  got = {"frontier": frontier(rows, os.path.join(out_dir, "frontier.png"), title),
-         "needle": needle_heatmaps(rows, os.path.join(out_dir, "needle_heatmap.png"), title),
-         "throughput": throughput(rows, os.path.join(out_dir, "throughput.png"), title)}
+  got = {"frontier": frontier(rows, os.path.join(out_dir, "frontier.png"), title, show),
+         "needle": needle_heatmaps(rows, os.path.join(out_dir, "needle_heatmap.png"), title,
+                                   show),
+         "throughput": throughput(rows, os.path.join(out_dir, "throughput.png"), title,
+                                  show)}
   return {k: v for k, v in got.items() if v}

@@ -21,15 +21,6 @@
 # compression, and compare it with two built-in presses on the default model.
 
 # %%
-import importlib.util
-import subprocess
-import sys
-
-REPO = "git+https://github.com/kvjax/kvjax.git"   # or your fork
-if importlib.util.find_spec("kvjax") is None:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", REPO], check=True)
-
-# %%
 import dataclasses
 import os
 

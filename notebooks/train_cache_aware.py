@@ -22,15 +22,6 @@
 # bytes of their caches at a long context.
 
 # %%
-import importlib.util
-import subprocess
-import sys
-
-REPO = "git+https://github.com/kvjax/kvjax.git"   # or your fork
-if importlib.util.find_spec("kvjax") is None:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", REPO], check=True)
-
-# %%
 import os
 import tempfile
 

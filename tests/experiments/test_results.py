@@ -116,3 +116,28 @@ def test_perplexity_verdict_relative_tolerance():
   assert v == {"knorm": (2.0, "knorm@0.5"), "int8": (1.9, "int8")}
   # passkey 100, kv 90, needle mean(100, 50) = 75 -> 88.3
   assert abs(results.full_accuracy(ROWS) - (1.0 + 0.9 + 0.75) / 3) < 1e-12
+
+
+def test_plots_are_shown_only_where_a_figure_can_be_shown(tmp_path, monkeypatch):
+  import warnings
+
+  import matplotlib
+  import matplotlib.pyplot as plt
+  shown = []
+  monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(len(plt.get_fignums())))
+  # Agg (scripts, CI): saved, never shown, and no "cannot be shown" warning
+  assert not plots.can_show()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = plots.all_plots(ROWS, str(tmp_path / "agg"), show=True)
+  assert set(got) == {"frontier", "needle", "throughput"} and shown == []
+  # a notebook's inline backend: each plot is saved, then shown while its figure is open
+  monkeypatch.setattr(matplotlib, "get_backend",
+                      lambda: "module://matplotlib_inline.backend_inline")
+  assert plots.can_show()
+  got = plots.all_plots(ROWS, str(tmp_path / "inline"), show=True)
+  assert shown == [1, 1, 1] and plt.get_fignums() == []
+  assert all(os.path.getsize(p) > 1000 for p in got.values())
+  shown.clear()
+  plots.all_plots(ROWS, str(tmp_path / "off"))          # show defaults to False
+  assert shown == []
