@@ -178,8 +178,9 @@ def main(argv):
   if jax.process_index() != 0:
     return
   text = tok.decode(out.tokens[0, :out.lengths[0]])
+  from experiments import results  # pylint: disable=import-outside-toplevel
   print(f"model: {FLAGS.model or 'default'}  params: {presets.count_params(model):,}  "
-        f"devices: {jax.devices()[0].platform} x{jax.device_count()}")
+        f"devices: {results.device_label()}")
   print("-" * 60)
   print(FLAGS.prompt + text)
   print("-" * 60)
