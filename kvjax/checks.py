@@ -84,16 +84,19 @@ def token_ids(tokens, vocab_size: Optional[int], name: str = "tokens"):
   if tokens.shape[0] < 1 or tokens.shape[1] < 1:
     raise ValueError(f"{name} must hold at least one row and one token per row; got shape "
                      f"{tuple(tokens.shape)}")
-  if vocab_size is not None and is_concrete(tokens):
-    host = np.asarray(tokens)
+  if not is_concrete(tokens):
+    return tokens.astype(jnp.int32)
+  host = np.asarray(tokens)
+  if vocab_size is not None:
     lo, hi = host.min(), host.max()
     if lo < 0 or hi >= vocab_size:
       bad = lo if lo < 0 else hi
       where = tuple(int(i) for i in np.argwhere(host == bad)[0])
       raise ValueError(f"{name} holds id {int(bad)} at {where}; ids must be in [0, "
                        f"{vocab_size}) (the model's vocab_size)")
-  return jnp.asarray(tokens).astype(jnp.int32) if is_concrete(tokens) else tokens.astype(
-      jnp.int32)
+  if isinstance(tokens, jax.Array) and dt == np.int32:
+    return tokens                      # already on device in the right dtype: no copy
+  return jnp.asarray(host.astype(np.int32))
 
 
 def attention_mask(mask, shape: Sequence[int], name: str = "attention_mask"):

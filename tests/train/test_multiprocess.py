@@ -97,3 +97,48 @@ def test_two_processes_equal_one_process(tmp_path):
   for k in one["params"]:
     np.testing.assert_allclose(multi["params"][k], one["params"][k], rtol=1e-5, atol=1e-7,
                                err_msg=k)
+
+
+_TRAIN = r"""
+import json, sys
+import jax
+pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=pid, initialization_timeout=120)
+from tests.train.helpers import tiny_config
+from train import train as train_lib
+c = tiny_config(**{"steps": 100000, "eval_examples": 0, "checkpoint_every": 0,
+                   "tensorboard": False, "log_every": 2, "opt.decay_steps": 50})
+s = train_lib.train_and_evaluate(c, workdir)
+print("STOPPED", s["step"], flush=True)
+"""
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  """A preemption notice reaching one host only: all hosts agree on the step, save it."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  port, work = str(_free_port()), str(tmp_path / "run")
+  procs = [subprocess.Popen([sys.executable, "-c", _TRAIN, str(i), port, work], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  metrics = os.path.join(work, "metrics.jsonl")
+  t0 = time.time()
+  while not (os.path.exists(metrics) and '"step": 4' in open(metrics).read()):
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+    assert time.time() - t0 < 400, "no step logged in 400 s"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)      # process 0 never gets the notice
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-3000:]
+  steps = {int(o.split("STOPPED")[1].split()[0]) for o, _ in outs}
+  assert len(steps) == 1, steps                # both stopped at the same step
+  k = steps.pop()
+  assert k % 2 == 0                            # a step where they agreed (log_every=2)
+  assert os.listdir(os.path.join(work, "checkpoints")) == [str(k)]
+  rows = [json.loads(l) for l in open(metrics) if l.strip()]
+  assert [r["step"] for r in rows] == list(range(2, k + 1, 2))
