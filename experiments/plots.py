@@ -53,14 +53,14 @@ def frontier(rows: Iterable[Mapping], path: str, title: str = "",
   summ = results_lib.summary(list(rows))
   pts = []
   for s in summ:
-    accs = [v for t, v in s["scores"].items() if t != "perplexity"]
+    accs = [v for t, v in s["scores"].items() if not results_lib.is_perplexity(t)]
     if accs and s["kv_bytes"]:
       pts.append((s["kv_bytes"], 100 * sum(accs) / len(accs), s["technique"], s["family"]))
   if not pts:
     return None
   plt = _plt()
-  ppl = {s["technique"]: s["scores"]["perplexity"] for s in summ
-         if "perplexity" in s["scores"] and s["kv_bytes"]}
+  ppl = {s["technique"]: s["scores"][results_lib.perplexity_task(s["scores"])] for s in summ
+         if results_lib.perplexity_task(s["scores"]) and s["kv_bytes"]}
   fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(14 if ppl else 8, 5), squeeze=False)
   ax = axes[0][0]
   names = sorted({p[2].split("@")[0].split("+")[0] if p[3] != "quant" else p[2] for p in pts})

@@ -127,6 +127,17 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
+def is_perplexity(task: str) -> bool:
+  """Perplexity tasks ("perplexity", "perplexity_en", ...) score lower-is-better NLL, not
+  accuracy."""
+  return task.startswith("perplexity")
+
+
+def perplexity_task(scores: Mapping) -> Optional[str]:
+  """The perplexity task among a summary's scores (None if there is none)."""
+  return next((t for t in scores if is_perplexity(t)), None)
+
+
 def _fmt_bytes(n) -> str:
   if n is None:
     return "-"
@@ -181,16 +192,16 @@ def table(rows: Iterable[Mapping], length: Optional[int] = None, title: str = ""
     for t in s["scores"]:
       if t not in tasks:
         tasks.append(t)
-  tasks.sort(key=lambda t: (t == "perplexity", t == "needle", t))
+  tasks.sort(key=lambda t: (is_perplexity(t), t == "needle", t))
   head = ["technique", "KV bytes/seq", "x vs bf16"] + \
-      [("ppl" if t == "perplexity" else t) for t in tasks] + ["prefill tok/s", "decode tok/s"]
+      [(t.replace("perplexity", "ppl") if is_perplexity(t) else t) for t in tasks] + ["prefill tok/s", "decode tok/s"]
   lines = []
   for s in summ:
     cells = [s["technique"], _fmt_bytes(s["kv_bytes"]),
              "-" if s["kv_factor"] is None else f"{s['kv_factor']:.2f}"]
     for t in tasks:
       v = s["scores"].get(t)
-      cells.append("-" if v is None else (f"{v:.2f}" if t == "perplexity" else f"{100 * v:.1f}"))
+      cells.append("-" if v is None else (f"{v:.2f}" if is_perplexity(t) else f"{100 * v:.1f}"))
     for k in ("prefill_tok_s", "decode_tok_s"):
       v = s[k]
       cells.append("-" if v is None else f"{v:,.0f}")
@@ -218,7 +229,7 @@ def frontier_verdict(rows: Iterable[Mapping], tolerance: float = 0.01,
   full = next((s for s in summ if s["technique"] == "full"), None)
   if full is None:
     return {}
-  acc_tasks = [t for t in (tasks or full["scores"]) if t != "perplexity" and t in full["scores"]]
+  acc_tasks = [t for t in (tasks or full["scores"]) if not is_perplexity(t) and t in full["scores"]]
   if not acc_tasks:
     return {}
   ref = sum(full["scores"][t] for t in acc_tasks) / len(acc_tasks)
@@ -243,20 +254,58 @@ def perplexity_verdict(rows: Iterable[Mapping], tolerance: float = 0.01) -> dict
   """
   summ = summary(rows)
   full = next((s for s in summ if s["technique"] == "full"), None)
-  if full is None or "perplexity" not in full["scores"]:
+  task = perplexity_task(full["scores"]) if full is not None else None
+  if task is None:
     return {}
-  ref = full["scores"]["perplexity"]
+  ref = full["scores"][task]
   best: dict = {}
   for s in summ:
     if s["technique"] == "full":
       continue
     fam = _family_key(s["technique"])
     best.setdefault(fam, (None, None))
-    ppl = s["scores"].get("perplexity")
+    ppl = s["scores"].get(task)
     if ppl is not None and ppl <= ref * (1 + tolerance) and s["kv_factor"] is not None:
       if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
         best[fam] = (s["kv_factor"], s["technique"])
   return best
+
+
+def overall_verdict(rows: Iterable[Mapping], acc_tolerance: float = 0.01,
+                    ppl_tolerance: float = 0.01) -> Optional[dict]:
+  """The largest compression whose mean accuracy is within `acc_tolerance` (absolute) of the
+  full cache's AND whose perplexity (when the run scored one) is within `ppl_tolerance`
+  (relative) of it, over every technique. None without a full-cache row.
+
+  Returns {"factor", "technique", "accuracy", "perplexity", "full_accuracy",
+  "full_perplexity"}; factor/technique are None when no technique qualifies.
+  """
+  summ = summary(rows)
+  full = next((s for s in summ if s["technique"] == "full"), None)
+  if full is None:
+    return None
+  acc_tasks = [t for t in full["scores"] if not is_perplexity(t)]
+  ppl_task = perplexity_task(full["scores"])
+
+  def acc(s):
+    if not acc_tasks or any(t not in s["scores"] for t in acc_tasks):
+      return None
+    return sum(s["scores"][t] for t in acc_tasks) / len(acc_tasks)
+
+  ref_acc, ref_ppl = acc(full), full["scores"].get(ppl_task) if ppl_task else None
+  out = {"factor": None, "technique": None, "accuracy": None, "perplexity": None,
+         "full_accuracy": ref_acc, "full_perplexity": ref_ppl}
+  for s in summ:
+    if s["technique"] == "full" or s["kv_factor"] is None:
+      continue
+    a, p = acc(s), s["scores"].get(ppl_task) if ppl_task else None
+    if ref_acc is not None and (a is None or a < ref_acc - acc_tolerance):
+      continue
+    if ref_ppl is not None and (p is None or p > ref_ppl * (1 + ppl_tolerance)):
+      continue
+    if out["factor"] is None or s["kv_factor"] > out["factor"]:
+      out.update(factor=s["kv_factor"], technique=s["technique"], accuracy=a, perplexity=p)
+  return out
 
 
 def _family_key(technique: str) -> str:
@@ -271,5 +320,5 @@ def full_accuracy(rows: Iterable[Mapping]) -> Optional[float]:
   full = next((s for s in summary(rows) if s["technique"] == "full"), None)
   if full is None:
     return None
-  accs = [v for t, v in full["scores"].items() if t != "perplexity"]
+  accs = [v for t, v in full["scores"].items() if not is_perplexity(t)]
   return sum(accs) / len(accs) if accs else None

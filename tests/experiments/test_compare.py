@@ -48,9 +48,9 @@ def test_parse_techniques():
 
 
 def test_model_errors(tmp_path):
-  with pytest.raises(ValueError, match="no such directory"):
+  with pytest.raises(ValueError, match="neither an existing HF directory"):
     compare.load_model(str(tmp_path / "missing"))
-  with pytest.raises(ValueError, match="no config.json"):
+  with pytest.raises(ValueError, match="has no config.json"):
     compare.load_model(str(tmp_path))
 
 
