@@ -94,3 +94,46 @@ def test_model_cache_groups_segments():
 def test_init_rejects_bad_capacity():
   with pytest.raises(ValueError, match="capacity"):
     DenseKVCache.init(1, 1, 0, 4)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("start,t", [(0, 5), (3, 5), (6, 5)])  # (6, 5): chunk overflows 10
+def test_chunk_writes_match_a_slot_by_slot_reference(stacked, start, t):
+  # Valid tokens of a padded chunk (padding in front, in the middle and, for row 1, none)
+  # land packed after each row's length: checked against a numpy loop. When the chunk does
+  # not fit behind the longest row, the token-by-token fallback writes what fits.
+  cap = 10
+  rng = np.random.default_rng(start + t)
+  k_new = rng.normal(size=(B, H, t, D)).astype(np.float32)
+  v_new = rng.normal(size=(B, H, t, D)).astype(np.float32)
+  pos = np.array([[-1, 20, -1, 21, 22][:t], list(range(30, 30 + t))], np.int32)
+  cache = DenseKVCache.init(B, H, cap, D)
+  lengths = np.array([[start, max(start - 2, 0)], [start, start]], np.int32)
+  old_k = rng.normal(size=(B, H, cap, D)).astype(np.float32)
+  cache = cache.replace(k=jnp.asarray(old_k), lengths=jnp.asarray(lengths),
+                        positions=jnp.asarray(np.where(np.arange(cap) < lengths[..., None],
+                                                       np.arange(cap), -1).astype(np.int32)))
+  want_k, want_pos = old_k.copy(), np.asarray(cache.positions).copy()
+  for b in range(B):
+    for h in range(H):
+      slot = lengths[b, h]
+      for i in range(t):
+        if pos[b, i] >= 0 and slot < cap:
+          want_k[b, h, slot] = k_new[b, h, i]
+          want_pos[b, h, slot] = pos[b, i]
+          slot += 1
+  if stacked:
+    st_cache = jax.tree.map(lambda x: jnp.stack([x, x]), cache)
+    new = jax.jit(lambda c: c.append_stacked(1, k_new, v_new, pos))(st_cache)
+    new = jax.tree.map(lambda x: x[1], new)
+  else:
+    new = jax.jit(lambda c: c.append(k_new, v_new, jnp.asarray(pos)))(cache)
+  n_valid = (pos >= 0).sum(-1)
+  want_len = np.minimum(lengths + n_valid[:, None], cap)
+  np.testing.assert_array_equal(new.lengths, want_len)
+  for b in range(B):
+    for h in range(H):
+      n = want_len[b, h]  # slots past the length are free: only [0, length) is compared
+      np.testing.assert_array_equal(np.asarray(new.k)[b, h, :n], want_k[b, h, :n])
+      np.testing.assert_array_equal(np.asarray(new.positions)[b, h, :n], want_pos[b, h, :n])
+      assert (np.asarray(new.positions)[b, h, n:] == -1).all()
