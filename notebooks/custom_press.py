@@ -18,7 +18,8 @@
 # recent slots, per-row budgets from `compression_ratio`, gathering into a smaller cache
 # whose bytes really shrink, room for decoding). Below: keep the tokens whose *values*
 # have the largest norm (a value-side cousin of Knorm), with the question fed only after
-# compression, and compare it with two built-in presses on the default model.
+# compression, register it by name, and compare it with two built-in presses on the
+# default model.
 
 # %%
 import dataclasses
@@ -30,9 +31,10 @@ import models
 from models import presets
 from experiments import compare, results
 from experiments import tasks as T
-from kvjax.presses import base
+from kvjax.presses import base, registry
 
 
+@registry.register("value_norm", query_agnostic=True)   # needs nothing but the cache
 @dataclasses.dataclass(frozen=True)
 class ValueNormPress(base.ScorerPress):
   """Keep the slots whose value vectors are longest (plus 4 attention sinks)."""
@@ -49,18 +51,18 @@ class ValueNormPress(base.ScorerPress):
 
 
 # %% [markdown]
-# Any press runs inside `models.prefill(press=...)` and `kvjax.generate(press=...)`; to put
-# it in a comparison, wrap it in a `compare.Technique` with `custom=`.
+# Any press runs inside `models.prefill(press=...)` and `kvjax.generate(press=...)`. Once
+# registered, its name works wherever a built-in press's does: `compare --techniques`, the
+# benches, the policies (`kvjax.policy.press_names()` lists it: it is query-agnostic and
+# needs no observations) and `registry.make("value_norm", 0.75)`.
 
 # %%
 SMOKE = os.environ.get("KVJAX_NOTEBOOK_SMOKE") == "1"   # CI: tiny settings
 LENGTH, N = (256, 2) if SMOKE else (2048, 16)
 model, tok = presets.load_model_and_tokenizer("default")
 ratio = 0.75
-techniques = compare.parse_techniques(["full"] if SMOKE else ["full", "knorm", "snapkv"],
-                                      [ratio]) + [
-    compare.Technique(f"value_norm@{ratio}", "press", press="value_norm", ratio=ratio,
-                      custom=ValueNormPress(compression_ratio=ratio))]
+names = ["full", "value_norm"] if SMOKE else ["full", "knorm", "snapkv", "value_norm"]
+techniques = compare.parse_techniques(names, [ratio])
 samples = T.make("passkey").samples(LENGTH, N) + T.make("kv_retrieval").samples(LENGTH, N)
 rows, _ = compare.run(model, tok, techniques, samples, batch_size=min(N, 8), decode_steps=2)
 print(results.table(rows))
