@@ -265,6 +265,9 @@ def main(argv):
       row.update({f"decode_{k}" if k in ("load1_min", "load1_max") else k: v
                   for k, v in dec.items() if k not in ("length", "batch")})
     rows.append(row)
+    print(f"measured length {length}: prefill {row['prefill_s']:.3f} s"
+          + (f", decode {row['decode_ms']:.2f} ms" if "decode_ms" in row else "")
+          + f" (load1 {row['load1_min']:.1f}-{row['load1_max']:.1f})", flush=True)
   header = (f"{'impl':>6} {'length':>7} {'prefill s':>10} {'tok/s':>9} {'%matmul':>8} "
             f"{'decode ms':>10} {'%bandw':>7} {'load1':>11}")
   print(header)

@@ -18,7 +18,10 @@ key/value heads are never repeated in memory (queries are reshaped to
 Every query chunk is processed with a softmax over visible slots in float32. A query with
 no visible slot gets output 0 and lse = -1e30: finite, never NaN.
 
-`backend="xla"` runs the reference below; `backend="pallas"` calls `pallas_kernels`
+`backend="xla"` runs `blocked_attention` when the key set spans more than one block of
+K_BLOCK slots (it skips blocks no query can see: half of a causal prefill, the empty room
+of a decode cache), else the one-shot `reference_attention` (the numerical reference that
+tests and kernels compare against); `backend="pallas"` calls `pallas_kernels`
 (the only import of kernels in kvjax); `backend="auto"` picks pallas on GPU/TPU when the
 kernel supports the requested options, xla otherwise.
 """
