@@ -167,7 +167,7 @@ class Transformer(nnx.Module):
 
 
 def check_tokens(tokens, config: ModelConfig):
-  """Validates token ids: int dtype, rank 2."""
+  """Validates token ids: int dtype, rank 2, and (outside jit) every id in [0, vocab)."""
   if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype, jnp.integer):
     dt = getattr(tokens, "dtype", type(tokens).__name__)
     raise ValueError(f"tokens must be an integer array [batch, seq]; got dtype {dt}")
@@ -175,7 +175,8 @@ def check_tokens(tokens, config: ModelConfig):
     raise ValueError(f"tokens must have rank 2 [batch, seq]; got shape {tuple(tokens.shape)}")
   if tokens.shape[1] < 1:
     raise ValueError("tokens must hold at least one token per row")
-  return tokens.astype(jnp.int32)
+  from kvjax import checks  # pylint: disable=import-outside-toplevel
+  return checks.token_ids(tokens, config.vocab_size)   # ids in [0, vocab) when concrete
 
 
 def positions_from_mask(tokens, attention_mask=None, start=None):

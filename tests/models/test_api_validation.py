@@ -236,3 +236,14 @@ def test_jit_reuse_survives_validation():
   for i in range(3):
     _, cache = models.decode(m, _toks(t=1) + i, cache)
   assert api._run._cache_size() == before  # pylint: disable=protected-access
+
+
+def test_direct_forward_refuses_out_of_vocab_ids():
+  from flax import nnx
+  from models import presets
+  from models.transformer import Transformer
+  model = Transformer(presets.PRESETS["tiny"], rngs=nnx.Rngs(0))
+  for bad in (260, -1, 2 ** 40):
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 260\)"):
+      model(np.asarray([[1, bad]], np.int64))
+  assert np.isfinite(np.asarray(model(np.asarray([[1, 259]], np.int32)))).all()
