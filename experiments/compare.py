@@ -731,6 +731,8 @@ def main(argv):
   ratios = _floats(FLAGS.ratios, "ratios")
   try:
     T.expand(FLAGS.tasks)
+    # names first (before loading a model), with every model-dependent press allowed
+    parse_techniques(FLAGS.techniques, ratios, {"duo_attention": {"head_scores": ()}})
     model, tok = load_model(FLAGS.model)
     has_template = bool(getattr(tok, "chat_template", None))
     if FLAGS.chat == "on" and not has_template:
