@@ -29,45 +29,55 @@ from absl import app, flags
 
 from experiments import flagcheck
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None,
-                    "Model: 'default' (the trained byte model), a preset, a named real model "
-                    "(smollm2-135m), an HF directory or a .gguf file. Default: 'default' in "
-                    "prompt mode, 'smollm2-135m' in text mode.")
-flags.DEFINE_string("prompt", "def fibonacci(n):\n    ", "Prompt text (prompt mode).")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (per answer in text mode).")
-flags.DEFINE_integer("capacity", None,
-                     "KV cache slots per layer; default prompt length + max_new_tokens.")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                  "Parameter and cache dtype; default the checkpoint's.")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_integer("batch", 1, "Copies of the prompt to run as a batch.")
-flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
-# text mode
-flags.DEFINE_string("context_file", None, "Text mode: UTF-8 file whose text is the context.")
-flags.DEFINE_string("context", None, "Text mode: the context text itself (or --context_file).")
-flags.DEFINE_multi_string("question", None,
-                          "Text mode: a question about the context; repeat the flag for "
-                          "several (they are answered from one compressed cache).")
-flags.DEFINE_string("press", None,
-                    "Text mode: press by registered name (kvjax.presses.registry, e.g. "
-                    "snapkv, knorm, streaming_llm, expected_attention); none = full cache. "
-                    "`--press=help` lists them.")
-flags.DEFINE_float("ratio", 0.5, "Text mode: compression ratio of --press (fraction of the "
-                   "context's KV pairs removed), in [0, 1).")
-flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"],
-                  "Text mode: wrap context + question in the tokenizer's chat template "
-                  "(auto: when it has one).")
-flags.DEFINE_integer("question_batch", None,
-                     "Text mode: questions answered together (default all).")
-flagcheck.ints("max_new_tokens", "capacity", "batch", lo=1)
-flagcheck.ints("seed", lo=0)
-flagcheck.floats("temperature", lo=0.0)
-flagcheck.floats("top_p", lo=0.0, hi=1.0, lo_open=True)
-flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
-flagcheck.ints("question_batch", lo=1)
+FLAGS = flags.FLAGS   # rebound by define_flags
+
+
+def define_flags(fv=flags.FLAGS):
+  """Defines this launcher's flags on `fv` (absl's global FlagValues when run as a
+  program; a private one in tests, where other launchers' flags of the same names live
+  in the same process) and makes them the ones `main` reads."""
+  global FLAGS  # pylint: disable=global-statement
+  FLAGS = fv
+  flags.DEFINE_string("model", None,
+                      "Model: 'default' (the trained byte model), a preset, a named real model "
+                      "(smollm2-135m), an HF directory or a .gguf file. Default: 'default' in "
+                      "prompt mode, 'smollm2-135m' in text mode.", flag_values=fv)
+  flags.DEFINE_string("prompt", "def fibonacci(n):\n    ", "Prompt text (prompt mode).", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (per answer in text mode).", flag_values=fv)
+  flags.DEFINE_integer("capacity", None,
+                       "KV cache slots per layer; default prompt length + max_new_tokens.", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "Parameter and cache dtype; default the checkpoint's.", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=fv)
+  flags.DEFINE_integer("batch", 1, "Copies of the prompt to run as a batch.", flag_values=fv)
+  flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.", flag_values=fv)
+  # text mode
+  flags.DEFINE_string("context_file", None, "Text mode: UTF-8 file whose text is the context.", flag_values=fv)
+  flags.DEFINE_string("context", None, "Text mode: the context text itself (or --context_file).", flag_values=fv)
+  flags.DEFINE_multi_string("question", None,
+                            "Text mode: a question about the context; repeat the flag for "
+                            "several (they are answered from one compressed cache).", flag_values=fv)
+  flags.DEFINE_string("press", None,
+                      "Text mode: press by registered name (kvjax.presses.registry, e.g. "
+                      "snapkv, knorm, streaming_llm, expected_attention); none = full cache. "
+                      "`--press=help` lists them.", flag_values=fv)
+  flags.DEFINE_float("ratio", 0.5, "Text mode: compression ratio of --press (fraction of the "
+                     "context's KV pairs removed), in [0, 1).", flag_values=fv)
+  flags.DEFINE_enum("chat", "auto", ["auto", "true", "false"],
+                    "Text mode: wrap context + question in the tokenizer's chat template "
+                    "(auto: when it has one).", flag_values=fv)
+  flags.DEFINE_integer("question_batch", None,
+                       "Text mode: questions answered together (default all).", flag_values=fv)
+  flagcheck.ints("max_new_tokens", "capacity", "batch", lo=1, flag_values=fv)
+  flagcheck.ints("seed", lo=0, flag_values=fv)
+  flagcheck.floats("temperature", lo=0.0, flag_values=fv)
+  flagcheck.floats("top_p", lo=0.0, hi=1.0, lo_open=True, flag_values=fv)
+  flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True, flag_values=fv)
+  flagcheck.ints("question_batch", lo=1, flag_values=fv)
+  return fv
+
 
 MAX_CONTEXT_BYTES = 64 << 20   # a context file larger than this is refused before reading
 TEXT_FLAGS = ("context_file", "context", "question", "press")
@@ -194,4 +204,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
