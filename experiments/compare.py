@@ -1,6 +1,7 @@
 r"""The main job: compare cache techniques on one model, task by task, in exact bytes.
 
-    python -m experiments.compare                       # default model, default grid
+    python -m experiments.compare                       # SmolLM2-135M-Instruct, default grid
+    python -m experiments.compare --model=default --lengths=2048 --tasks=passkey,perplexity
     python -m experiments.compare --techniques=full,snapkv,int4,snapkv+kivi2 \
         --ratios=0.5,0.9 --tasks=passkey,niah_single,vt --lengths=1024,2048 --n=32
     python -m experiments.compare --model=path/to/hf_dir --tasks=longbench:/data/lb/ \
