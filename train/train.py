@@ -328,6 +328,8 @@ class Trainer:
       if len(_PROGRAMS) >= 8:
         _PROGRAMS.clear()
       _PROGRAMS[key] = built
+    else:   # the host-only keys are not in the cache key: check this config's own values
+      check_config(c, built["parts"], self.mesh)
     for k, v in built.items():
       setattr(self, k, v)
     self.state = None
