@@ -63,7 +63,7 @@ def english_text() -> str:
   return "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
 
 
-class EnglishPerplexity(base.Task):
+class EnglishPerplexity(HeldOutPerplexity):
   """Perplexity of held-out English prose (the Python Language Reference) continued through
   the compressed cache.
 
@@ -75,13 +75,6 @@ class EnglishPerplexity(base.Task):
   """
 
   name = "perplexity_en"
-  metric = "nll"
-  min_length = 16
-
-  def __init__(self, continuation: int = 128):
-    if continuation < 1:
-      raise ValueError(f"continuation={continuation}; must be >= 1")
-    self.continuation = continuation
 
   def samples(self, length, n, seed=0):
     import numpy as np  # pylint: disable=import-outside-toplevel
