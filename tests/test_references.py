@@ -25,6 +25,7 @@ import subprocess
 
 _SH = "sha" + "red"     # a sibling folder name, built so this file does not contain it
 _SD = "se" + "ed"       # the nickname of the source surveys, likewise
+_IS = "is" + "sue"      # a tracker word, likewise
 
 import pytest
 
@@ -185,10 +186,10 @@ def tree(tmp_path):
 @pytest.mark.parametrize("line", [
     "See `../" + _SH + "/DESIGN.md` for the architecture.",
     "the surveys in ../" + _SH + "/" + _SD + "s call for",
-    "/work/venv-hf/bin/python make.py",
-    "The question (issue 9): how many sequences",
-    "The issue's claim under test:",
-    "The issue asked for >= 90%",
+    "/" + "work/venv-hf/bin/python make.py",
+    "The question (" + _IS + " 9): how many sequences",
+    "The " + _IS + "'s claim under test:",
+    "The " + _IS + " asked for >= 90%",
     "The " + _SD + "s' headline to beat is 3.1x",
     "no device was available in the sessions that wrote these kernels",
     "def test_registry_names_the_issue_families():",
