@@ -424,7 +424,8 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
         for i, s in enumerate(batch.samples):
           pred = tokenizer.decode(gen[i, :s.max_new_tokens].tolist())
           acc.preds[(label, batch.index[i])] = pred
-          meta = {k: s.meta[k] for k in ("all_classes", "options") if k in s.meta}
+          meta = {k: s.meta[k] for k in ("all_classes", "options", "first_line")
+                  if k in s.meta}
           acc.scores[(label, batch.index[i])] = (
               metrics.score(s.metric, pred, s.answers, **meta), 1.0)
       last_ids = jnp.asarray(timing_tokens(tokenizer, batch.ctx))

@@ -10,12 +10,13 @@ Names: passkey, kv_retrieval, perplexity (stdlib source, byte models), perplexit
 niah_multikey, niah_multivalue, vt, cwe, qa, or "ruler" for all six), and "needle" (the
 depth x length grid, built by `synthetic.needle_grid`). User files:
 "longbench:<path>", "infinitebench:<path>", "ruler_jsonl:<path>" (a .jsonl file or a
-directory of them; see `loaders`).
+directory of them; see `loaders`; LongBench files use LongBench's own prompts, see
+`longbench`).
 """
 
 from __future__ import annotations
 
-from experiments.tasks import base, loaders, metrics, perplexity, ruler, synthetic
+from experiments.tasks import base, loaders, longbench, metrics, perplexity, ruler, synthetic
 from experiments.tasks.base import Sample, Task
 
 SYNTHETIC = {"passkey": synthetic.Passkey, "kv_retrieval": synthetic.KVRetrieval,
@@ -58,5 +59,5 @@ def load_file_task(spec: str, max_context_tokens=None, limit=None) -> loaders.Lo
                       limit=limit)
 
 
-__all__ = ["Sample", "Task", "base", "loaders", "metrics", "perplexity", "ruler", "synthetic",
-           "make", "expand", "load_file_task", "KNOWN"]
+__all__ = ["Sample", "Task", "base", "loaders", "longbench", "metrics", "perplexity", "ruler",
+           "synthetic", "make", "expand", "load_file_task", "KNOWN"]

@@ -53,15 +53,23 @@ class Sample:
     closes that message, and its cue ("The pass key is ") opens the assistant's turn, so
     the answer is still read from the first generated tokens. The context part never
     contains the question, as the query-agnostic protocol needs.
+
+    `meta["chat_form"]` overrides the split for benchmarks that frame chat prompts their
+    own way: "user" puts the whole question in the user's message (the assistant's turn
+    starts empty), "none" keeps the plain form even when `chat=True`.
     """
-    if not chat:
+    form = self.meta.get("chat_form", "split")
+    if form not in CHAT_FORMS:
+      raise ValueError(f"meta['chat_form']={form!r}; allowed: {CHAT_FORMS}")
+    if not chat or form == "none":
       return tokenizer.encode(self.context, add_bos=True), tokenizer.encode(self.question)
     head, tail = chat_frame(tokenizer)
-    ask, cue = split_question(self.question)
+    ask, cue = split_question(self.question) if form == "split" else (self.question, "")
     ctx = tokenizer.encode(head + self.context, add_bos=False)
     return ctx, tokenizer.encode(ask + tail + cue, add_bos=False)
 
 
+CHAT_FORMS = ("split", "user", "none")
 _SLOT = "\x00kvjax-context\x00"
 
 

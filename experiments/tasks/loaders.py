@@ -7,12 +7,13 @@ and skipped, and the rest of the file is used.
 
 Formats (field names as the benchmarks publish them):
 
-  LongBench (Bai et al., 2023)  {"input", "context", "answers": [...], "dataset",
-      "all_classes", "length", "_id"}. context = "<context>\\n\\n"; question =
-      "Question: <input>\\nAnswer:". The metric comes from the dataset name (LongBench's
-      dataset2metric: qa_f1 for QA sets, rouge_l for summaries, classification, retrieval,
-      count, code_sim). LongBench's per-dataset prompt templates are not reproduced; every
-      dataset uses the split above so that the question comes after the context.
+  LongBench (Bai et al., 2023, arXiv 2308.14508)  {"input", "context", "answers": [...],
+      "dataset", "all_classes", "length", "_id"}. The dataset name (the record's "dataset",
+      else the file name; LongBench-E's "<name>_e" too) picks LongBench's own prompt
+      template, max generation length and metric (`experiments.tasks.longbench`); the
+      template is split at its context, so the instruction and the context are compressed
+      and the question comes after them. A dataset LongBench does not name gets the prompt
+      "<context>\\n\\nQuestion: <input>\\nAnswer:", qa_f1 and 32 new tokens.
   InfiniteBench (Zhang et al., 2024)  {"id", "context", "input", "answer": str | [...],
       "options": [...]}. The task is the file name (passkey.jsonl, kv_retrieval.jsonl,
       longbook_qa_eng.jsonl, ...) or `task=`; metric per task (exact digits for passkey /
@@ -36,20 +37,9 @@ from typing import Callable, Optional
 
 from absl import logging
 
-from experiments.tasks import base
+from experiments.tasks import base, longbench
 
 FORMATS = ("longbench", "infinitebench", "ruler")
-
-LONGBENCH_METRICS = {
-    "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1",
-    "multifieldqa_zh": "qa_f1", "hotpotqa": "qa_f1", "2wikimqa": "qa_f1", "musique": "qa_f1",
-    "dureader": "rouge_l", "gov_report": "rouge_l", "qmsum": "rouge_l", "multi_news": "rouge_l",
-    "vcsum": "rouge_l", "trec": "classification", "triviaqa": "qa_f1", "samsum": "rouge_l",
-    "lsht": "classification", "passage_retrieval_en": "retrieval", "passage_count": "count",
-    "passage_retrieval_zh": "retrieval", "lcc": "code_sim", "repobench-p": "code_sim",
-}
-LONGBENCH_MAX_NEW = {"qa_f1": 32, "rouge_l": 128, "classification": 16, "retrieval": 16,
-                     "count": 8, "code_sim": 64}
 
 INFINITEBENCH_METRICS = {
     "passkey": "prefix_match", "number_string": "prefix_match", "kv_retrieval": "substring",
@@ -103,17 +93,17 @@ def _budget(max_context_tokens, question: str) -> Optional[int]:
 def _longbench(rec, lineno, task, max_ctx):
   _need(rec, "input", "context", "answers")
   ds = rec.get("dataset") or task or "longbench"
-  metric = LONGBENCH_METRICS.get(ds, "qa_f1")
-  q = f"Question: {rec['input']}\nAnswer:"
-  ctx = truncate_middle(f"{rec['context']}\n\n", _budget(max_ctx, q))
+  ctx, q, run = longbench.prompt_parts(ds, str(rec["context"]), str(rec["input"]))
+  ctx = truncate_middle(ctx, _budget(max_ctx, q))
   answers = _as_list(rec["answers"])
   if not answers:
     raise ValueError("answers is empty")
-  meta = {"line": lineno, "id": rec.get("_id"), "dataset": ds}
+  meta = {"line": lineno, "id": rec.get("_id"), "dataset": ds, "template": run["template"]}
+  meta.update({k: run[k] for k in ("chat_form", "first_line") if k in run})
   if rec.get("all_classes"):
     meta["all_classes"] = list(rec["all_classes"])
-  return base.Sample(f"longbench/{ds}", ctx, q, tuple(answers), metric,
-                     LONGBENCH_MAX_NEW[metric], meta)
+  return base.Sample(f"longbench/{ds}", ctx, q, tuple(answers), run["metric"],
+                     run["max_new_tokens"], meta)
 
 
 def _infinitebench(rec, lineno, task, max_ctx):

@@ -156,8 +156,15 @@ METRICS: dict[str, Callable[..., float]] = {
 }
 
 
-def score(metric: str, pred: str, answers: Sequence[str], **meta) -> float:
-  """The named metric; extra keyword data (all_classes, options) is passed through."""
+def score(metric: str, pred: str, answers: Sequence[str], *, first_line: bool = False,
+          **meta) -> float:
+  """The named metric; extra keyword data (all_classes, options) is passed through.
+
+  `first_line=True` scores only the prediction's first line after leading newlines, as
+  LongBench's eval.py does for its few-shot sets (trec, triviaqa, samsum, lsht).
+  """
   if metric not in METRICS:
     raise ValueError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+  if first_line:
+    pred = pred.lstrip("\n").split("\n")[0]
   return float(METRICS[metric](pred, list(answers), **meta))
