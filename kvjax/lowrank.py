@@ -20,12 +20,13 @@ cache leaf, so a row can be forked or persisted alone, and rows may use their ow
 basis is calibrated on rotated keys (Palu reconstructs before RoPE instead; here no kernel
 change is needed, at some cost in rank).
 
-Both implement the cache protocol through kvjax.quant.base.CompressedCache.
+Both implement the cache protocol through kvjax.quant.base.CompressedCache. As presses
+(`models.prefill(press=...)`, `experiments.compare --techniques=think,lowrank`):
+kvjax.presses.ThinKPress and kvjax.presses.LowRankPress.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import flax.struct
@@ -33,7 +34,6 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as cache_lib
-from kvjax.observation import Observe
 from kvjax.quant.base import CompressedCache, KVView, chunk_destinations
 
 _static = lambda: flax.struct.field(pytree_node=False)  # noqa: E731
@@ -150,38 +150,6 @@ def think_prune(layer_cache, queries, keep: int, capacity: Optional[int] = None)
   ch = think_channels(dense.k, valid, queries, keep)
   out = PrunedKeyCache.init(b, h, capacity or s, d, keep, dense.k.dtype, dense.v.shape[-1], ch)
   return out._write(dense.k, dense.v, jnp.where(valid, dense.positions, -1))[0]  # pylint: disable=protected-access
-
-
-@dataclasses.dataclass(frozen=True)
-class ThinKPress:
-  """Press-like converter: after prefill, prunes every layer's key channels (ThinK).
-
-  Usable as `models.prefill(..., press=ThinKPress(keep_ratio=0.5))` or inside
-  kvjax.mixed.EvictThenQuantize. `window` queries are observed per layer.
-  """
-
-  keep_ratio: float = 0.5
-  window: int = 8
-
-  def __post_init__(self):
-    if not 0 < self.keep_ratio <= 1:
-      raise ValueError(f"keep_ratio={self.keep_ratio}; must be in (0, 1]")
-    if self.window < 1:
-      raise ValueError(f"window={self.window}; must be >= 1")
-
-  @property
-  def observe(self) -> Observe:
-    return Observe(queries=self.window)
-
-  def __call__(self, layer_cache, obs, layer_idx: int = 0):
-    del layer_idx
-    d = layer_cache.k.shape[-1]
-    keep = max(1, int(round(self.keep_ratio * d)))
-    return _think_prune_jit(layer_cache, obs["queries"], keep)
-
-  def compress_model(self, model_cache, obs_list, config=None):
-    del config
-    return model_cache.map_layers(lambda i, c: self(c, obs_list[i], layer_idx=i))
 
 
 _think_prune_jit = jax.jit(think_prune, static_argnames=("keep", "capacity"))

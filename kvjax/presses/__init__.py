@@ -13,6 +13,7 @@ PerLayerCompressionPress (per layer), AdaKVPress (head-wise), DuoAttentionPress
 (retrieval vs streaming heads; `profile_head_scores`), ChunkKVPress (chunk-level).
 Options of every scorer: protected sinks / recent slots, `merge="cam" | "d2o"`,
 `rerotate=True`. Composition: `compose(p1, p2)`, `PerLayerPress`, `per_layer`.
+Thinner caches that keep every token: ThinKPress (key channels), LowRankPress (latents).
 
 By name: `registry.make("snapkv", 0.5)`, `registry.names()`; each press registers itself
 with `@registry.register(name, query_agnostic=..., needs=...)` in its own file (see
@@ -30,12 +31,14 @@ from kvjax.presses.h2o import H2OPress
 from kvjax.presses.keydiff import KeyDiffPress
 from kvjax.presses.knorm import KnormPress
 from kvjax.presses.lagkv import LagKVPress
+from kvjax.presses.low_rank import LowRankPress
 from kvjax.presses.per_layer import PerLayerCompressionPress, PerLayerPress, per_layer
 from kvjax.presses.pyramidkv import PyramidKVPress
 from kvjax.presses.random_press import RandomPress
 from kvjax.presses import registry
 from kvjax.presses.snapkv import SnapKVPress
 from kvjax.presses.streaming_llm import StreamingLLMPress
+from kvjax.presses.think import ThinKPress
 from kvjax.presses.tova import TOVAPress
 
 __all__ = [
@@ -44,5 +47,5 @@ __all__ = [
     "KnormPress", "ExpectedAttentionPress", "KeyDiffPress", "ChunkKVPress", "LagKVPress",
     "RandomPress", "AdaKVPress", "DuoAttentionPress", "profile_head_scores",
     "PerLayerCompressionPress", "PerLayerPress", "per_layer", "ComposedPress", "compose",
-    "DecodingPress", "registry",
+    "DecodingPress", "ThinKPress", "LowRankPress", "registry",
 ]
