@@ -773,7 +773,7 @@ def main(argv):
            f"{results.device_label()}, mode={FLAGS.mode}, "
            f"prompts={'chat template' if chat else 'plain'}")
   meta = {"flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-          "model": name, "params": presets.count_params(model),
+          "model": name, "params": presets.count_params(model), "title": title,
           "devices": results.device_label(), "environment": results.environment(),
           "processes": jax.process_count(), "wall_seconds": time.time() - t0, **info}
   paths = results.write(rows, FLAGS.out_dir, meta)
