@@ -21,9 +21,25 @@ no visible slot gets output 0 and lse = -1e30: finite, never NaN.
 `backend="xla"` runs `blocked_attention` when the key set spans more than one block of
 K_BLOCK slots (it skips blocks no query can see: half of a causal prefill, the empty room
 of a decode cache), else the one-shot `reference_attention` (the numerical reference that
-tests and kernels compare against); `backend="pallas"` calls `pallas_kernels`
-(the only import of kernels in kvjax); `backend="auto"` picks pallas on GPU/TPU when the
-kernel supports the requested options, xla otherwise.
+tests and kernels compare against).
+
+The dispatch rule. This module is the only one in kvjax that imports `pallas_kernels`
+(lazily, so `import kvjax` never needs Pallas). Every cache kind reaches a kernel through
+it -- dense K/V through `attention`, a quantized cache through `quantized_decode`, a page
+pool through `paged_decode` -- and `kernel_backend` decides, with one rule for all:
+
+  backend="auto"       the Pallas kernel on GPU/TPU when it supports the request
+                       (`pallas_kernels.support`), else the XLA path. On CPU: XLA.
+  backend="pallas"     the kernel, or a ValueError naming what it does not support (never a
+                       silent fallback); on CPU it raises unless interpret mode is asked.
+  backend="interpret"  the kernel in Pallas interpret mode on any platform (CPU tests), or
+                       the same ValueError. `interpret=True` with "pallas" is the older
+                       spelling of it.
+  backend="xla"        the reference path, always.
+
+What a kernel supports is asked once, as a typed `pallas_kernels.KernelRequest` (layout,
+storage format, shapes, masking options, requested statistics), answered by a
+`pallas_kernels.Support` that names the reason when it is not.
 """
 
 from __future__ import annotations
@@ -35,7 +51,8 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite "minus infinity": masked logits and empty-row lse
-BACKENDS = ("auto", "xla", "pallas")
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+_ACCELERATORS = ("gpu", "tpu", "cuda", "rocm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +66,7 @@ class AttentionSpec:
       (StreamingLLM attention sinks; Xiao et al., 2023).
     softcap: logit soft-capping `c * tanh(s / c)` (Gemma 2); None = off.
     causal: causal masking on positions.
-    backend: "auto" | "xla" | "pallas".
+    backend: "auto" | "xla" | "pallas" | "interpret" (the dispatch rule: module docstring).
     q_chunk: reference path processes queries in chunks of this many tokens so the
       score matrix never exceeds [B, Hq, q_chunk, S].
   """
@@ -476,19 +493,6 @@ def _check_shapes(q, k, v, k_lengths, q_positions, k_positions):
     raise ValueError(f"k_positions shape {k_positions.shape}; expected {(b, hkv, s)}")
 
 
-def _pallas_available(spec, sink_logits, q, v):
-  try:
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return False
-  supports = getattr(pallas_kernels, "supports", None)
-  if supports is None:
-    return False
-  return supports(window=spec.window, sink_tokens=spec.sink_tokens, softcap=spec.softcap,
-                  causal=spec.causal, sink_logits=sink_logits is not None,
-                  head_dim=q.shape[-1], head_dim_v=v.shape[-1], dtype=q.dtype)
-
-
 # Keys per block of the blocked XLA path; key sets of at most this many slots use the
 # one-shot reference (there is no block to skip).
 K_BLOCK = 256
@@ -512,7 +516,7 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, spec=AttentionSpe
     sink_logits: optional learned sink logit per query head [Hq] (softmax denominator only).
     return_lse / return_colsum: request the optional statistics.
     colsum_window: only the last `colsum_window` queries of each row count in colsum.
-    interpret: run Pallas kernels in interpret mode (CPU testing).
+    interpret: with spec.backend="pallas", the same as backend="interpret".
     layer: optional int32 scalar: `k` and `v` are a layer-stacked cache [L, B, Hkv, S, D]
       and this layer is attended (the XLA path reads its blocks in place; no layer copy).
 
@@ -529,23 +533,17 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, spec=AttentionSpe
     _check_shapes(q, k[0], v[0], k_lengths, q_positions, k_positions)
   else:
     _check_shapes(q, k, v, k_lengths, q_positions, k_positions)
-  backend = spec.backend
-  if backend == "auto":
-    on_accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-    backend = "pallas" if on_accel and _pallas_available(spec, sink_logits, q, v) else "xla"
-  if backend == "pallas":
-    if not _pallas_available(spec, sink_logits, q, v):
-      raise ValueError(f"backend='pallas' does not support these options ({spec}, "
-                       f"sink_logits={'set' if sink_logits is not None else None}); use 'xla'")
+  mode = kernel_backend(spec, q, layout="dense", num_kv_heads=k_positions.shape[1],
+                        head_dim_v=v.shape[-1], return_colsum=return_colsum,
+                        colsum_window=colsum_window, interpret=interpret)
+  if mode != "xla":
     import pallas_kernels  # pylint: disable=import-outside-toplevel
     if layer is not None:
       k, v = k[layer], v[layer]
     out, lse, colsum = pallas_kernels.attention(
         q, k, v, k_lengths, q_positions=q_positions, k_positions=k_positions,
-        scale=spec.scale, window=spec.window, sink_tokens=spec.sink_tokens,
-        softcap=spec.softcap, causal=spec.causal, sink_logits=sink_logits,
-        return_lse=return_lse, return_colsum=return_colsum, colsum_window=colsum_window,
-        interpret=interpret)
+        sink_logits=sink_logits, return_lse=return_lse, return_colsum=return_colsum,
+        colsum_window=colsum_window, interpret=mode == "interpret", **_mask_kwargs(spec))
     return AttentionOutput(out, lse if return_lse else None, colsum if return_colsum else None)
   if layer is not None or k.shape[2] > K_BLOCK:
     res = blocked_attention(q, k, v, k_lengths, q_positions=q_positions,
@@ -558,3 +556,119 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, spec=AttentionSpe
                               colsum_window=colsum_window)
   return AttentionOutput(res.out, res.lse if return_lse else None,
                          res.colsum if return_colsum else None)
+
+
+# -- the dispatch rule for every cache kind ------------------------------------------------
+def kernel_backend(spec: AttentionSpec, q, *, layout: str = "dense", num_kv_heads: int,
+                   head_dim_v: int, quant=None, residual: bool = False, partitions: int = 1,
+                   return_colsum: bool = False, colsum_window=None,
+                   interpret: bool = False) -> str:
+  """Where one attention call runs: "xla", "pallas" (kernel on device) or "interpret".
+
+  The rule of the module docstring, the same for every cache kind. `layout` names the
+  kernel ("dense" | "quantized" | "paged"); `quant` (a kvjax QuantSpec or None) how K/V
+  are stored; `residual` / `partitions` the parts of a paged pool no kernel reads.
+
+  Raises:
+    ValueError: backend "pallas" on CPU, or "pallas" / "interpret" for a request the
+      kernel does not support (the message names what).
+  """
+  backend = "interpret" if spec.backend == "pallas" and interpret else spec.backend
+  if backend == "xla":
+    return "xla"
+  on_accel = jax.default_backend() in _ACCELERATORS
+  if backend == "auto" and not on_accel:
+    return "xla"
+  if backend == "pallas" and not on_accel:
+    raise ValueError(f"backend='pallas' runs Pallas kernels on GPU/TPU; the default backend "
+                     f"is {jax.default_backend()!r}: use backend='interpret' (Pallas "
+                     "interpret mode) or 'xla'")
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  storage = {} if quant is None else dict(
+      fmt=quant.fmt, k_bits=quant.k_bits, v_bits=quant.v_bits, k_axis=quant.k_axis,
+      v_axis=quant.v_axis, group_size=quant.group_size, pre_rope=quant.pre_rope,
+      outliers=quant.outlier_frac > 0)
+  verdict = pallas_kernels.support(pallas_kernels.KernelRequest(
+      layout=layout, **storage, residual=residual, partitions=partitions,
+      head_dim=q.shape[-1], head_dim_v=head_dim_v, dtype=jnp.dtype(q.dtype).name,
+      num_q_heads=q.shape[1], num_kv_heads=num_kv_heads, num_queries=q.shape[2],
+      scale=spec.scale, causal=spec.causal, window=spec.window,
+      sink_tokens=spec.sink_tokens, softcap=spec.softcap, return_colsum=return_colsum,
+      colsum_window=colsum_window if return_colsum else None))
+  if verdict:
+    return "pallas" if backend == "auto" else backend
+  if backend == "auto":
+    return "xla"
+  raise ValueError(f"backend={spec.backend!r}: the Pallas {layout} kernel does not support "
+                   f"{verdict.reason}; use backend='auto' (the XLA path where the kernel "
+                   "cannot) or 'xla'")
+
+
+def _mask_kwargs(spec: AttentionSpec):
+  return dict(scale=spec.scale, causal=spec.causal, window=spec.window,
+              sink_tokens=spec.sink_tokens, softcap=spec.softcap)
+
+
+def quantized_decode(q, codes, exact, *, q_positions, quant, spec: AttentionSpec,
+                     sink_logits=None, interpret: bool = False):
+  """Decode attention read straight from a quantized cache (`kernel_backend` said so).
+
+  Args:
+    q: [B, Hq, T, D] queries.
+    codes: (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, positions [B, Hkv, Sq],
+      lengths [B, Hkv]): the quantized region in kvjax.quant's layout (zeros None =
+      symmetric codes).
+    exact: (k [B, Hkv, R, D], v, positions [B, Hkv, R]) slots attended exactly (the
+      residual window and the current chunk), all R valid.
+    q_positions: [B, T] int32.
+    quant: the cache's QuantSpec.
+    spec: the layer's AttentionSpec; sink_logits: optional [Hq].
+    interpret: Pallas interpret mode (backend "interpret").
+
+  Returns:
+    (out [B, Hq, T, Dv], lse [B, Hq, T] float32).
+  """
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, positions, lengths = codes
+  ex_k, ex_v, ex_pos = exact
+  return pallas_kernels.quantized_attention(
+      q, k_codes, k_scale, v_codes, v_scale, lengths, q_positions=q_positions,
+      k_positions=positions, k_zero=k_zero, v_zero=v_zero, k_res=ex_k, v_res=ex_v,
+      res_positions=ex_pos, res_lengths=jnp.full(lengths.shape, ex_k.shape[2], jnp.int32),
+      sink_logits=sink_logits, fmt=quant.fmt, k_bits=quant.k_bits, v_bits=quant.v_bits,
+      k_axis=quant.k_axis, v_axis=quant.v_axis, group_size=quant.group_size,
+      interpret=interpret, **_mask_kwargs(spec))
+
+
+def paged_decode(q, pool, page_table, lengths, *, q_positions, layer=None, exact=None,
+                 quant=None, spec: AttentionSpec, sink_logits=None, interpret: bool = False):
+  """Decode attention over a page pool read in place (`kernel_backend` said so).
+
+  Args:
+    q: [B, Hq, T, D] queries.
+    pool: (k_pages, v_pages, k_scale, k_zero, v_scale, v_zero, pos_pages) in kvjax.paged's
+      layout ([N, Hkv, P, ...], or [L, N, ...] with `layer`); None where absent.
+    page_table: [B, M] int32; lengths: [B, Hkv] int32 valid logical slots.
+    q_positions: [B, T] int32.
+    layer: optional int32 scalar: the layer of a stacked pool to read.
+    exact: optional (k [B, Hkv, R, D], v, positions [B, Hkv, R]) slots attended exactly
+      (the current chunk of a quantized pool), all R valid.
+    quant: the pool's QuantSpec (None = float pool).
+    spec, sink_logits, interpret: as for `quantized_decode`.
+
+  Returns:
+    (out [B, Hq, T, Dv], lse [B, Hq, T] float32).
+  """
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  k_pages, v_pages, k_scale, k_zero, v_scale, v_zero, pos_pages = pool
+  extra = {}
+  if exact is not None:
+    ex_k, ex_v, ex_pos = exact
+    extra = dict(k_res=ex_k, v_res=ex_v, res_positions=ex_pos,
+                 res_lengths=jnp.full(lengths.shape, ex_k.shape[2], jnp.int32))
+  storage = {} if quant is None else dict(fmt=quant.fmt, k_bits=quant.k_bits,
+                                          v_bits=quant.v_bits, group_size=quant.group_size)
+  return pallas_kernels.paged_attention(
+      q, k_pages, v_pages, page_table, lengths, q_positions=q_positions, pos_pages=pos_pages,
+      k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero, layer=layer,
+      sink_logits=sink_logits, interpret=interpret, **storage, **extra, **_mask_kwargs(spec))

@@ -1,22 +1,26 @@
-"""Pallas attention kernels for kvjax: one entry point, `attention`, and `supports`.
+"""Pallas attention kernels for kvjax: entry points and what they support.
 
 `attention` picks the kernel by the number of queries T (ragged decode for
 T <= DECODE_MAX_QUERIES, flash prefill otherwise) and the variant by platform (Mosaic on
 TPU, Triton on GPU). Both follow docs/CONVENTIONS.md exactly; `reference.py` is the
 pure-jnp definition they are tested against.
 
-Files: decode_attention.py (ragged split-K decode), flash_prefill.py (long-T flash
-attention), colsum.py (per-slot attention mass from saved lse), quantized_decode.py
-(decode straight from INT8 / FP8 / KIVI INT4 / INT2 caches + residual window),
-paged_decode.py (decode over a page pool + page tables), reference.py, bench.py.
+Files: decode_attention.py (the ragged split-K decode pipeline, and dense decode),
+kv_source.py (how the pipeline reads K/V: storage formats, dequantizing loads),
+flash_prefill.py (long-T flash attention), colsum.py (per-slot attention mass from saved
+lse), quantized_decode.py (decode straight from INT8 / FP8 / KIVI INT4 / INT2 caches +
+residual window), paged_decode.py (decode over a page pool + page tables), reference.py,
+and one benchmark per kernel in bench/.
 
 `quantized_attention` / `paged_attention` are the entry points of the last two (decode
-only: T <= DECODE_MAX_QUERIES), with `supports_quantized` / `supports_paged`.
+only: T <= DECODE_MAX_QUERIES). Whether a kernel serves a call is one typed question:
+`support(KernelRequest(...))` returns a `Support` that is falsy with the reason when not.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels import decode_attention as _decode
 from pallas_kernels import flash_prefill as _prefill
+from pallas_kernels import kv_source as _source
 from pallas_kernels import paged_decode as _paged
 from pallas_kernels import quantized_decode as _quantized
 from pallas_kernels.colsum import attention_colsum
@@ -32,9 +37,9 @@ from pallas_kernels.reference import attention_reference
 # The kernel functions live in their modules (`pallas_kernels.decode_attention.
 # decode_attention`, `pallas_kernels.flash_prefill.flash_prefill`); they are not re-exported
 # here so that the module names are never shadowed by functions.
-__all__ = ["attention", "supports", "attention_colsum", "attention_reference",
-           "DECODE_MAX_QUERIES", "resolve_platform", "quantized_attention",
-           "supports_quantized", "paged_attention", "supports_paged"]
+__all__ = ["attention", "attention_colsum", "attention_reference", "DECODE_MAX_QUERIES",
+           "resolve_platform", "quantized_attention", "paged_attention", "KernelRequest",
+           "Support", "support", "LAYOUTS"]
 
 DECODE_MAX_QUERIES = 16  # T up to this uses the decode kernel (all T x G rows in a program)
 
@@ -97,50 +102,6 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, scale=None, windo
   return out, (lse if return_lse else None), (colsum if return_colsum else None)
 
 
-def supports(**static_args) -> bool:
-  """Whether `attention` handles these static options (else the caller uses XLA).
-
-  Known keys: platform (checked only when given), interpret, head_dim, head_dim_v, dtype, num_q_heads, num_kv_heads,
-  num_queries, num_slots, scale, causal, window, sink_tokens, softcap, sink_logits,
-  return_lse, return_colsum, colsum_window. Unknown keys (say `quantized=True`,
-  `paged=True`) are unsupported unless their value is None / False / 0.
-  """
-  a = dict(static_args)
-  try:
-    platform = a.pop("platform", None)
-    interpret = a.pop("interpret", False)
-    if platform is not None:  # None: options only; `attention` checks the device itself
-      kind = _PLATFORM_ALIASES.get(str(platform).lower())
-      if kind is None or (kind == "cpu" and not interpret):
-        return False
-    for key in ("head_dim", "head_dim_v"):
-      d = a.pop(key, None)
-      if d is not None and (d % 8 or not 8 <= d <= 256):
-        return False
-    dtype = a.pop("dtype", None)
-    if dtype is not None and jnp.dtype(dtype) not in [jnp.dtype(x) for x in _FLOAT_DTYPES]:
-      return False
-    hq, hkv = a.pop("num_q_heads", None), a.pop("num_kv_heads", None)
-    if hq is not None and hkv is not None and (hkv < 1 or hq % hkv):
-      return False
-    for key in ("num_queries", "num_slots"):
-      n = a.pop(key, None)
-      if n is not None and n < 1:
-        return False
-    _common.check_static(window=a.pop("window", None), sink_tokens=a.pop("sink_tokens", 0),
-                         softcap=a.pop("softcap", None), scale=a.pop("scale", None))
-    a.pop("causal", None)
-    a.pop("sink_logits", None)
-    a.pop("return_lse", None)
-    a.pop("return_colsum", None)
-    cw = a.pop("colsum_window", None)
-    if cw is not None and (not isinstance(cw, int) or cw < 1):
-      return False
-  except (ValueError, TypeError):
-    return False
-  return all(v is None or (isinstance(v, (bool, int)) and not v) for v in a.values())
-
-
 def quantized_attention(q, k_codes, k_scale, v_codes, v_scale, k_lengths, *, q_positions,
                         k_positions, platform=None, interpret=False, **kwargs):
   """Decode attention read straight from a quantized cache (`quantized_decode.py`).
@@ -181,67 +142,120 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, q_positions, pl
                                        interpret=interpret, **kwargs)
 
 
-def _supports_formats(a, axes: bool) -> bool:
-  """Pops the storage-format keys from `a`; False if the kernels cannot read them."""
-  fmt = a.pop("fmt", "float" if not axes else "int")
-  k_bits, v_bits = a.pop("k_bits", 8), a.pop("v_bits", 8)
-  k_axis, v_axis = a.pop("k_axis", "token"), a.pop("v_axis", "token")
-  group = a.pop("group_size", None)
-  a.pop("symmetric", None)
-  if not axes and (k_axis, v_axis) != ("token", "token"):
-    return False
-  if axes and fmt == "float":
-    return False
+LAYOUTS = ("dense", "quantized", "paged")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRequest:
+  """The static side of one attention call, as a kernel must know it (hashable).
+
+  Attributes:
+    layout: "dense" (`attention`), "quantized" (`quantized_attention`) or "paged"
+      (`paged_attention`).
+    fmt, k_bits, v_bits, k_axis, v_axis, group_size: how K/V are stored (kvjax QuantSpec
+      names; `kv_source.KVFormat`); "float" for plain values.
+    pre_rope: keys stored before RoPE. outliers: dense-and-sparse outliers beside the
+      codes ("KVQuant", arXiv:2401.18079). residual: exact recent tokens beside the
+      codes (KIVI). partitions: a page pool split over devices. None of these is read
+      by a kernel.
+    head_dim, head_dim_v, dtype, num_q_heads, num_kv_heads, num_queries: the call's
+      shapes (None = not checked).
+    scale, causal, window, sink_tokens, softcap, return_colsum, colsum_window:
+      docs/CONVENTIONS.md.
+  """
+  layout: str = "dense"
+  fmt: str = "float"
+  k_bits: int = 8
+  v_bits: int = 8
+  k_axis: str = "token"
+  v_axis: str = "token"
+  group_size: Optional[int] = None
+  pre_rope: bool = False
+  outliers: bool = False
+  residual: bool = False
+  partitions: int = 1
+  head_dim: Optional[int] = None
+  head_dim_v: Optional[int] = None
+  dtype: Optional[str] = None
+  num_q_heads: Optional[int] = None
+  num_kv_heads: Optional[int] = None
+  num_queries: Optional[int] = None
+  scale: Optional[float] = None
+  causal: bool = True
+  window: Optional[int] = None
+  sink_tokens: int = 0
+  softcap: Optional[float] = None
+  return_colsum: bool = False
+  colsum_window: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+  """Whether a kernel serves a `KernelRequest`; `reason` names what it does not support."""
+  ok: bool
+  reason: str = ""
+
+  def __bool__(self) -> bool:
+    return self.ok
+
+
+def _unsupported(r: KernelRequest) -> str:
+  """What the kernels cannot do of `r` ("" when they can do all of it)."""
+  if r.layout not in LAYOUTS:
+    return f"layout={r.layout!r} (allowed: {LAYOUTS})"
+  for name in ("head_dim", "head_dim_v"):
+    d = getattr(r, name)
+    if d is not None and (d % 8 or not 8 <= d <= 256):
+      return f"{name}={d} (the kernels need a multiple of 8 in [8, 256])"
+  if r.dtype is not None and jnp.dtype(r.dtype) not in [jnp.dtype(x) for x in _FLOAT_DTYPES]:
+    return f"dtype={jnp.dtype(r.dtype).name} (allowed: float32, bfloat16, float16)"
+  hq, hkv = r.num_q_heads, r.num_kv_heads
+  if hq is not None and hkv is not None and (hkv < 1 or hq % hkv):
+    return f"num_q_heads={hq} with num_kv_heads={hkv} (need a multiple)"
+  if r.num_queries is not None and r.num_queries < 1:
+    return f"num_queries={r.num_queries} (need at least one)"
   try:
-    def one(bits, axis):
-      if fmt == "float":
-        return _quantized.KVFormat("float")
-      return _quantized.KVFormat(fmt, bits if fmt == "int" else 8, axis, group)
-    kf, vf = one(k_bits, k_axis), one(v_bits, v_axis)
-  except (ValueError, TypeError):
-    return False
-  for key, f in (("head_dim", kf), ("head_dim_v", vf)):
-    d = a.get(key)
-    if d is None:
-      continue
-    if d % f.per or (f.has_scale and f.axis == "token" and d % f.channel_group(d)):
-      return False
-  return True
+    _common.check_static(window=r.window, sink_tokens=r.sink_tokens, softcap=r.softcap,
+                         scale=r.scale)
+  except ValueError as e:
+    return str(e)
+  cw = r.colsum_window
+  if cw is not None and (not isinstance(cw, int) or cw < 1):
+    return f"colsum_window={cw!r} (a positive int or None)"
+  if r.layout == "dense":
+    return "" if r.fmt == "float" else f"fmt={r.fmt!r} (dense K/V are plain floats)"
+  kernel = f"the {r.layout} decode kernel"
+  if r.return_colsum or cw is not None:
+    return f"return_colsum ({kernel} returns out and lse only)"
+  if r.num_queries is not None and r.num_queries > DECODE_MAX_QUERIES:
+    return f"num_queries={r.num_queries} ({kernel} takes at most {DECODE_MAX_QUERIES})"
+  for flag in ("pre_rope", "outliers"):
+    if getattr(r, flag):
+      return f"{flag}=True"
+  if r.layout == "quantized" and r.fmt == "float":
+    return f"fmt='float' ({kernel} reads codes)"
+  if r.layout == "paged":
+    if (r.k_axis, r.v_axis) != ("token", "token"):
+      return (f"k_axis={r.k_axis!r}, v_axis={r.v_axis!r} ({kernel} reads per-token "
+              "scales only)")
+    if r.residual:
+      return f"residual=True ({kernel} reads no residual window)"
+    if r.partitions != 1:
+      return f"partitions={r.partitions} ({kernel} reads one pool)"
+  try:
+    kf, vf = _source.make_formats(r.fmt, r.k_bits, r.v_bits, r.k_axis, r.v_axis,
+                                  r.group_size, None, None)
+  except (ValueError, TypeError) as e:
+    return str(e)
+  for name, f in (("head_dim", kf), ("head_dim_v", vf)):
+    d = getattr(r, name)
+    if d is not None and (d % f.per or (f.has_scale and f.axis == "token"
+                                        and d % f.channel_group(d))):
+      return f"{name}={d} with {f.bits}-bit codes and group_size={r.group_size}"
+  return ""
 
 
-def _supports_decode(a) -> bool:
-  """Options of the decode-only quantized / paged kernels (no colsum, T <= 16)."""
-  if a.pop("return_colsum", False) or a.pop("colsum_window", None) is not None:
-    return False
-  t = a.get("num_queries")
-  if t is not None and t > DECODE_MAX_QUERIES:
-    return False
-  return supports(**a)
-
-
-def supports_quantized(**static_args) -> bool:
-  """Whether `quantized_attention` reads this cache format with these options.
-
-  Format keys (kvjax QuantSpec names): fmt ("int" | "fp8_e4m3" | "fp8_e5m2"), k_bits,
-  v_bits, k_axis, v_axis, group_size, symmetric; plus every key of `supports`. Unsupported:
-  return_colsum / colsum_window (the fused kernels return out and lse only), more than
-  DECODE_MAX_QUERIES queries, and any other truthy key (pre_rope=True, outlier_frac=0.01).
-  """
-  a = dict(static_args)
-  a.pop("quantized", None)
-  if a.pop("pre_rope", False) or a.pop("outlier_frac", 0.0):
-    return False
-  return _supports_formats(a, axes=True) and _supports_decode(a)
-
-
-def supports_paged(**static_args) -> bool:
-  """Whether `paged_attention` handles this pool format with these options.
-
-  Format keys: fmt ("float" default, "int", "fp8_e4m3", "fp8_e5m2"), k_bits, v_bits,
-  group_size (per-token scales only); plus every key of `supports`. Unsupported as for
-  `supports_quantized`.
-  """
-  a = dict(static_args)
-  a.pop("paged", None)
-  a.pop("quantized", None)
-  return _supports_formats(a, axes=False) and _supports_decode(a)
+def support(request: KernelRequest) -> Support:
+  """Whether the kernel of `request.layout` serves `request` (else the caller uses XLA)."""
+  reason = _unsupported(request)
+  return Support(not reason, reason)

@@ -1,4 +1,4 @@
-"""Ragged decode attention: few queries against a head-wise ragged KV cache.
+"""The decode pipeline: few queries against a head-wise ragged KV source, and dense decode.
 
 Flash-decoding (Dao et al., 2023 blog "Flash-Decoding for long-context inference"): the
 slot axis is cut into `num_splits` parts processed by independent programs, each part
@@ -23,21 +23,20 @@ Layout (docs/CONVENTIONS.md): q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, D
 k_lengths [B, Hkv], q_positions [B, T], k_positions [B, Hkv, S].
 
 Grid. TPU (Mosaic): (B, Hkv, num_splits, steps) with the last axis "arbitrary"; K/V blocks
-[block_k, D] arrive by BlockSpec pipelining (double-buffered DMA) and the running max,
-denominator and accumulator live in VMEM scratch. GPU (Triton lowering): (B, Hkv,
-num_splits); each program loops over its blocks with masked loads, keeping the state in
-registers.
+arrive by BlockSpec pipelining (double-buffered DMA) and the running max, denominator and
+accumulators live in VMEM scratch. GPU (Triton lowering): (B, Hkv, num_splits); each
+program loops over its blocks with masked loads, keeping the state in registers.
 
-K/V loading is a pluggable KV source (see `PlainKV`): a quantized cache reuses the kernel
-bodies and the whole pipeline (`decode_with_source`) by supplying its own arrays, block
-specs and dequantizing loads.
+`decode_with_source` is that pipeline for any KV source (`kv_source.py`): the dense cache
+here, the quantized cache (`quantized_decode.py`) and the page pool (`paged_decode.py`) are
+sources of it -- they differ only in their arrays, BlockSpecs and loads. The wrapper pieces
+they share (tiling, validation, exact merge of disjoint slot sets) are here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,67 +45,18 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as C
 from pallas_kernels import colsum as colsum_lib
+from pallas_kernels import kv_source as S
 
 DEFAULT_BLOCK_K = {"tpu": 512, "gpu": 128}
 _SQ = None  # squeezed block dimension
 
 
-# ----------------------------------------------------------------------------------------
-# K/V sources
-# ----------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class PlainKV:
-  """Dense K/V: k [B, Hkv, S, D], v [B, Hkv, S, Dv] in any float dtype.
-
-  A KV source tells the kernels how many arrays it has, their BlockSpecs and how to turn
-  the loaded block refs into a K block [bk, D] and V block [bk, Dv]. V rows of slots
-  >= length come back as exact zeros (they may hold garbage, or be out of bounds in a
-  partial last block), so 0 * NaN never reaches the accumulator. A quantized source
-  would hold (k_q, k_scale, v_q, v_scale) and dequantize in its `*_load`.
-  """
-  head_dim: int
-  head_dim_v: int
-  num_slots: int
-
-  num_arrays = 2
-
-  # TPU: one [block_k, D] block per grid step, chosen by `index(*grid, *prefetch)`
-  # -> (b, h, block).
-  def tpu_in_specs(self, block_k: int, index) -> list[pl.BlockSpec]:
-    def imap(*args):
-      b, h, blk = index(*args)
-      return (b, h, blk, 0)
-    return [pl.BlockSpec((_SQ, _SQ, block_k, self.head_dim), imap),
-            pl.BlockSpec((_SQ, _SQ, block_k, self.head_dim_v), imap)]
-
-  def tpu_load(self, refs, first_slot, length):
-    k_ref, v_ref = refs
-    k = k_ref[...]
-    v = v_ref[...]
-    slot = first_slot + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    v = jnp.where(slot < length, v.astype(jnp.float32), 0.0).astype(v.dtype)
-    return k, v
-
-  # GPU: the whole slot axis of one (b, h) is the block; loads are masked slices.
-  def gpu_in_specs(self, d_pad: int, dv_pad: int, index) -> list[pl.BlockSpec]:
-    def imap(*args):
-      b, h = index(*args)
-      return (b, h, 0, 0)
-    return [pl.BlockSpec((_SQ, _SQ, self.num_slots, d_pad), imap),
-            pl.BlockSpec((_SQ, _SQ, self.num_slots, dv_pad), imap)]
-
-  def gpu_load(self, refs, first_slot, length, block_k: int):
-    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    k_ref, v_ref = refs
-    d_pad, dv_pad = k_ref.shape[-1], v_ref.shape[-1]
-    rows = (first_slot + jnp.arange(block_k) < length)[:, None]
-    k_mask = rows & (jnp.arange(d_pad) < self.head_dim)[None, :]
-    v_mask = rows & (jnp.arange(dv_pad) < self.head_dim_v)[None, :]
-    sl = pl.ds(first_slot, block_k)
-    k = plgpu.load(k_ref.at[sl, :], mask=k_mask, other=0.0)
-    v = plgpu.load(v_ref.at[sl, :], mask=v_mask, other=0.0)
-    return k, v
+class _Static(NamedTuple):
+  """Static options of one pipeline run (hashable; passed into the kernel bodies)."""
+  spec: C.MaskSpec
+  block_k: int
+  num_splits: int
+  mm_dtype: Any
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,28 +80,40 @@ def _resident_block(a1, n1, a2, n2, split, i, num_splits: int):
   return C.step_to_block(step, a1, n1, a2)
 
 
+def _attend_block(q_planes, qpos, kb, vb, kpos, slot, valid_col, valid_row, length, m, l,
+                  accs, st: _Static, v_format):
+  """One online-softmax update (Dao et al., 2022) of the state (m, l, accs) by a block."""
+  s = S.block_logits(q_planes, kb, st.spec, st.mm_dtype)
+  vis = C.visible(qpos, kpos, slot, length, st.spec)
+  p, alpha, m, l = S.softmax_update(s, vis, m, l)
+  pv = S.block_pv(p, vb, valid_col, valid_row, st.mm_dtype, v_format)
+  return m, l, [alpha * a + c for a, c in zip(accs, pv)]
+
+
 # ----------------------------------------------------------------------------------------
 # TPU (Mosaic) kernel
 # ----------------------------------------------------------------------------------------
 
-def _decode_kernel_tpu(lengths_ref, ranges_ref,            # scalar prefetch (SMEM)
-                       qpos_ref, q_ref, kpos_ref, *refs,
-                       kv: Any, spec: C.MaskSpec, block_k: int, num_splits: int,
+def _decode_kernel_tpu(lengths_ref, ranges_ref, *refs, source, st: _Static,
                        num_kv_heads: int):
   """One (b, h, split, step) grid point.
 
-  Refs: qpos [R, 128] int32 (lane-replicated), q [R, D], kpos [1, bk], kv blocks,
-  outputs o [R, Dv] float32 and lse [R, 128] float32, scratch m/l [R, 128], acc [R, Dv].
+  Refs: scalar-prefetched source indices, qpos [R, 128] int32 (lane-replicated), q planes
+  [per_k, R, D / per_k], the source's block refs, outputs o [per_v, R, Dv / per_v] float32
+  and lse [R, 128] float32, scratch m / l [R, 128] and acc [per_v, R, Dv / per_v].
   """
-  kv_refs = refs[:kv.num_arrays]
-  o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[kv.num_arrays:]
+  npf = source.num_prefetch
+  qpos_ref, q_ref = refs[npf], refs[npf + 1]
+  in_refs = refs[npf + 2:-5]
+  o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[-5:]
+  per_k, per_v = source.k_format.per, source.v_format.per
   b, h, split, i = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
                     pl.program_id(3))
   bh = b * num_kv_heads + h
   length = lengths_ref[bh]
   a1, n1, a2, n2 = (ranges_ref[4 * bh], ranges_ref[4 * bh + 1], ranges_ref[4 * bh + 2],
                     ranges_ref[4 * bh + 3])
-  start, end = _split_bounds(a1, n1, a2, n2, split, num_splits)
+  start, end = _split_bounds(a1, n1, a2, n2, split, st.num_splits)
 
   @pl.when(i == 0)
   def _init():
@@ -163,78 +125,80 @@ def _decode_kernel_tpu(lengths_ref, ranges_ref,            # scalar prefetch (SM
 
   @pl.when(step < end)
   def _compute():
-    blk = C.step_to_block(step, a1, n1, a2)
-    first = blk * block_k
-    k, v = kv.tpu_load(kv_refs, first, length)
-    s = C.logits(q_ref[...], k, spec)
-    slot = first + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-    vis = C.visible(qpos_ref[...][:, :1], kpos_ref[...], slot, length, spec)
-    m, l, acc = C.online_softmax_step(s, vis, v, m_scr[...][:, :1], l_scr[...][:, :1],
-                                      acc_scr[...])
+    first = C.step_to_block(step, a1, n1, a2) * st.block_k
+    q_planes = [q_ref[j] for j in range(per_k)]
+    qpos = qpos_ref[...][:, :1]
+    m, l = m_scr[...][:, :1], l_scr[...][:, :1]
+    accs = [acc_scr[j] for j in range(per_v)]
+    # Slots past the length (a partial block, or pages a paged source repeats) are masked.
+    for off, n, kb, vb, kpos in source.tpu_blocks(in_refs, st.block_k):
+      slot_row = first + off + lax.broadcasted_iota(jnp.int32, (1, n), 1)
+      slot_col = first + off + lax.broadcasted_iota(jnp.int32, (n, 1), 0)
+      m, l, accs = _attend_block(q_planes, qpos, kb, vb,
+                                 slot_row if kpos is None else kpos, slot_row,
+                                 slot_col < length, slot_row < length, length, m, l, accs,
+                                 st, source.v_format)
     m_scr[...] = jnp.broadcast_to(m, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l, l_scr.shape)
-    acc_scr[...] = acc
+    for j, a in enumerate(accs):
+      acc_scr[j] = a
 
   @pl.when(i == pl.num_programs(3) - 1)
   def _finish():
-    out, lse = C.finalize(m_scr[...][:, :1], l_scr[...][:, :1], acc_scr[...])
-    o_ref[...] = out.astype(o_ref.dtype)
+    m, l = m_scr[...][:, :1], l_scr[...][:, :1]
+    for j in range(per_v):
+      out, lse = C.finalize(m, l, acc_scr[j])
+      o_ref[j] = out
     lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def _decode_tpu(kv, kv_arrays, q_rows, row_pos, k_positions, k_lengths, ranges, *, spec,
-                block_k, num_splits, interpret):
+def _decode_tpu(source, arrays, prefetch, q_rows, row_pos, k_lengths, ranges, *,
+                st: _Static, interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   b, hkv, r, d = q_rows.shape
-  s = k_positions.shape[-1]
-  dv = kv.head_dim_v
-  steps = C.cdiv(C.cdiv(s, block_k), num_splits)
-  lengths_flat = k_lengths.reshape(-1).astype(jnp.int32)
-  ranges_flat = ranges.reshape(-1).astype(jnp.int32)          # [B * Hkv * 4]
+  per_k, per_v = source.k_format.per, source.v_format.per
+  dpv = source.head_dim_v // per_v
+  steps = C.cdiv(C.cdiv(source.num_slots, st.block_k), st.num_splits)
+  q_planes = S.split_query_planes(q_rows, per_k)
   qpos_lanes = jnp.broadcast_to(row_pos[:, :, None], (b, r, C.LANES)).astype(jnp.int32)
-  kpos4 = k_positions.reshape(b, hkv, 1, s).astype(jnp.int32)
 
-  def kv_index(bi, hi, split, i, lengths_ref, ranges_ref):
+  def index(bi, hi, split, i, lengths_ref, ranges_ref, *_):
     del lengths_ref
     base = 4 * (bi * hkv + hi)
     blk = _resident_block(ranges_ref[base], ranges_ref[base + 1], ranges_ref[base + 2],
-                          ranges_ref[base + 3], split, i, num_splits)
+                          ranges_ref[base + 3], split, i, st.num_splits)
     return bi, hi, blk
 
-  def kpos_map(*args):
-    bi, hi, blk = kv_index(*args)
-    return (bi, hi, 0, blk)
-
+  per_bh = lambda *block: lambda bi, hi, sp, i, *_: (bi, hi) + block  # noqa: E731
   in_specs = [
       pl.BlockSpec((_SQ, r, C.LANES), lambda bi, hi, sp, i, *_: (bi, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, r, d), lambda bi, hi, sp, i, *_: (bi, hi, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, 1, block_k), kpos_map),
-      *kv.tpu_in_specs(block_k, kv_index),
+      pl.BlockSpec((_SQ, _SQ, per_k, r, d // per_k), per_bh(0, 0, 0)),
+      *source.tpu_in_specs(st.block_k, index),
   ]
   out_specs = [
-      pl.BlockSpec((_SQ, _SQ, _SQ, r, dv), lambda bi, hi, sp, i, *_: (bi, hi, sp, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, _SQ, r, C.LANES),
-                   lambda bi, hi, sp, i, *_: (bi, hi, sp, 0, 0)),
+      pl.BlockSpec((_SQ, _SQ, _SQ, per_v, r, dpv),
+                   lambda bi, hi, sp, i, *_: (bi, hi, sp, 0, 0, 0)),
+      pl.BlockSpec((_SQ, _SQ, _SQ, r, C.LANES), lambda bi, hi, sp, i, *_: (bi, hi, sp, 0, 0)),
   ]
-  kernel = functools.partial(_decode_kernel_tpu, kv=kv, spec=spec, block_k=block_k,
-                             num_splits=num_splits, num_kv_heads=hkv)
+  kernel = functools.partial(_decode_kernel_tpu, source=source, st=st, num_kv_heads=hkv)
   o_parts, lse_parts = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(b, hkv, num_splits, steps),
+          num_scalar_prefetch=2 + source.num_prefetch,
+          grid=(b, hkv, st.num_splits, steps),
           in_specs=in_specs,
           out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((r, C.LANES), jnp.float32),
                           pltpu.VMEM((r, C.LANES), jnp.float32),
-                          pltpu.VMEM((r, dv), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, r, dv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, num_splits, r, C.LANES), jnp.float32)],
+                          pltpu.VMEM((per_v, r, dpv), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, st.num_splits, per_v, r, dpv), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, st.num_splits, r, C.LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=C.resolve_interpret("tpu", interpret),
-      name="ragged_decode_attention_tpu",
-  )(lengths_flat, ranges_flat, qpos_lanes, q_rows, kpos4, *kv_arrays)
+      name=source.name + "_tpu",
+  )(k_lengths.reshape(-1), ranges.reshape(-1), *[a.reshape(-1) for a in prefetch],
+    qpos_lanes, q_planes, *source.tpu_inputs(arrays))
   return o_parts, lse_parts[..., 0]
 
 
@@ -242,81 +206,167 @@ def _decode_tpu(kv, kv_arrays, q_rows, row_pos, k_positions, k_lengths, ranges, 
 # GPU (Triton) kernel
 # ----------------------------------------------------------------------------------------
 
-def _decode_kernel_gpu(lengths_ref, ranges_ref, qpos_ref, q_ref, kpos_ref, *refs,
-                       kv: Any, spec: C.MaskSpec, block_k: int, num_splits: int):
+def _decode_kernel_gpu(lengths_ref, ranges_ref, *refs, source, st: _Static):
   """One (b, h, split) program: loops over its key blocks with masked loads.
 
-  Refs: lengths [] int32, ranges [4] int32, qpos [R] int32, q [R, Dp], kpos [S] int32,
-  kv refs (whole slot axis), outputs o [R, Dvp] float32, lse [R] float32.
+  Refs: lengths [] int32, ranges [4] int32, the source's index refs, qpos [R] int32,
+  q planes [per_k, R, Dp_pad], the source's array refs, outputs o [per_v, R, Dvp_pad]
+  float32 and lse [R] float32.
   """
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  kv_refs = refs[:kv.num_arrays]
-  o_ref, lse_ref = refs[kv.num_arrays:]
+  npf = source.num_prefetch
+  prefetch_refs = refs[:npf]
+  qpos_ref, q_ref = refs[npf], refs[npf + 1]
+  in_refs = refs[npf + 2:-2]
+  o_ref, lse_ref = refs[-2:]
   split = pl.program_id(2)
   length = lengths_ref[...]
   a1, n1, a2, n2 = ranges_ref[0], ranges_ref[1], ranges_ref[2], ranges_ref[3]
-  start, end = _split_bounds(a1, n1, a2, n2, split, num_splits)
-  q = q_ref[...]
+  start, end = _split_bounds(a1, n1, a2, n2, split, st.num_splits)
+  q_planes = [q_ref[j] for j in range(source.k_format.per)]
   qpos = qpos_ref[...][:, None]
-  r = q.shape[0]
-  dv_pad = o_ref.shape[-1]
+  r = qpos.shape[0]
+  dpk_pad, dpv_pad = q_planes[0].shape[-1], o_ref.shape[-1]
+  bk = st.block_k
 
   def body(step, carry):
-    m, l, acc = carry
-    blk = C.step_to_block(step, a1, n1, a2)
-    first = pl.multiple_of(blk * block_k, block_k)
-    slot = first + jnp.arange(block_k)
-    kpos = plgpu.load(kpos_ref.at[pl.ds(first, block_k)], mask=slot < length, other=-1)
-    k, v = kv.gpu_load(kv_refs, first, length, block_k)
-    s = C.logits(q, k, spec)
-    vis = C.visible(qpos, kpos[None, :], slot[None, :], length, spec)
-    return C.online_softmax_step(s, vis, v, m, l, acc)
+    m, l, accs = carry
+    first = pl.multiple_of(C.step_to_block(step, a1, n1, a2) * bk, bk)
+    slot = first + jnp.arange(bk, dtype=jnp.int32)
+    valid = slot < length
+    kb, vb, kpos = source.gpu_block(in_refs, prefetch_refs, first, slot, valid, dpk_pad,
+                                    dpv_pad)
+    m, l, accs = _attend_block(q_planes, qpos, kb, vb, kpos[None, :], slot[None, :],
+                               valid[:, None], valid[None, :], length, m, l, accs, st,
+                               source.v_format)
+    return m, l, tuple(accs)
 
   init = (jnp.full((r, 1), C.NEG_INF, jnp.float32), jnp.zeros((r, 1), jnp.float32),
-          jnp.zeros((r, dv_pad), jnp.float32))
-  m, l, acc = lax.fori_loop(start, end, body, init)
-  out, lse = C.finalize(m, l, acc)
-  o_ref[...] = out.astype(o_ref.dtype)
+          tuple(jnp.zeros((r, dpv_pad), jnp.float32) for _ in range(source.v_format.per)))
+  m, l, accs = lax.fori_loop(start, end, body, init)
+  for j, acc in enumerate(accs):
+    out, lse = C.finalize(m, l, acc)
+    o_ref[j] = out
   lse_ref[...] = lse.reshape(r)
 
 
-def _decode_gpu(kv, kv_arrays, q_rows, row_pos, k_positions, k_lengths, ranges, *, spec,
-                block_k, num_splits, interpret, num_warps, num_stages):
+def _decode_gpu(source, arrays, prefetch, q_rows, row_pos, k_lengths, ranges, *,
+                st: _Static, interpret, num_warps, num_stages):
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  b, hkv, r, d_pad = q_rows.shape
-  s = k_positions.shape[-1]
-  dv_pad = max(16, C.next_pow2(kv.head_dim_v))
+  b, hkv, r, d = q_rows.shape
+  per_k, per_v = source.k_format.per, source.v_format.per
+  dpk_pad = S.gpu_plane_pad(d, per_k)
+  dpv_pad = S.gpu_plane_pad(source.head_dim_v, per_v)
+  q_planes = S.split_query_planes(q_rows, per_k)
+  q_planes = jnp.pad(q_planes, ((0, 0),) * 4 + ((0, dpk_pad - d // per_k),))
   in_specs = [
       pl.BlockSpec((_SQ, _SQ), lambda bi, hi, sp: (bi, hi)),
       pl.BlockSpec((_SQ, _SQ, 4), lambda bi, hi, sp: (bi, hi, 0)),
+      *source.gpu_prefetch_specs(),
       pl.BlockSpec((_SQ, r), lambda bi, hi, sp: (bi, 0)),
-      pl.BlockSpec((_SQ, _SQ, r, d_pad), lambda bi, hi, sp: (bi, hi, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, s), lambda bi, hi, sp: (bi, hi, 0)),
-      *kv.gpu_in_specs(d_pad, dv_pad, lambda bi, hi, sp: (bi, hi)),
+      pl.BlockSpec((_SQ, _SQ, per_k, r, dpk_pad), lambda bi, hi, sp: (bi, hi, 0, 0, 0)),
+      *source.gpu_in_specs(arrays, dpk_pad, dpv_pad),
   ]
   out_specs = [
-      pl.BlockSpec((_SQ, _SQ, _SQ, r, dv_pad), lambda bi, hi, sp: (bi, hi, sp, 0, 0)),
+      pl.BlockSpec((_SQ, _SQ, _SQ, per_v, r, dpv_pad),
+                   lambda bi, hi, sp: (bi, hi, sp, 0, 0, 0)),
       pl.BlockSpec((_SQ, _SQ, _SQ, r), lambda bi, hi, sp: (bi, hi, sp, 0)),
   ]
-  kernel = functools.partial(_decode_kernel_gpu, kv=kv, spec=spec, block_k=block_k,
-                             num_splits=num_splits)
-  o_parts, lse_parts = pl.pallas_call(
-      kernel,
-      grid=(b, hkv, num_splits),
+  return pl.pallas_call(
+      functools.partial(_decode_kernel_gpu, source=source, st=st),
+      grid=(b, hkv, st.num_splits),
       in_specs=in_specs,
       out_specs=out_specs,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, r, dv_pad), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, num_splits, r), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, st.num_splits, per_v, r, dpv_pad),
+                                      jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, st.num_splits, r), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=C.resolve_interpret("gpu", interpret),
-      name="ragged_decode_attention_gpu",
-  )(k_lengths.astype(jnp.int32), ranges.reshape(b, hkv, 4), row_pos, q_rows,
-    k_positions.astype(jnp.int32), *kv_arrays)
-  return o_parts[..., :kv.head_dim_v], lse_parts
+      name=source.name + "_gpu",
+  )(k_lengths, ranges.reshape(b, hkv, 4), *prefetch, row_pos, q_planes, *arrays)
 
 
 # ----------------------------------------------------------------------------------------
-# Public wrapper
+# The pipeline
+# ----------------------------------------------------------------------------------------
+
+def arrange_rows(q, hkv: int, platform: str):
+  """q [B, Hq, T, D] -> rows [B, Hkv, Rp, D] (row r = t * G + g), Rp padded per platform."""
+  b, hq, t, d = q.shape
+  g = hq // hkv
+  r = t * g
+  q_rows = q.reshape(b, hkv, g, t, d).transpose(0, 1, 3, 2, 4).reshape(b, hkv, r, d)
+  r_pad = C.round_up(r, C.SUBLANES) if platform == "tpu" else max(16, C.next_pow2(r))
+  return jnp.pad(q_rows, ((0, 0), (0, 0), (0, r_pad - r), (0, 0)))
+
+
+def row_positions(q_positions, g: int, r_pad: int):
+  """[B, T] query positions -> [B, Rp] row positions (padding rows -1)."""
+  r = q_positions.shape[1] * g
+  rp = jnp.repeat(q_positions, g, axis=1)
+  return jnp.pad(rp, ((0, 0), (0, r_pad - r)), constant_values=-1)
+
+
+def unarrange_rows(o_rows, lse_rows, *, hq: int, t: int):
+  """[B, Hkv, Rp, Dv], [B, Hkv, Rp] -> out [B, Hq, T, Dv], lse [B, Hq, T]."""
+  b, hkv, _, dv = o_rows.shape
+  g = hq // hkv
+  r = t * g
+  out = o_rows[:, :, :r].reshape(b, hkv, t, g, dv).transpose(0, 1, 3, 2, 4)
+  lse = lse_rows[:, :, :r].reshape(b, hkv, t, g).transpose(0, 1, 3, 2)
+  return out.reshape(b, hq, t, dv), lse.reshape(b, hq, t)
+
+
+def combine_parts(o_parts, lse_parts, dv: int):
+  """Kernel outputs [B, H, P, per, Rp, Dp_pad], [B, H, P, Rp] -> [B, H, Rp, Dv], [B, H, Rp]."""
+  o = S.merge_value_planes(o_parts, dv)
+  if o.shape[2] == 1:
+    return o[:, :, 0], lse_parts[:, :, 0]
+  return C.combine_splits(o, lse_parts)
+
+
+def decode_with_source(source, arrays, q, k_lengths, q_positions, *, k_positions=None,
+                       prefetch=(), spec: C.MaskSpec, block_k: int, num_splits: int,
+                       platform: str, interpret: Any = False, num_warps: int = 4,
+                       num_stages: int = 2):
+  """The decode pipeline for any KV source (`kv_source.ContiguousKV`, `PagedKV`).
+
+  Arranges the query rows (and their code planes), computes the block ranges, runs the
+  TPU or GPU kernel with `source` reading `arrays` (indexed by the `prefetch` arrays:
+  scalar-prefetched on TPU), and merges the splits. Inputs must already be validated:
+  int32 positions / lengths (lengths clipped to [0, source.num_slots]), `block_k`
+  resolved for the platform, 1 <= num_splits <= number of key blocks.
+
+  Args:
+    k_positions: [B, Hkv, S] int32 logical slot positions; read only with a window (to
+      find the blocks that can fall in it).
+
+  Returns:
+    out [B, Hq, T, Dv] float32, lse [B, Hq, T] float32 (no sink logits applied).
+  """
+  b, hq, t, _ = q.shape
+  hkv = k_lengths.shape[1]
+  q_rows = arrange_rows(q, hkv, platform)
+  row_pos = row_positions(q_positions, hq // hkv, q_rows.shape[2])
+  if spec.window is None:
+    ranges = C.length_ranges(k_lengths, block_k)
+  else:
+    ranges = C.key_ranges(q_positions, k_positions, k_lengths, block_q=t, block_k=block_k,
+                          spec=spec)
+  ranges = ranges.packed()[:, :, 0]                          # [B, Hkv, 4]
+  st = _Static(spec, block_k, num_splits, q.dtype)
+  if platform == "tpu":
+    o_parts, lse_parts = _decode_tpu(source, arrays, prefetch, q_rows, row_pos, k_lengths,
+                                     ranges, st=st, interpret=interpret)
+  else:
+    o_parts, lse_parts = _decode_gpu(source, arrays, prefetch, q_rows, row_pos, k_lengths,
+                                     ranges, st=st, interpret=interpret,
+                                     num_warps=num_warps, num_stages=num_stages)
+  o_rows, lse_rows = combine_parts(o_parts, lse_parts, source.head_dim_v)
+  return unarrange_rows(o_rows, lse_rows, hq=hq, t=t)
+
+
+# ----------------------------------------------------------------------------------------
+# Wrapper pieces shared by the decode entry points (dense, quantized, paged)
 # ----------------------------------------------------------------------------------------
 
 def default_num_splits(platform: str, batch: int, kv_heads: int, num_blocks: int) -> int:
@@ -326,102 +376,116 @@ def default_num_splits(platform: str, batch: int, kv_heads: int, num_blocks: int
   return max(1, min(num_blocks, 32, 264 // max(1, batch * kv_heads)))
 
 
-def resolve_block_k(platform: str, block_k: int | None, num_slots: int) -> int:
-  """Validated key block size, shrunk for small caches."""
-  bk = DEFAULT_BLOCK_K[platform] if block_k is None else block_k
-  if not isinstance(bk, int) or bk < 1:
-    raise ValueError(f"block_k={block_k!r}; must be a positive int")
+def resolve_splits(platform: str, num_splits: Optional[int], batch: int, kv_heads: int,
+                   num_blocks: int) -> int:
+  """Validated split count, at most the number of key blocks."""
+  splits = (default_num_splits(platform, batch, kv_heads, num_blocks) if num_splits is None
+            else num_splits)
+  if not isinstance(splits, int) or splits < 1:
+    raise ValueError(f"num_splits={num_splits!r}; must be a positive int")
+  return min(splits, num_blocks)
+
+
+def resolve_block_k(platform: str, block_k: Optional[int], num_slots: int, *,
+                    default: Optional[int] = None, unit: int = C.LANES) -> int:
+  """Validated key block size, shrunk for small caches.
+
+  TPU: a multiple of `unit` (128 lanes; more for per-channel scales) or the whole slot
+  axis. GPU: a power of two >= 16 (the Triton `dot` minimum). `default` (None: the dense
+  decode's DEFAULT_BLOCK_K) is used when block_k is None.
+  """
+  default = DEFAULT_BLOCK_K[platform] if default is None else default
   if platform == "tpu":
-    if bk % C.LANES and bk != num_slots:
-      raise ValueError(f"block_k={bk}; the TPU kernel needs a multiple of {C.LANES} (or S)")
-    return num_slots if num_slots <= bk else bk
-  if bk < 16 or bk & (bk - 1):
-    raise ValueError(f"block_k={bk}; the GPU kernel needs a power of two >= 16")
+    bk = C.round_up(default, unit) if block_k is None else block_k
+    if not isinstance(bk, int) or bk < 1:
+      raise ValueError(f"block_k={block_k!r}; must be a positive int")
+    if bk % unit and bk != num_slots:
+      raise ValueError(f"block_k={bk}; the TPU kernel needs a multiple of {unit} or the "
+                       f"slot count {num_slots}")
+    return min(bk, num_slots)
+  bk = default if block_k is None else block_k
+  if not isinstance(bk, int) or bk < 16 or bk & (bk - 1):
+    raise ValueError(f"block_k={block_k!r}; the GPU kernel needs a power of two >= 16")
   return min(bk, max(16, C.next_pow2(num_slots)))
 
 
-def check_inputs(q, k, v, k_lengths, q_positions, k_positions, sink_logits=None):
-  """Shape/dtype validation shared by the attention kernels (ValueError with values)."""
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be rank 4; got q{q.shape}, k{k.shape}, v{v.shape}")
+def mask_spec(head_dim: int, *, scale, causal, window, sink_tokens, softcap) -> C.MaskSpec:
+  """Validated static masking options (scale None = head_dim ** -0.5)."""
+  C.check_static(window=window, sink_tokens=sink_tokens, softcap=softcap, scale=scale)
+  return C.MaskSpec(scale=head_dim ** -0.5 if scale is None else float(scale),
+                    causal=causal, window=window, sink_tokens=sink_tokens, softcap=softcap)
+
+
+def check_queries(q, k_lengths, q_positions, k_positions, sink_logits, hkv: int, slots: int):
+  """Validation of what every decode entry point takes besides K/V (ValueError)."""
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, Hq, T, D]; got shape {q.shape}")
   b, hq, t, d = q.shape
-  bk_, hkv, s, dk = k.shape
-  if bk_ != b or v.shape[:3] != (b, hkv, s) or dk != d:
-    raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape}; need "
-                     "k [B, Hkv, S, D] and v [B, Hkv, S, Dv]")
-  if hkv == 0 or hq % hkv:
+  if hkv < 1 or hq % hkv:
     raise ValueError(f"num query heads {hq} must be a multiple of num kv heads {hkv}")
-  if t < 1 or s < 1:
-    raise ValueError(f"need at least one query and one slot; got T={t}, S={s}")
+  if t < 1 or slots < 1:
+    raise ValueError(f"need at least one query and one slot; got T={t}, S={slots}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"q dtype {q.dtype}; must be floating")
   if k_lengths.shape != (b, hkv):
     raise ValueError(f"k_lengths shape {k_lengths.shape}; expected {(b, hkv)}")
   if q_positions.shape != (b, t):
     raise ValueError(f"q_positions shape {q_positions.shape}; expected {(b, t)}")
-  if k_positions.shape != (b, hkv, s):
-    raise ValueError(f"k_positions shape {k_positions.shape}; expected {(b, hkv, s)}")
-  for name, x in (("k_lengths", k_lengths), ("q_positions", q_positions),
-                  ("k_positions", k_positions)):
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} dtype {x.dtype}; must be an integer type (int32)")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} dtype {x.dtype}; must be floating")
+  if k_positions is not None and k_positions.shape != (b, hkv, slots):
+    raise ValueError(f"k_positions shape {k_positions.shape}; expected {(b, hkv, slots)}")
   if sink_logits is not None and sink_logits.shape != (hq,):
     raise ValueError(f"sink_logits shape {sink_logits.shape}; expected {(hq,)}")
+  for name, x in (("k_lengths", k_lengths), ("q_positions", q_positions),
+                  ("k_positions", k_positions)):
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} dtype {x.dtype}; must be an integer type (int32)")
   C.check_head_dim("head_dim", d)
+
+
+def check_inputs(q, k, v, k_lengths, q_positions, k_positions, sink_logits=None):
+  """Shape/dtype validation of dense attention inputs (ValueError with values)."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be rank 4; got q{q.shape}, k{k.shape}, v{v.shape}")
+  b, _, _, d = q.shape
+  bk_, hkv, s, dk = k.shape
+  if bk_ != b or v.shape[:3] != (b, hkv, s) or dk != d:
+    raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape}; need "
+                     "k [B, Hkv, S, D] and v [B, Hkv, S, Dv]")
+  check_queries(q, k_lengths, q_positions, k_positions, sink_logits, hkv, s)
+  for name, x in (("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} dtype {x.dtype}; must be floating")
   C.check_head_dim("value head_dim", v.shape[-1])
 
 
-def decode_with_source(kv, kv_arrays, q, k_lengths, q_positions, k_positions, *,
-                       spec: C.MaskSpec, block_k: int, num_splits: int, platform: str,
-                       interpret: Any = False, num_warps: int = 4, num_stages: int = 2):
-  """The decode pipeline for any KV source (the extension point for quantized caches).
+def exact_part(q, k, v, lengths, q_positions, positions, *, spec: C.MaskSpec, platform: str,
+               interpret, num_warps: int = 4, num_stages: int = 2):
+  """Dense decode over an exact slot set (a residual window, a current chunk): (out, lse)."""
+  b, hkv, s, d = k.shape
+  bk = resolve_block_k(platform, None, s)
+  nkb = C.cdiv(s, bk)
+  source = S.ContiguousKV(S.KVFormat("float"), S.KVFormat("float"), d, v.shape[-1], s)
+  positions = positions.astype(jnp.int32)
+  return decode_with_source(
+      source, (positions, k, v), q, jnp.clip(lengths.astype(jnp.int32), 0, s),
+      q_positions.astype(jnp.int32), k_positions=positions, spec=spec, block_k=bk,
+      num_splits=resolve_splits(platform, None, b, hkv, nkb), platform=platform,
+      interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
-  Arranges the rows, computes the block ranges, runs the TPU or GPU kernel with `kv`
-  loading `kv_arrays`, and merges the splits. Inputs must already be validated:
-  int32 positions/lengths (lengths clipped to [0, S]), `block_k` resolved for the
-  platform, 1 <= num_splits <= number of key blocks.
 
-  Returns:
-    out [B, Hq, T, Dv] float32, lse [B, Hq, T] float32 (no sink logits applied).
+def finish(parts, sink_logits, dtype):
+  """Exact merge of attention over disjoint slot sets, sink logits, cast: (out, lse).
+
+  parts: [(out [B, Hq, T, Dv] float32, lse [B, Hq, T])], one per slot set.
   """
-  b, hq, t, d = q.shape
-  hkv = k_positions.shape[1]
-  g = hq // hkv
-  dv = kv.head_dim_v
-  # Rows r = t * G + g: all queries and all heads of a kv group in one program.
-  r = t * g
-  q_rows = q.reshape(b, hkv, g, t, d).transpose(0, 1, 3, 2, 4).reshape(b, hkv, r, d)
-  row_pos = jnp.repeat(q_positions, g, axis=1)
-  r_pad = C.round_up(r, C.SUBLANES) if platform == "tpu" else max(16, C.next_pow2(r))
-  d_pad = d if platform == "tpu" else max(16, C.next_pow2(d))
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, r_pad - r), (0, d_pad - d)))
-  row_pos = jnp.pad(row_pos, ((0, 0), (0, r_pad - r)), constant_values=-1)
-
-  if spec.window is None:
-    ranges = C.length_ranges(k_lengths, block_k)
+  if len(parts) == 1:
+    out, lse = parts[0]
   else:
-    ranges = C.key_ranges(q_positions, k_positions, k_lengths, block_q=t, block_k=block_k,
-                          spec=spec)
-  ranges = ranges.packed()[:, :, 0]                          # [B, Hkv, 4]
-
-  if platform == "tpu":
-    o_parts, lse_parts = _decode_tpu(kv, kv_arrays, q_rows, row_pos, k_positions,
-                                     k_lengths, ranges, spec=spec, block_k=block_k,
-                                     num_splits=num_splits, interpret=interpret)
-  else:
-    o_parts, lse_parts = _decode_gpu(kv, kv_arrays, q_rows, row_pos, k_positions,
-                                     k_lengths, ranges, spec=spec, block_k=block_k,
-                                     num_splits=num_splits, interpret=interpret,
-                                     num_warps=num_warps, num_stages=num_stages)
-  if num_splits == 1:
-    o_rows, lse_rows = o_parts[:, :, 0], lse_parts[:, :, 0]
-  else:
-    o_rows, lse_rows = C.combine_splits(o_parts, lse_parts)
-  out = o_rows[:, :, :r].reshape(b, hkv, t, g, dv).transpose(0, 1, 3, 2, 4)
-  out = out.reshape(b, hq, t, dv)
-  lse = lse_rows[:, :, :r].reshape(b, hkv, t, g).transpose(0, 1, 3, 2).reshape(b, hq, t)
-  return out, lse
+    out, lse = C.combine_splits(jnp.stack([p[0] for p in parts], axis=2),
+                                jnp.stack([p[1] for p in parts], axis=2))
+  if sink_logits is not None:
+    out, lse = C.apply_sink_logits(out, lse, sink_logits)
+  return out.astype(dtype), lse
 
 
 @functools.partial(
@@ -462,29 +526,23 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
   """
   check_inputs(q, k, v, k_lengths, q_positions, k_positions, sink_logits)
   C.check_platform(platform)
-  C.check_static(window=window, sink_tokens=sink_tokens, softcap=softcap, scale=scale)
   if colsum_window is not None and (not isinstance(colsum_window, int) or colsum_window < 1):
     raise ValueError(f"colsum_window={colsum_window!r}; must be a positive int or None")
-  b, hq, t, d = q.shape
+  b, _, _, d = q.shape
   _, hkv, s, dv = v.shape
+  spec = mask_spec(d, scale=scale, causal=causal, window=window, sink_tokens=sink_tokens,
+                   softcap=softcap)
   bk = resolve_block_k(platform, block_k, s)
-  nkb = C.cdiv(s, bk)
-  splits = default_num_splits(platform, b, hkv, nkb) if num_splits is None else num_splits
-  if not isinstance(splits, int) or splits < 1:
-    raise ValueError(f"num_splits={num_splits!r}; must be a positive int")
-  splits = min(splits, nkb)
-  spec = C.MaskSpec(scale=d ** -0.5 if scale is None else float(scale), causal=causal,
-                    window=window, sink_tokens=sink_tokens, softcap=softcap)
+  splits = resolve_splits(platform, num_splits, b, hkv, C.cdiv(s, bk))
   q_positions = q_positions.astype(jnp.int32)
   k_positions = k_positions.astype(jnp.int32)
   k_lengths = jnp.clip(k_lengths.astype(jnp.int32), 0, s)
-  kv = PlainKV(head_dim=d, head_dim_v=dv, num_slots=s)
-  out, lse = decode_with_source(kv, (k, v), q, k_lengths, q_positions, k_positions,
-                                spec=spec, block_k=bk, num_splits=splits, platform=platform,
-                                interpret=interpret, num_warps=num_warps,
-                                num_stages=num_stages)
-  if sink_logits is not None:
-    out, lse = C.apply_sink_logits(out, lse, sink_logits)
+  source = S.ContiguousKV(S.KVFormat("float"), S.KVFormat("float"), d, dv, s)
+  part = decode_with_source(source, (k_positions, k, v), q, k_lengths, q_positions,
+                            k_positions=k_positions, spec=spec, block_k=bk,
+                            num_splits=splits, platform=platform, interpret=interpret,
+                            num_warps=num_warps, num_stages=num_stages)
+  out, lse = finish([part], sink_logits, q.dtype)
   colsum = None
   if return_colsum:
     colsum = colsum_lib.attention_colsum(
@@ -492,4 +550,4 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
         k_positions=k_positions, scale=spec.scale, causal=causal, window=window,
         sink_tokens=sink_tokens, softcap=softcap, block_k=bk, platform=platform,
         interpret=interpret)
-  return out.astype(q.dtype), lse, colsum
+  return out, lse, colsum

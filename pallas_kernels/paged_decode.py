@@ -39,10 +39,14 @@ decode kernel and merged by an exact log-sum-exp combine.
 GPU (Triton): grid (B, Hkv, num_splits); each program loops over blocks of `block_k`
 logical slots, loads the block's page numbers from the table, and gathers K/V rows from
 the pool with indexed, masked loads (page, head, offset, column), so any page size works.
+
+The pool is a KV source (`PagedKV`) of the one decode pipeline
+(`decode_attention.decode_with_source`): only its BlockSpecs and loads are its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -53,7 +57,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as C
 from pallas_kernels import decode_attention as dense
-from pallas_kernels import quantized_decode as Q
+from pallas_kernels import kv_source as S
 from pallas_kernels.reference import attention_reference
 
 _SQ = None
@@ -61,185 +65,114 @@ DEFAULT_PAGES_PER_BLOCK = 8     # TPU
 DEFAULT_BLOCK_K = 64            # GPU
 
 
-def _formats(fmt, k_bits, v_bits, group_size, k_zero, v_zero):
-  if fmt == "float":
-    return Q.KVFormat("float"), Q.KVFormat("float")
-  return Q.make_formats(fmt, k_bits, v_bits, "token", "token", group_size, k_zero, v_zero)
+@dataclasses.dataclass(frozen=True)
+class PagedKV:
+  """A page pool read in place through page tables (module docstring for the layout).
 
+  Arrays, in order: K's (pages, [scale, [zero]]), V's, then pos_pages when `has_pos`;
+  each with a leading layer axis [L, N, Hkv, P, ...]. Index arrays (`prefetch` of the
+  pipeline): page_table [B, M] int32 and layer [1] int32.
+  """
+  k_format: S.KVFormat
+  v_format: S.KVFormat
+  head_dim: int
+  head_dim_v: int
+  page_size: int
+  max_pages: int
+  pages_per_block: int    # TPU: pages per grid step
+  num_kv_heads: int
+  has_pos: bool
 
-# ----------------------------------------------------------------------------------------
-# TPU kernel
-# ----------------------------------------------------------------------------------------
+  num_prefetch = 2
+  name = "paged_decode_attention"
 
-def _kernel_tpu(lengths_ref, ranges_ref, pt_ref, layer_ref, qpos_ref, q_ref, *refs, st,
-                ppb: int, page_size: int, num_kv_heads: int, has_pos: bool):
-  kf, vf = st.kf, st.vf
-  nk, nv = kf.num_arrays(), vf.num_arrays()
-  per_page = nk + nv + has_pos
-  page_refs = [refs[j * per_page:(j + 1) * per_page] for j in range(ppb)]
-  o_ref, lse_ref, m_scr, l_scr, acc_scr = refs[ppb * per_page:]
-  b, h, split, i = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
-                    pl.program_id(3))
-  bh = b * num_kv_heads + h
-  length = lengths_ref[bh]
-  a1, n1, a2, n2 = (ranges_ref[4 * bh], ranges_ref[4 * bh + 1], ranges_ref[4 * bh + 2],
-                    ranges_ref[4 * bh + 3])
-  start, end = dense._split_bounds(a1, n1, a2, n2, split, st.num_splits)  # pylint: disable=protected-access
-  del pt_ref, layer_ref
+  @property
+  def num_slots(self) -> int:
+    return self.max_pages * self.page_size
 
-  @pl.when(i == 0)
-  def _init():
-    m_scr[...] = jnp.full(m_scr.shape, C.NEG_INF, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+  def _split(self, arrays):
+    nk, nv = self.k_format.num_arrays(), self.v_format.num_arrays()
+    pos = arrays[nk + nv] if self.has_pos else None
+    return list(arrays[:nk]), list(arrays[nk:nk + nv]), pos
 
-  step = start + i
+  # TPU: the pool is passed once per page j of a block, each with its own BlockSpec whose
+  # index map reads the page table (scalar-prefetched), so Pallas DMAs the pages.
+  def tpu_inputs(self, arrays):
+    k_arrays, v_arrays, pos = self._split(arrays)
+    page = k_arrays + v_arrays
+    if pos is not None:
+      page.append(pos.reshape(pos.shape[:3] + (1, self.page_size)))
+    return page * self.pages_per_block
 
-  @pl.when(step < end)
-  def _compute():
-    blk = C.step_to_block(step, a1, n1, a2)
-    q_planes = [q_ref[j] for j in range(kf.per)]
-    qpos = qpos_ref[...][:, :1]
-    m, l = m_scr[...][:, :1], l_scr[...][:, :1]
-    accs = [acc_scr[j] for j in range(vf.per)]
-    for j in range(ppb):
-      prefs = page_refs[j]
-      first = (blk * ppb + j) * page_size
-      slot_row = first + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
-      slot_col = first + lax.broadcasted_iota(jnp.int32, (page_size, 1), 0)
-      kb = Q.tpu_block(prefs[:nk], kf, kf.scale_mode(st.d), page_size, st.d, col_layout=True)
-      vb = Q.tpu_block(prefs[nk:nk + nv], vf, vf.scale_mode(st.dv), page_size, st.dv,
-                       col_layout=True)
-      kpos = prefs[nk + nv][...] if has_pos else slot_row
-      s = Q.block_logits(q_planes, kb, st.spec, st.mm_dtype)
-      # Pages past the length are masked here (their refs hold a repeated page).
-      vis = C.visible(qpos, kpos, slot_row, length, st.spec)
-      p, alpha, m, l = Q.softmax_update(s, vis, m, l)
-      pv = Q.block_pv(p, vb, slot_col < length, slot_row < length, st.mm_dtype, vf)
-      accs = [alpha * a + c for a, c in zip(accs, pv)]
-    m_scr[...] = jnp.broadcast_to(m, m_scr.shape)
-    l_scr[...] = jnp.broadcast_to(l, l_scr.shape)
-    for j, a in enumerate(accs):
-      acc_scr[j] = a
+  def tpu_in_specs(self, block_k: int, index):
+    del block_k
+    ppb, size, m_pages = self.pages_per_block, self.page_size, self.max_pages
 
-  @pl.when(i == pl.num_programs(3) - 1)
-  def _finish():
-    m, l = m_scr[...][:, :1], l_scr[...][:, :1]
-    for j in range(vf.per):
-      out, lse = C.finalize(m, l, acc_scr[j])
-      o_ref[j] = out
-    lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+    def page_map(j):
+      def imap(*args):
+        bi, hi, blk = index(*args)
+        lengths_ref, pt_ref, layer_ref = args[4], args[6], args[7]
+        length = lengths_ref[bi * self.num_kv_heads + hi]
+        last = jnp.maximum(lax.div(length + (size - 1), size) - 1, 0)
+        logical = blk * ppb + j
+        # Past the length: the page this input held for the previous block (resident when
+        # that block was the previous step, so no DMA), else the last valid page.
+        prev = logical - ppb
+        logical = jnp.where(logical <= last, logical, jnp.where(prev >= 0, prev, last))
+        logical = jnp.clip(logical, 0, m_pages - 1)
+        page = jnp.maximum(pt_ref[bi * m_pages + logical], 0)
+        return layer_ref[0], page, hi, 0, 0
+      return imap
 
-
-def _run_tpu(k_arrays, v_arrays, pos_view, page_table, layer, q_rows, row_pos, lengths,
-             ranges, *, st, ppb, page_size, num_blocks, interpret):
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  b, hkv, r, _ = q_rows.shape
-  m_pages = page_table.shape[1]
-  per_k, per_v = st.kf.per, st.vf.per
-  dpv = st.dv // per_v
-  steps = C.cdiv(num_blocks, st.num_splits)
-  q_planes = Q.split_query_planes(q_rows, per_k)
-  qpos_lanes = jnp.broadcast_to(row_pos[:, :, None], (b, r, C.LANES)).astype(jnp.int32)
-
-  def page_map(j):
-    def imap(bi, hi, split, i, lengths_ref, ranges_ref, pt_ref, layer_ref):
-      bh = bi * hkv + hi
-      base = 4 * bh
-      blk = dense._resident_block(ranges_ref[base], ranges_ref[base + 1],  # pylint: disable=protected-access
-                                  ranges_ref[base + 2], ranges_ref[base + 3], split, i,
-                                  st.num_splits)
-      last = jnp.maximum(lax.div(lengths_ref[bh] + (page_size - 1), page_size) - 1, 0)
-      logical = blk * ppb + j
-      # Past the length: the page this input held for the previous block (resident when
-      # that block was the previous step, so no DMA), else the last valid page.
-      prev = logical - ppb
-      logical = jnp.where(logical <= last, logical, jnp.where(prev >= 0, prev, last))
-      logical = jnp.clip(logical, 0, m_pages - 1)
-      page = jnp.maximum(pt_ref[bi * m_pages + logical], 0)
-      return layer_ref[0], page, hi
-    return imap
-
-  def page_specs(j):
-    imap = page_map(j)
-    rows = lambda *a: (*imap(*a), 0, 0)
     specs = []
-    for fmt, dim in ((st.kf, st.d), (st.vf, st.dv)):
-      specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, page_size, dim // fmt.per), rows))
-      if fmt.has_scale:
-        ng = dim // fmt.channel_group(dim)
-        specs += [pl.BlockSpec((_SQ, _SQ, _SQ, page_size, ng), rows)] * (1 + fmt.has_zero)
-    if pos_view is not None:
-      specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, 1, page_size), rows))
+    for j in range(ppb):
+      rows = page_map(j)
+      for fmt, dim in ((self.k_format, self.head_dim), (self.v_format, self.head_dim_v)):
+        specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, size, dim // fmt.per), rows))
+        if fmt.has_scale:
+          ng = dim // fmt.channel_group(dim)
+          specs += [pl.BlockSpec((_SQ, _SQ, _SQ, size, ng), rows)] * (1 + fmt.has_zero)
+      if self.has_pos:
+        specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, 1, size), rows))
     return specs
 
-  page_arrays = list(k_arrays) + list(v_arrays) + ([pos_view] if pos_view is not None else [])
-  in_specs = [
-      pl.BlockSpec((_SQ, r, C.LANES), lambda bi, hi, sp, i, *_: (bi, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, per_k, r, st.d // per_k),
-                   lambda bi, hi, sp, i, *_: (bi, hi, 0, 0, 0)),
-  ]
-  for j in range(ppb):
-    in_specs += page_specs(j)
-  out_specs = [
-      pl.BlockSpec((_SQ, _SQ, _SQ, per_v, r, dpv), lambda bi, hi, sp, i, *_: (bi, hi, sp, 0, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, _SQ, r, C.LANES), lambda bi, hi, sp, i, *_: (bi, hi, sp, 0, 0)),
-  ]
-  kernel = functools.partial(_kernel_tpu, st=st, ppb=ppb, page_size=page_size,
-                             num_kv_heads=hkv, has_pos=pos_view is not None)
-  o_parts, lse_parts = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4,
-          grid=(b, hkv, st.num_splits, steps),
-          in_specs=in_specs,
-          out_specs=out_specs,
-          scratch_shapes=[pltpu.VMEM((r, C.LANES), jnp.float32),
-                          pltpu.VMEM((r, C.LANES), jnp.float32),
-                          pltpu.VMEM((per_v, r, dpv), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, st.num_splits, per_v, r, dpv), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, st.num_splits, r, C.LANES), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=C.resolve_interpret("tpu", interpret),
-      name="paged_decode_attention_tpu",
-  )(lengths.reshape(-1), ranges.reshape(-1), page_table.reshape(-1), layer, qpos_lanes,
-    q_planes, *(page_arrays * ppb))
-  return o_parts, lse_parts[..., 0]
+  def tpu_blocks(self, refs, block_k: int):
+    """One sub-block per page of the grid step: [(offset, P, K, V, positions or None)]."""
+    del block_k
+    kf, vf = self.k_format, self.v_format
+    nk, nv = kf.num_arrays(), vf.num_arrays()
+    per_page = nk + nv + self.has_pos
+    out = []
+    for j in range(self.pages_per_block):
+      prefs = refs[j * per_page:(j + 1) * per_page]
+      kb = S.tpu_block(prefs[:nk], kf, kf.scale_mode(self.head_dim), self.page_size,
+                       self.head_dim, col_layout=True)
+      vb = S.tpu_block(prefs[nk:nk + nv], vf, vf.scale_mode(self.head_dim_v), self.page_size,
+                       self.head_dim_v, col_layout=True)
+      kpos = prefs[nk + nv][...] if self.has_pos else None
+      out.append((j * self.page_size, self.page_size, kb, vb, kpos))
+    return out
 
+  # GPU: whole pools; each block of slots gathers its rows (page, head, offset, column).
+  def gpu_prefetch_specs(self):
+    return [pl.BlockSpec((_SQ, self.max_pages), lambda bi, hi, sp: (bi, 0)),
+            pl.BlockSpec((1,), lambda bi, hi, sp: (0,))]
 
-# ----------------------------------------------------------------------------------------
-# GPU kernel
-# ----------------------------------------------------------------------------------------
+  def gpu_in_specs(self, arrays, dpk_pad: int, dpv_pad: int):
+    del dpk_pad, dpv_pad
+    return [pl.BlockSpec(a.shape, lambda bi, hi, sp, n=a.ndim: (0,) * n) for a in arrays]
 
-def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, layer_ref, qpos_ref, q_ref, *refs, st,
-                page_size: int, has_pos: bool):
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  kf, vf = st.kf, st.vf
-  nk, nv = kf.num_arrays(), vf.num_arrays()
-  k_refs, v_refs = refs[:nk], refs[nk:nk + nv]
-  pos_ref = refs[nk + nv] if has_pos else None
-  o_ref, lse_ref = refs[nk + nv + has_pos:]
-  h, split = pl.program_id(1), pl.program_id(2)
-  layer = layer_ref[0]
-  length = lengths_ref[...]
-  a1, n1, a2, n2 = ranges_ref[0], ranges_ref[1], ranges_ref[2], ranges_ref[3]
-  start, end = dense._split_bounds(a1, n1, a2, n2, split, st.num_splits)  # pylint: disable=protected-access
-  q_planes = [q_ref[j] for j in range(kf.per)]
-  qpos = qpos_ref[...][:, None]
-  r = qpos.shape[0]
-  dpk_pad, dpv_pad = q_planes[0].shape[-1], o_ref.shape[-1]
-  m_pages = pt_ref.shape[0]
-  bk = st.block_k
-
-  def body(step, carry):
-    m, l, accs = carry
-    first = C.step_to_block(step, a1, n1, a2) * bk
-    slot = first + jnp.arange(bk, dtype=jnp.int32)
-    valid = slot < length
-    lp = lax.div(slot, page_size)
-    off = slot - lp * page_size
-    page = plgpu.load(pt_ref.at[jnp.minimum(lp, m_pages - 1)], mask=valid, other=0)
+  def gpu_block(self, refs, prefetch_refs, first, slot, valid, dpk_pad: int, dpv_pad: int):
+    """(K Block, V Block, positions [n]) of the logical slots `slot` of this row."""
+    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+    del first
+    pt_ref, layer_ref = prefetch_refs
+    k_refs, v_refs, pos_ref = self._split(refs)
+    h = pl.program_id(1)
+    layer = layer_ref[0]
+    lp = lax.div(slot, self.page_size)
+    off = slot - lp * self.page_size
+    page = plgpu.load(pt_ref.at[jnp.minimum(lp, self.max_pages - 1)], mask=valid, other=0)
     page = jnp.maximum(page, 0)
 
     def row_index(rows):
@@ -248,66 +181,15 @@ def _kernel_gpu(lengths_ref, ranges_ref, pt_ref, layer_ref, qpos_ref, q_ref, *re
       return (jnp.full(rows.shape, layer, jnp.int32), jnp.broadcast_to(pg, rows.shape),
               jnp.full(rows.shape, h, jnp.int32), jnp.broadcast_to(of, rows.shape))
 
-    kb = Q.gpu_block(k_refs, kf, kf.scale_mode(st.d), st.d, slot, valid, dpk_pad, row_index)
-    vb = Q.gpu_block(v_refs, vf, vf.scale_mode(st.dv), st.dv, slot, valid, dpv_pad,
-                     row_index)
+    kf, vf = self.k_format, self.v_format
+    kb = S.gpu_block(k_refs, kf, kf.scale_mode(self.head_dim), self.head_dim, slot, valid,
+                     dpk_pad, row_index)
+    vb = S.gpu_block(v_refs, vf, vf.scale_mode(self.head_dim_v), self.head_dim_v, slot,
+                     valid, dpv_pad, row_index)
+    kpos = slot
     if pos_ref is not None:
       kpos = plgpu.load(pos_ref.at[row_index(slot)], mask=valid, other=-1)
-    else:
-      kpos = slot
-    s = Q.block_logits(q_planes, kb, st.spec, st.mm_dtype)
-    vis = C.visible(qpos, kpos[None, :], slot[None, :], length, st.spec)
-    p, alpha, m, l = Q.softmax_update(s, vis, m, l)
-    pv = Q.block_pv(p, vb, valid[:, None], valid[None, :], st.mm_dtype, vf)
-    return m, l, tuple(alpha * a + c for a, c in zip(accs, pv))
-
-  init = (jnp.full((r, 1), C.NEG_INF, jnp.float32), jnp.zeros((r, 1), jnp.float32),
-          tuple(jnp.zeros((r, dpv_pad), jnp.float32) for _ in range(vf.per)))
-  m, l, accs = lax.fori_loop(start, end, body, init)
-  for j, acc in enumerate(accs):
-    out, lse = C.finalize(m, l, acc)
-    o_ref[j] = out
-  lse_ref[...] = lse.reshape(r)
-
-
-def _run_gpu(k_arrays, v_arrays, pos_pages, page_table, layer, q_rows, row_pos, lengths,
-             ranges, *, st, page_size, interpret, num_warps, num_stages):
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  b, hkv, r, d = q_rows.shape
-  m_pages = page_table.shape[1]
-  per_k, per_v = st.kf.per, st.vf.per
-  dpk_pad, dpv_pad = Q.gpu_plane_pad(st.d, per_k), Q.gpu_plane_pad(st.dv, per_v)
-  q_planes = Q.split_query_planes(q_rows, per_k)
-  q_planes = jnp.pad(q_planes, ((0, 0),) * 4 + ((0, dpk_pad - d // per_k),))
-  pool = list(k_arrays) + list(v_arrays) + ([pos_pages] if pos_pages is not None else [])
-  whole = lambda a: pl.BlockSpec(a.shape, lambda bi, hi, sp: (0,) * a.ndim)
-  in_specs = [
-      pl.BlockSpec((_SQ, _SQ), lambda bi, hi, sp: (bi, hi)),
-      pl.BlockSpec((_SQ, _SQ, 4), lambda bi, hi, sp: (bi, hi, 0)),
-      pl.BlockSpec((_SQ, m_pages), lambda bi, hi, sp: (bi, 0)),
-      pl.BlockSpec((1,), lambda bi, hi, sp: (0,)),
-      pl.BlockSpec((_SQ, r), lambda bi, hi, sp: (bi, 0)),
-      pl.BlockSpec((_SQ, _SQ, per_k, r, dpk_pad), lambda bi, hi, sp: (bi, hi, 0, 0, 0)),
-      *[whole(a) for a in pool],
-  ]
-  out_specs = [
-      pl.BlockSpec((_SQ, _SQ, _SQ, per_v, r, dpv_pad),
-                   lambda bi, hi, sp: (bi, hi, sp, 0, 0, 0)),
-      pl.BlockSpec((_SQ, _SQ, _SQ, r), lambda bi, hi, sp: (bi, hi, sp, 0)),
-  ]
-  return pl.pallas_call(
-      functools.partial(_kernel_gpu, st=st, page_size=page_size,
-                        has_pos=pos_pages is not None),
-      grid=(b, hkv, st.num_splits),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, st.num_splits, per_v, r, dpv_pad),
-                                      jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, st.num_splits, r), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=C.resolve_interpret("gpu", interpret),
-      name="paged_decode_attention_gpu",
-  )(lengths, ranges, page_table, layer, row_pos, q_planes, *pool)
+    return kb, vb, kpos
 
 
 # ----------------------------------------------------------------------------------------
@@ -401,9 +283,8 @@ def paged_decode_attention(
     out [B, Hq, T, Dv] (q.dtype), lse [B, Hq, T] float32.
   """
   C.check_platform(platform)
-  C.check_static(window=window, sink_tokens=sink_tokens, softcap=softcap, scale=scale)
-  if fmt not in Q.FORMATS:
-    raise ValueError(f"fmt={fmt!r}; allowed: {Q.FORMATS}")
+  if fmt not in S.FORMATS:
+    raise ValueError(f"fmt={fmt!r}; allowed: {S.FORMATS}")
   stacked, layer_index, views = _layer_views(layer, dict(
       k_pages=k_pages, v_pages=v_pages, k_scale=k_scale, k_zero=k_zero, v_scale=v_scale,
       v_zero=v_zero, pos_pages=pos_pages))
@@ -419,8 +300,8 @@ def paged_decode_attention(
     raise ValueError(f"page_table dtype {page_table.dtype}; must be an integer type")
   m_pages = page_table.shape[1]
   slots = m_pages * page_size
-  Q.check_common(q, lengths, q_positions, None, sink_logits, hkv, slots)
-  kf, vf = _formats(fmt, k_bits, v_bits, group_size, k_zero, v_zero)
+  dense.check_queries(q, lengths, q_positions, None, sink_logits, hkv, slots)
+  kf, vf = S.make_formats(fmt, k_bits, v_bits, "token", "token", group_size, k_zero, v_zero)
   dv = v_pages.shape[-1] * vf.per
   C.check_head_dim("value head_dim", dv)
   kf.check(k_pages, views["k_scale"], views["k_zero"], dim=d, slots=page_size,
@@ -433,6 +314,9 @@ def paged_decode_attention(
   if pos_pages is not None and pos_pages.shape != (n_pages, hkv, page_size):
     raise ValueError(f"pos_pages shape {pos_pages.shape}; expected "
                      f"{(n_pages, hkv, page_size)}")
+  res = (k_res, v_res, res_positions, res_lengths)
+  if any(x is not None for x in res) and not all(x is not None for x in res):
+    raise ValueError("k_res, v_res, res_positions and res_lengths go together")
 
   if platform == "tpu":
     ppb = min(DEFAULT_PAGES_PER_BLOCK, m_pages) if pages_per_block is None else pages_per_block
@@ -440,60 +324,33 @@ def paged_decode_attention(
       raise ValueError(f"pages_per_block={pages_per_block!r}; must be a positive int")
     bk = ppb * page_size
   else:
-    bk = DEFAULT_BLOCK_K if block_k is None else block_k
-    if not isinstance(bk, int) or bk < 16 or bk & (bk - 1):
-      raise ValueError(f"block_k={block_k!r}; the GPU kernel needs a power of two >= 16")
-    bk = min(bk, max(16, C.next_pow2(slots)))
-  nkb = C.cdiv(slots, bk)
-  splits = (dense.default_num_splits(platform, b, hkv, nkb) if num_splits is None
-            else num_splits)
-  if not isinstance(splits, int) or splits < 1:
-    raise ValueError(f"num_splits={num_splits!r}; must be a positive int")
-  splits = min(splits, nkb)
-  spec = C.MaskSpec(scale=d ** -0.5 if scale is None else float(scale), causal=causal,
-                    window=window, sink_tokens=sink_tokens, softcap=softcap)
+    ppb = 1
+    bk = dense.resolve_block_k(platform, block_k, slots, default=DEFAULT_BLOCK_K)
+  splits = dense.resolve_splits(platform, num_splits, b, hkv, C.cdiv(slots, bk))
+  spec = dense.mask_spec(d, scale=scale, causal=causal, window=window,
+                         sink_tokens=sink_tokens, softcap=softcap)
   q_positions = q_positions.astype(jnp.int32)
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, slots)
   page_table = page_table.astype(jnp.int32)
-  st = Q._Static(kf, vf, d, dv, spec, bk, splits, q.dtype)  # pylint: disable=protected-access
-
-  q_rows, _ = Q.arrange_rows(q, hkv, platform)
-  row_pos = Q.row_positions(q_positions, hq // hkv, q_rows.shape[2])
-  if window is None:
-    ranges = C.length_ranges(lengths, bk)
-  else:
+  kpos = None
+  if window is not None:
     # Block ranges need slot positions: int32 only, never K/V.
     pos_l = None if pos_pages is None else stacked["pos_pages"][layer_index[0]]
     kpos = logical_positions(pos_l, page_table, lengths, slots)
-    ranges = C.key_ranges(q_positions, kpos, lengths, block_q=t, block_k=bk, spec=spec)
-  ranges = ranges.packed()[:, :, 0]
-  k_arrays = [stacked[k] for k in ("k_pages", "k_scale", "k_zero") if stacked[k] is not None]
-  v_arrays = [stacked[k] for k in ("v_pages", "v_scale", "v_zero") if stacked[k] is not None]
-  pos = None if pos_pages is None else stacked["pos_pages"].astype(jnp.int32)
-  if platform == "tpu":
-    pos_view = None if pos is None else pos.reshape(pos.shape[:3] + (1, page_size))
-    o_parts, lse_parts = _run_tpu(k_arrays, v_arrays, pos_view, page_table, layer_index,
-                                  q_rows, row_pos, lengths, ranges, st=st,
-                                  ppb=bk // page_size, page_size=page_size, num_blocks=nkb,
-                                  interpret=interpret)
-  else:
-    o_parts, lse_parts = _run_gpu(k_arrays, v_arrays, pos, page_table, layer_index, q_rows,
-                                  row_pos, lengths, ranges, st=st, page_size=page_size,
-                                  interpret=interpret, num_warps=num_warps,
-                                  num_stages=num_stages)
-  o_rows, lse_rows = Q.combine_parts(o_parts, lse_parts, dv)
-  parts = [Q.unarrange_rows(o_rows, lse_rows, hq=hq, t=t)]
-  res = (k_res, v_res, res_positions, res_lengths)
-  if any(x is not None for x in res):
-    if not all(x is not None for x in res):
-      raise ValueError("k_res, v_res, res_positions and res_lengths go together")
-    parts.append(Q.residual_part(q, k_res, v_res, res_lengths, q_positions, res_positions,
-                                 spec=spec, platform=platform, interpret=interpret,
-                                 num_warps=num_warps, num_stages=num_stages))
-  out, lse = Q.merge_exact(parts)
-  if sink_logits is not None:
-    out, lse = C.apply_sink_logits(out, lse, sink_logits)
-  return out.astype(q.dtype), lse
+  source = PagedKV(kf, vf, d, dv, page_size, m_pages, ppb, hkv, pos_pages is not None)
+  arrays = [stacked[k] for k in ("k_pages", "k_scale", "k_zero", "v_pages", "v_scale",
+                                 "v_zero") if stacked[k] is not None]
+  if pos_pages is not None:
+    arrays.append(stacked["pos_pages"].astype(jnp.int32))
+  parts = [dense.decode_with_source(
+      source, arrays, q, lengths, q_positions, k_positions=kpos,
+      prefetch=(page_table, layer_index), spec=spec, block_k=bk, num_splits=splits,
+      platform=platform, interpret=interpret, num_warps=num_warps, num_stages=num_stages)]
+  if k_res is not None:
+    parts.append(dense.exact_part(q, k_res, v_res, res_lengths, q_positions, res_positions,
+                                  spec=spec, platform=platform, interpret=interpret,
+                                  num_warps=num_warps, num_stages=num_stages))
+  return dense.finish(parts, sink_logits, q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "k_bits", "v_bits", "group_size", "scale",
@@ -510,12 +367,13 @@ def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, *, q_positi
     sl = lambda a: None if a is None else a[layer]
     k_pages, v_pages, pos_pages = sl(k_pages), sl(v_pages), sl(pos_pages)
     k_scale, k_zero, v_scale, v_zero = sl(k_scale), sl(k_zero), sl(v_scale), sl(v_zero)
-  kf, vf = _formats(fmt, k_bits, v_bits, group_size, k_zero, v_zero)
+  kf, vf = S.make_formats(fmt, k_bits, v_bits, "token", "token", group_size, k_zero,
+                          v_zero)
   d = q.shape[-1]
   dv = v_pages.shape[-1] * vf.per
   gather = lambda a: None if a is None else gather_pages(a, page_table)
-  k = Q.dequantize(gather(k_pages), gather(k_scale), gather(k_zero), kf, d)
-  v = Q.dequantize(gather(v_pages), gather(v_scale), gather(v_zero), vf, dv)
+  k = S.dequantize(gather(k_pages), gather(k_scale), gather(k_zero), kf, d)
+  v = S.dequantize(gather(v_pages), gather(v_scale), gather(v_zero), vf, dv)
   slots = k.shape[2]
   pos = logical_positions(pos_pages, page_table, lengths, slots)
   if k_res is not None:

@@ -277,57 +277,37 @@ class QuantizedKVCache(CompressedCache):
 
   def attend(self, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
              return_colsum=False, colsum_window=None, return_lse=False):
-    """CompressedCache.attend; when spec.backend resolves to "pallas" and the kernel reads
-    this format, the fused decode kernel attends straight from the codes (the quantized
-    region, plus the residual window and the exact chunk merged by log-sum-exp), with the
-    same semantics. "auto" uses it on GPU/TPU; "pallas" on CPU runs it in interpret mode.
+    """CompressedCache.attend, or the fused quantized decode kernel when
+    `kvjax.attention.kernel_backend` (the dispatch rule of every cache kind) picks it: it
+    attends straight from the codes (the quantized region, plus the residual window and
+    the exact chunk merged by log-sum-exp), with the same semantics.
     """
-    interpret = _pallas_mode(self, q, spec, return_colsum)
-    if interpret is None:
+    from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
+    from kvjax.quant.base import headwise_positions  # pylint: disable=import-outside-toplevel
+    s = self.spec
+    mode = attn_lib.kernel_backend(spec, q, layout="quantized", quant=s,
+                                   num_kv_heads=self.lengths.shape[1],
+                                   head_dim_v=self.v_head_dim, return_colsum=return_colsum,
+                                   colsum_window=colsum_window)
+    if mode == "xla":
       return super().attend(q, k_new, v_new, q_positions, spec, sink_logits=sink_logits,
                             return_colsum=return_colsum, colsum_window=colsum_window,
                             return_lse=return_lse)
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-    from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
-    from kvjax.quant.base import headwise_positions  # pylint: disable=import-outside-toplevel
     self.check_room(q_positions)
     pos_new = headwise_positions(q_positions, k_new.shape[1])
     new, _ = self._write(k_new, v_new, pos_new)
-    dt, s = jnp.dtype(self.dtype), self.spec
+    dt = jnp.dtype(self.dtype)
     ex_k, ex_v, ex_pos = k_new.astype(dt), v_new.astype(dt), pos_new
     if s.residual:
       ex_k = jnp.concatenate([self.k_res.astype(dt), ex_k], axis=2)
       ex_v = jnp.concatenate([self.v_res.astype(dt), ex_v], axis=2)
       ex_pos = jnp.concatenate([self.res_positions, ex_pos], axis=-1)
-    out, lse = pallas_kernels.quantized_attention(
-        q, self.k_codes, self.k_scale, self.v_codes, self.v_scale,
-        self.lengths - self._res_len(), q_positions=q_positions, k_positions=self.positions,
-        k_zero=self.k_zero, v_zero=self.v_zero, k_res=ex_k, v_res=ex_v, res_positions=ex_pos,
-        res_lengths=jnp.full(self.lengths.shape, ex_k.shape[2], jnp.int32),
-        sink_logits=sink_logits, fmt=s.fmt, k_bits=s.k_bits, v_bits=s.v_bits,
-        k_axis=s.k_axis, v_axis=s.v_axis, group_size=s.group_size, scale=spec.scale,
-        causal=spec.causal, window=spec.window, sink_tokens=spec.sink_tokens,
-        softcap=spec.softcap, interpret=interpret)
+    out, lse = attn_lib.quantized_decode(
+        q, (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero,
+            self.positions, self.lengths - self._res_len()), (ex_k, ex_v, ex_pos),
+        q_positions=q_positions, quant=s, spec=spec, sink_logits=sink_logits,
+        interpret=mode == "interpret")
     return attn_lib.AttentionOutput(out, lse if return_lse else None, None), new
-
-
-def _pallas_mode(cache, q, spec, return_colsum):
-  """None: reference path; False: fused kernel on device; True: fused, interpret (CPU)."""
-  on_accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-  if spec.backend == "xla" or return_colsum or (spec.backend == "auto" and not on_accel):
-    return None
-  try:
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  s = cache.spec
-  ok = pallas_kernels.supports_quantized(
-      fmt=s.fmt, k_bits=s.k_bits, v_bits=s.v_bits, k_axis=s.k_axis, v_axis=s.v_axis,
-      group_size=s.group_size, pre_rope=s.pre_rope, outlier_frac=s.outlier_frac,
-      head_dim=cache.head_dim, head_dim_v=cache.v_head_dim, dtype=q.dtype,
-      num_queries=q.shape[2], scale=spec.scale, window=spec.window,
-      sink_tokens=spec.sink_tokens, softcap=spec.softcap)
-  return (not on_accel) if ok else None
 
 
 def quantize(layer_cache, spec: QuantSpec, *, capacity: Optional[int] = None,

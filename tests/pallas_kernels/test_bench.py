@@ -5,15 +5,16 @@ import json
 import pytest
 
 from pallas_kernels import bench
+from pallas_kernels.bench import harness
 
 
 def test_peak_table():
-  assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
-  assert bench.peak_bandwidth("NVIDIA H200") == 4.8e12
-  assert bench.peak_bandwidth("TPU v5 lite") == 8.2e11
-  assert bench.peak_bandwidth("TPU v5p") == 2.76e12
-  assert bench.peak_bandwidth("TPU v4") == 1.2e12
-  assert bench.peak_bandwidth("cpu") is None
+  assert harness.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+  assert harness.peak_bandwidth("NVIDIA H200") == 4.8e12
+  assert harness.peak_bandwidth("TPU v5 lite") == 8.2e11
+  assert harness.peak_bandwidth("TPU v5p") == 2.76e12
+  assert harness.peak_bandwidth("TPU v4") == 1.2e12
+  assert harness.peak_bandwidth("cpu") is None
 
 
 def test_main_runs_on_cpu_interpret(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 
 from pallas_kernels import _common as C
 from pallas_kernels import decode_attention as decode_mod
+from pallas_kernels import kv_source as S
 from pallas_kernels.decode_attention import decode_attention
 from tests.pallas_kernels._util import (FAST_COMPILE, call_fast, check_against_reference,
                                         lower_for, problem, require_backend)
@@ -162,47 +163,25 @@ def test_native_tpu():
   _native("tpu")
 
 
-class _Int8KV(decode_mod.PlainKV):
-  """Toy KV source: int8 K/V with one float32 scale per slot (tests the extension point)."""
-  num_arrays = 4
-
-  def gpu_in_specs(self, d_pad, dv_pad, index):
-    from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
-    kv_specs = super().gpu_in_specs(d_pad, dv_pad, index)
-    scale = pl.BlockSpec((None, None, self.num_slots), lambda *a: (*index(*a), 0))
-    return [kv_specs[0], scale, kv_specs[1], scale]
-
-  def gpu_load(self, refs, first_slot, length, block_k):
-    from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
-    from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-    kq, ks, vq, vs = refs
-    k, v = super().gpu_load((kq, vq), first_slot, length, block_k)
-    valid = first_slot + jnp.arange(block_k) < length
-    sl = pl.ds(first_slot, block_k)
-    k_scale = plgpu.load(ks.at[sl], mask=valid, other=0.0)[:, None]
-    v_scale = plgpu.load(vs.at[sl], mask=valid, other=0.0)[:, None]
-    return ((k.astype(jnp.float32) * k_scale).astype(jnp.bfloat16),
-            (v.astype(jnp.float32) * v_scale).astype(jnp.bfloat16))
-
-
-def test_custom_kv_source_reuses_the_pipeline():
-  # Given int8 K/V with per-slot scales, dequantized inside the kernel's load
+def test_quantized_source_reuses_the_pipeline():
+  # Given int8 K/V with one scale per slot (symmetric codes stored with a +128 offset,
+  # kvjax.quant's layout), described as a KV source
   p = problem(batch=1, q_heads=4, kv_heads=2, queries=1, slots=40, head_dim=32,
               lengths=[[40, 13]], nan_garbage=False)
   def quantize(x):
-    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
-    return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    return (jnp.round(x / scale) + 128).astype(jnp.uint8), scale.astype(jnp.float16)
   kq, ks = quantize(p["k"])
   vq, vs = quantize(p["v"])
-  kv = _Int8KV(head_dim=32, head_dim_v=32, num_slots=40)
+  fmt = S.KVFormat("int", 8)
+  source = S.ContiguousKV(fmt, fmt, head_dim=32, head_dim_v=32, num_slots=40)
   spec = C.MaskSpec(scale=32 ** -0.5)
   # When the generic pipeline runs with that source
   out, lse = jax.jit(functools.partial(
-      decode_mod.decode_with_source, kv, spec=spec, block_k=16, num_splits=2,
-      platform="gpu", interpret=True))((kq, ks, vq, vs), p["q"].astype(jnp.bfloat16),
-                                       p["k_lengths"], p["q_positions"], p["k_positions"])
+      decode_mod.decode_with_source, source, spec=spec, block_k=16, num_splits=2,
+      platform="gpu", interpret=True))((p["k_positions"], kq, ks, vq, vs), p["q"],
+                                       p["k_lengths"], p["q_positions"])
   # Then it matches the reference on the dequantized cache
-  deq = dict(p, k=(kq * ks[..., None]).astype(jnp.bfloat16),
-             v=(vq * vs[..., None]).astype(jnp.bfloat16), q=p["q"].astype(jnp.bfloat16))
-  check_against_reference((out.astype(jnp.bfloat16), lse, None), deq, dtype=BF16,
-                          colsum=False)
+  deq = lambda c, s_: (c.astype(jnp.float32) - 128) * s_.astype(jnp.float32)
+  check_against_reference((out, lse, None), dict(p, k=deq(kq, ks), v=deq(vq, vs)),
+                          dtype=F32, colsum=False)

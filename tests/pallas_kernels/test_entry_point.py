@@ -1,5 +1,7 @@
 """pallas_kernels.attention dispatch and pallas_kernels.supports."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
@@ -55,17 +57,17 @@ def test_end_to_end_on_cpu_interpret():
   check_against_reference(result, p, dtype=jnp.float32, window=8)
 
 
-def test_supports():
-  ok = dict(platform="gpu", head_dim=128, dtype=jnp.bfloat16, num_q_heads=32,
-            num_kv_heads=8, window=4096, sink_tokens=4, softcap=50.0, causal=True,
-            return_colsum=True, colsum_window=64)
-  assert pallas_kernels.supports(**ok)
-  assert pallas_kernels.supports(window=None, sink_tokens=0, softcap=None, causal=False,
-                                 platform="tpu")
-  assert pallas_kernels.supports(quantized=False, paged=None, platform="tpu")
-  for bad in (dict(head_dim=12), dict(head_dim=512), dict(dtype=jnp.int8),
-              dict(num_q_heads=6, num_kv_heads=4), dict(window=0), dict(softcap=-2.0),
-              dict(colsum_window=0), dict(quantized=True), dict(paged=True),
-              dict(platform="cpu"), dict(platform="metal")):
-    assert not pallas_kernels.supports(**{**ok, **bad}), bad
-  assert pallas_kernels.supports(**{**ok, "platform": "cpu", "interpret": True})
+def test_support_of_dense_requests():
+  ok = pallas_kernels.KernelRequest(head_dim=128, dtype="bfloat16", num_q_heads=32,
+                                    num_kv_heads=8, window=4096, sink_tokens=4,
+                                    softcap=50.0, return_colsum=True, colsum_window=64)
+  assert pallas_kernels.support(ok)
+  assert pallas_kernels.support(pallas_kernels.KernelRequest(causal=False))
+  for bad, says in ((dict(head_dim=12), "head_dim=12"), (dict(head_dim=512), "head_dim=512"),
+                    (dict(dtype="int8"), "dtype=int8"),
+                    (dict(num_q_heads=6, num_kv_heads=4), "num_q_heads=6"),
+                    (dict(window=0), "window=0"), (dict(softcap=-2.0), "softcap=-2.0"),
+                    (dict(colsum_window=0), "colsum_window=0"), (dict(fmt="int"), "fmt='int'"),
+                    (dict(layout="sparse"), "layout='sparse'")):
+    verdict = pallas_kernels.support(dataclasses.replace(ok, **bad))
+    assert not verdict and says in verdict.reason, (bad, verdict)

@@ -2,10 +2,11 @@
 
 The reference gathers each row's pages into a dense view and runs reference attention.
 Pools are written by kvjax.paged itself where possible, and the GPU kernel is checked
-through kvjax's own dispatch (PagedKVCache.attend_stacked with backend="pallas" vs
+through kvjax's own dispatch (PagedKVCache.attend_stacked with backend="interpret" vs
 "xla", which reads `kvjax.paged.dense_view`), so the kernels read the real layout.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -190,16 +191,21 @@ def test_native_tpu():
   _native("tpu")
 
 
-def test_supports_paged():
+def test_support_of_paged_requests():
   import pallas_kernels  # pylint: disable=import-outside-toplevel
-  ok = dict(head_dim=128, dtype=BF16, num_q_heads=32, num_kv_heads=8, num_queries=1,
-            window=4096, sink_tokens=4, platform="gpu")
-  assert pallas_kernels.supports_paged(**ok)
-  assert pallas_kernels.supports_paged(**ok, fmt="int", k_bits=4, v_bits=4, group_size=32)
-  assert pallas_kernels.supports_paged(**ok, fmt="fp8_e4m3")
-  for bad in (dict(k_axis="channel", group_size=32), dict(return_colsum=True),
-              dict(num_queries=17), dict(fmt="int", k_bits=3), dict(platform="metal")):
-    assert not pallas_kernels.supports_paged(**{**ok, **bad}), bad
+  ok = pallas_kernels.KernelRequest(layout="paged", head_dim=128, dtype="bfloat16",
+                                    num_q_heads=32, num_kv_heads=8, num_queries=1,
+                                    window=4096, sink_tokens=4)
+  assert pallas_kernels.support(ok)
+  for fmt in (dict(fmt="int", k_bits=4, v_bits=4, group_size=32), dict(fmt="fp8_e4m3")):
+    assert pallas_kernels.support(dataclasses.replace(ok, **fmt))
+  for bad, says in ((dict(fmt="int", k_axis="channel", group_size=32), "k_axis='channel'"),
+                    (dict(return_colsum=True), "return_colsum"),
+                    (dict(num_queries=17), "num_queries=17"),
+                    (dict(fmt="int", k_bits=3), "bits=3"), (dict(residual=True), "residual"),
+                    (dict(partitions=2), "partitions=2")):
+    verdict = pallas_kernels.support(dataclasses.replace(ok, **bad))
+    assert not verdict and says in verdict.reason, (bad, verdict)
 
 
 def test_entry_point_resolves_platform(monkeypatch):
@@ -227,8 +233,8 @@ def test_kvjax_attend_stacked_dispatches_to_the_fused_kernel():
   v_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
   qpos = jnp.asarray([[1, 2], [90, -1]], jnp.int32)
   sink_logits = jnp.linspace(-1.0, 1.0, 8)
-  # When layer 1 attends with backend="pallas" and "xla" (on CPU the fused GPU kernel
-  # gathers pages in interpret mode; a fallback to the dense Pallas path would raise)
+  # When layer 1 attends with backend="interpret" (the paged kernel gathers pages in
+  # Pallas interpret mode; a request it could not serve would raise) and with "xla"
   opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
 
   def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
@@ -236,7 +242,7 @@ def test_kvjax_attend_stacked_dispatches_to_the_fused_kernel():
     step = lambda c_, q_, k_, v_: c_.attend_stacked(1, q_, k_, v_, qpos, spec_,
                                                     sink_logits=sink_logits, return_lse=True)
     return jax.jit(step, compiler_options=opts)(stacked, q, k_new, v_new)
-  (got, got_cache), (want, want_cache) = run("pallas"), run("xla")
+  (got, got_cache), (want, want_cache) = run("interpret"), run("xla")
   # Then they agree (the step's own tokens are attended exactly on both paths)
   np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)

@@ -5,6 +5,7 @@ slots past each length are filled with garbage (random codes, NaN scales): the k
 must never let them reach the result.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 from kvjax import cache as cache_lib
 from kvjax.quant import cache as quant_cache
 from kvjax.quant import spec as quant_spec
+from pallas_kernels import kv_source as S
 from pallas_kernels import quantized_decode as qd
 from pallas_kernels.reference import attention_reference
 from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, lower_for,
@@ -144,17 +146,17 @@ def test_fp8_bit_decoding_is_exact():
   codes = jnp.arange(256, dtype=jnp.uint8)
   for fmt, dt in (("fp8_e4m3", jnp.float8_e4m3fn), ("fp8_e5m2", jnp.float8_e5m2)):
     want = np.arange(256, dtype=np.uint8).view(np.dtype(dt)).astype(np.float32)
-    got = np.asarray(qd.fp8_bits_to_float(codes, fmt))
+    got = np.asarray(S.fp8_bits_to_float(codes, fmt))
     finite = np.isfinite(want)
     np.testing.assert_array_equal(got[finite], want[finite], err_msg=fmt)
 
 
 def test_plane_split_roundtrip():
   x = jnp.arange(2 * 3 * 16, dtype=F32).reshape(2, 3, 16)
-  planes = qd.split_query_planes(x, 4)                  # [2, 4, 3, 4]
+  planes = S.split_query_planes(x, 4)                  # [2, 4, 3, 4]
   assert planes.shape == (2, 4, 3, 4)
   np.testing.assert_array_equal(planes[:, 1], x[..., 1::4])
-  np.testing.assert_array_equal(qd.merge_value_planes(planes, 16), x)
+  np.testing.assert_array_equal(S.merge_value_planes(planes, 16), x)
 
 
 def _small(slots=16, d=16):
@@ -251,18 +253,24 @@ def test_native_tpu():
   _native("tpu")
 
 
-def test_supports_quantized():
+def test_support_of_quantized_requests():
   import pallas_kernels  # pylint: disable=import-outside-toplevel
-  kivi = dict(fmt="int", k_bits=4, v_bits=2, k_axis="channel", v_axis="token", group_size=32,
-              head_dim=128, head_dim_v=128, dtype=BF16, num_q_heads=32, num_kv_heads=8,
-              num_queries=1, window=4096, sink_tokens=4, softcap=30.0, platform="tpu")
-  assert pallas_kernels.supports_quantized(**kivi)
-  assert pallas_kernels.supports_quantized(fmt="fp8_e5m2", head_dim=64, return_lse=True)
-  for bad in (dict(return_colsum=True), dict(colsum_window=8), dict(num_queries=17),
-              dict(pre_rope=True), dict(outlier_frac=0.01), dict(fmt="float"),
-              dict(k_bits=3), dict(head_dim=100), dict(group_size=None),
-              dict(platform="cpu")):
-    assert not pallas_kernels.supports_quantized(**{**kivi, **bad}), bad
+  kivi = pallas_kernels.KernelRequest(
+      layout="quantized", fmt="int", k_bits=4, v_bits=2, k_axis="channel", v_axis="token",
+      group_size=32, residual=True, head_dim=128, head_dim_v=128, dtype="bfloat16",
+      num_q_heads=32, num_kv_heads=8, num_queries=1, window=4096, sink_tokens=4,
+      softcap=30.0)
+  assert pallas_kernels.support(kivi)
+  assert pallas_kernels.support(pallas_kernels.KernelRequest(layout="quantized",
+                                                             fmt="fp8_e5m2", head_dim=64))
+  for bad, says in ((dict(return_colsum=True), "return_colsum"),
+                    (dict(colsum_window=8), "return_colsum"),
+                    (dict(num_queries=17), "num_queries=17"), (dict(pre_rope=True), "pre_rope"),
+                    (dict(outliers=True), "outliers"), (dict(fmt="float"), "fmt='float'"),
+                    (dict(k_bits=3), "bits=3"), (dict(head_dim=100), "head_dim=100"),
+                    (dict(group_size=None), "axis='channel' needs")):
+    verdict = pallas_kernels.support(dataclasses.replace(kivi, **bad))
+    assert not verdict and says in verdict.reason, (bad, verdict)
 
 
 def test_entry_point_resolves_platform(monkeypatch):
@@ -290,8 +298,8 @@ def test_kvjax_attend_dispatches_to_the_fused_kernel():
   v_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
   qpos = jnp.asarray([[90, 91], [90, -1]], jnp.int32)
   sink_logits = jnp.linspace(-1.0, 1.0, 8)
-  # When attend runs with backend="pallas" and "xla" (on CPU the fused GPU kernel runs in
-  # interpret mode; a fallback to the dense Pallas path would raise here without it)
+  # When attend runs with backend="interpret" (the fused kernel in Pallas interpret mode;
+  # a request it could not serve would raise, never fall back) and with "xla"
   opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
 
   def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
@@ -299,7 +307,7 @@ def test_kvjax_attend_dispatches_to_the_fused_kernel():
     step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, sink_logits=sink_logits,
                                             return_lse=True)
     return jax.jit(step, compiler_options=opts)(c, q, k_new, v_new)
-  (got, got_cache), (want, want_cache) = run("pallas"), run("xla")
+  (got, got_cache), (want, want_cache) = run("interpret"), run("xla")
   # Then outputs and the updated cache agree
   np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)
