@@ -82,7 +82,7 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
              capacity: Optional[int] = None, eos_id: Optional[int] = None, pad_id: int = 0,
              press=None, decode_press=None, cache_dtype=None, backend: str = "auto",
              callback: Optional[Callable[[int, np.ndarray], None]] = None,
-             offload=None) -> GenerateOutput:
+             offload=None, chunk_size: Optional[int] = None) -> GenerateOutput:
   """Generates up to max_new_tokens per row.
 
   Args:
@@ -100,9 +100,15 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
       slots for decoding, so memory is the press's budget + room.
     decode_press: a decode-time policy object with `maybe_compress(cache, step) -> cache`
       (see kvjax.presses.DecodingPress); it is responsible for keeping room in the cache.
-      If it has an `observe` attribute asking for statistics, each step's observations
-      are passed as `maybe_compress(cache, step, obs=...)`; `reset()` is called first.
+      If it has an `observe` attribute asking for statistics, the prompt's observations
+      (moved onto the slots a prefill press kept) and then each step's are passed as
+      `maybe_compress(cache, step, obs=...)`; `reset()` is called first. With
+      `chunk_size`, only cumulative attention mass (H2O's) comes from the prompt; other
+      statistics start at the first decode step.
     callback: called as callback(step, new_ids) after each step (streaming).
+    chunk_size: feed the prompt this many tokens at a time (models.prefill's chunk_size;
+      with `press`, it compresses after every chunk, so prefill memory stays near the
+      press's budget + chunk_size).
     offload: a kvjax.offload.OffloadSpec passed to model.prefill(offload=...): the cache
       lives in host memory (mode "stream": layers streamed in with prefetch; "quest": the
       prompt paged out, top-k pages per step, spec.room >= max_new_tokens). Not combined
@@ -131,6 +137,8 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
     kw.update(press=press, capacity=t, decode_room=capacity - t)
   if cache_dtype is not None:
     kw["cache_dtype"] = cache_dtype
+  if chunk_size is not None:
+    kw["chunk_size"] = checks.require_int("chunk_size", chunk_size, 1)
   if offload is not None:
     if press is not None or decode_press is not None:
       raise ValueError("offload= does not combine with press / decode_press")
@@ -145,9 +153,13 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
   if decode_press is not None and hasattr(decode_press, "reset"):
     decode_press.reset()
   obs = None
+  prefill_obs = obs_request
+  if want_obs and chunk_size is not None and chunk_size < t:
+    cumulative = obs_request.colsum and obs_request.colsum_window is None
+    prefill_obs = type(obs_request)(colsum=True) if cumulative else None
   t0 = time.perf_counter()
-  if want_obs and press is None:
-    logits, cache, obs = model.prefill(tokens, observe=obs_request, **kw)
+  if want_obs and prefill_obs is not None:
+    logits, cache, obs = model.prefill(tokens, observe=prefill_obs, **kw)
   else:
     logits, cache = model.prefill(tokens, **kw)
   key = jax.random.key(seed)

@@ -60,3 +60,45 @@ class Observe:
   def forward_part(self) -> "Observe":
     """What one forward pass computes (the reconstruction pass and weights come after)."""
     return Observe(colsum=self.colsum, colsum_window=self.colsum_window, queries=self.queries)
+
+
+def colsum_by_position(colsum, positions, length: int):
+  """[B, Hkv, length] float32: slot-aligned colsum [B, Hkv, S] moved to token positions.
+
+  `positions [B, Hkv, S]` are the slots' original positions (-1 = empty, dropped). Slots
+  keep their positions through every eviction, so statistics indexed by position survive
+  any re-layout of the cache (chunked prefill, a press before decode-time compression).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  b, h, _ = positions.shape
+  ok = (positions >= 0) & (positions < length)
+  idx = jnp.where(ok, positions, length)
+  out = jnp.zeros((b, h, length + 1), jnp.float32)
+  bi = jnp.arange(b)[:, None, None]
+  hi = jnp.arange(h)[None, :, None]
+  out = out.at[bi, hi, idx].add(jnp.where(ok, colsum.astype(jnp.float32), 0.0))
+  return out[..., :length]
+
+
+def colsum_at_slots(by_position, positions):
+  """[B, Hkv, S]: position-indexed statistics [B, Hkv, P] read back at each slot (0 where
+  the slot is empty or its position is outside [0, P))."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  p = by_position.shape[-1]
+  ok = (positions >= 0) & (positions < p)
+  got = jnp.take_along_axis(by_position, jnp.clip(positions, 0, p - 1), axis=-1)
+  return jnp.where(ok, got, 0.0)
+
+
+def realign_colsum(obs_list, old_positions, model_cache, length: int):
+  """Per-layer observations with "colsum" moved by position from the slots `old_positions`
+  (per layer [B, Hkv, S]) to `model_cache`'s slots, e.g. a prefill's statistics after its
+  press re-laid the cache out. Other keys stay as they are."""
+  out = []
+  for obs, old, layer in zip(obs_list, old_positions, model_cache.layers()):
+    obs = dict(obs or {})
+    if obs.get("colsum") is not None:
+      obs["colsum"] = colsum_at_slots(colsum_by_position(obs["colsum"], old, length),
+                                      layer.positions)
+    out.append(obs)
+  return out

@@ -21,6 +21,7 @@ from flax import nnx
 
 from kvjax import cache as cache_lib
 from kvjax import checks
+from kvjax import observation
 from kvjax import offload as offload_lib
 from kvjax import paged as paged_lib
 from kvjax import presses as press_lib
@@ -158,6 +159,8 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     logits: "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last token.
     backend: attention backend ("auto" | "xla" | "pallas").
     observe: extra per-layer observations to return (then returns logits, cache, obs).
+      With a press, "colsum" is moved onto the returned cache's slots by position; with
+      chunk_size, only Observe(colsum=True) is available (summed over every chunk).
     window_cache: ring caches for sliding-window layers (see init_cache); False gives
       every layer a DenseKVCache of `capacity` slots.
     chunk_size: feed the prompt `chunk_size` tokens at a time (int >= 1). Without a press
@@ -184,9 +187,10 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
                                  isinstance(chunk_size, bool) or chunk_size < 1):
     raise ValueError(f"chunk_size={chunk_size!r}; must be an int >= 1 (or None)")
   chunked = chunk_size is not None and int(chunk_size) < t
-  if chunked and observe is not None:
-    raise ValueError("observe= is not supported with chunk_size < prompt length (each chunk "
-                     "has its own observations)")
+  if chunked and observe is not None and observe != tfm.Observe(colsum=True):
+    raise ValueError(f"observe={observe} with chunk_size < prompt length: only "
+                     "Observe(colsum=True) (attention mass summed over every prompt query, "
+                     "added up across chunks) is supported; other statistics are per chunk")
   _check_decode_room(decode_room)
   if decode_room is not None and press is None:
     raise ValueError(f"decode_room={decode_room} only applies with a press; without one "
@@ -246,8 +250,10 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     press_inputs.check_supported(need, "chunked prefill (chunk_size < prompt length)")
     if press is not None:  # checked against the whole prompt, as one-shot prefill is
       _validate_press(press, check_cache, int(chunk_size))
-    return _prefill_chunks(model, tokens, positions, cache, chunk_size=int(chunk_size),
-                           press=press, room=room, need=need, logits=logits, backend=backend)
+    out, cache, obs = _prefill_chunks(model, tokens, positions, cache,
+                                      chunk_size=int(chunk_size), press=press, room=room,
+                                      need=need, logits=logits, backend=backend)
+    return (out, cache, obs) if observe is not None else (out, cache)
   if press is not None:  # fail before the prompt runs, not after it
     _validate_press(press, check_cache, t)
   _check_room(cache, positions)
@@ -257,7 +263,11 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
   obs = press_inputs.add_observations(model, _run, tokens, positions, cache, obs, need,
                                       backend=backend)  # KVzip's reconstruction, o_proj
   if press is not None:
+    before = [l.positions for l in cache.layers()] if observe is not None else None
     cache = _apply_press(model, press, cache, obs, room=room, prompt_length=t)
+    if before is not None:  # the returned statistics describe the returned cache's slots
+      obs = observation.realign_colsum(obs, before, cache,
+                                       int(jnp.max(cache.next_position)))
   if observe is not None:
     return out, cache, obs
   return out, cache
@@ -296,12 +306,19 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
   last_chunk = np.where(valid.any(-1), (t - 1 - np.argmax(valid[:, ::-1], -1)) // c, 0)
   graphdef, state = nnx.split(model)
   outs, last = [], None
+  # Statistics summed over every query of the prompt (H2O's) add up across chunks, by token
+  # position, so the press after chunk i scores with all queries so far, not chunk i's.
+  cumulative = need.colsum and need.colsum_window is None
+  totals, span = None, int(np.asarray(positions).max(initial=0)) + 1
   for i in range(n):
     sl = slice(i * c, (i + 1) * c)
     if press is not None:
       _check_room(cache, pos[:, sl])
     out, cache, obs = _run(graphdef, state, toks[:, sl], pos[:, sl], cache,
                            observe=need.forward_part(), backend=backend, logits_mode=logits)
+    if cumulative:
+      totals, obs = _accumulate_colsum(totals, obs, [l.positions for l in cache.layers()],
+                                       length=span)
     if need.o_proj:
       obs = press_inputs.add_o_proj(model, obs)
     if press is not None:
@@ -316,7 +333,29 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
       here = jnp.asarray(last_chunk == i)[:, None, None]
       last = out if last is None else jnp.where(here, out, last)
   out = jnp.concatenate(outs, axis=1)[:, :t] if logits == "all" else last
-  return out, cache
+  obs = None
+  if cumulative:  # the totals, read back at the returned cache's slots
+    obs = [{} if tot is None else {"colsum": observation.colsum_at_slots(tot, l.positions)}
+           for tot, l in zip(totals, cache.layers())]
+  return out, cache, obs
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _accumulate_colsum(totals, obs, positions, *, length):
+  """Adds each layer's slot-aligned colsum to its running total by token position; returns
+  (totals, obs with the running totals read back at the current slots)."""
+  totals = totals or [None] * len(obs)
+  new_totals, new_obs = [], []
+  for tot, o, p in zip(totals, obs, positions):
+    if o.get("colsum") is None:
+      new_totals.append(tot)
+      new_obs.append(o)
+      continue
+    by_pos = observation.colsum_by_position(o["colsum"], p, length)
+    tot = by_pos if tot is None else tot + by_pos
+    new_totals.append(tot)
+    new_obs.append(dict(o, colsum=observation.colsum_at_slots(tot, p)))
+  return new_totals, new_obs
 
 
 def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, attention_mask=None,

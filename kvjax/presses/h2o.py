@@ -28,7 +28,8 @@ class H2OPress(base.ScorerPress):
 
   Attributes:
     normalize: divide the mass by the number of queries that saw each slot
-      (length - slot, for a causal prompt).
+      (next position - the slot's position, for a causal prompt; positions, not slot
+      indices, so it holds after earlier evictions).
   """
 
   normalize: bool = False
@@ -40,8 +41,8 @@ class H2OPress(base.ScorerPress):
   def score(self, cache, obs, ctx):
     del ctx
     col = obs["colsum"].astype(jnp.float32)
-    if self.normalize:
-      s = cache.positions.shape[-1]
-      seen = cache.lengths[..., None] - jnp.arange(s, dtype=jnp.int32)
+    if self.normalize:  # causal: the queries at positions p .. next - 1 saw position p
+      nxt = base.next_positions(cache, obs)[:, None, None]
+      seen = jnp.where(cache.positions >= 0, nxt - cache.positions, 1)
       col = col / jnp.maximum(seen, 1).astype(jnp.float32)
     return col

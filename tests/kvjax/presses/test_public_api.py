@@ -90,3 +90,56 @@ def test_think_and_lowrank_are_compare_techniques():
   assert built[0] == P.ThinKPress(keep_ratio=0.5) and built[1] == P.LowRankPress(0.5)
   # the real byte figures are in the repr: keys halved, values whole -> 3/4 of K + V
   assert "~0.75" in repr(built[0])
+
+
+# --- attention statistics across chunks, evictions and prefill -> decode ------------------
+def test_chunked_prefill_sums_h2o_statistics_over_every_chunk(model, tokens):
+  # Without a press, the chunked totals are the one-shot prompt's attention mass.
+  _, _, one = models.prefill(model, tokens, observe=models.Observe(colsum=True))
+  _, _, chunked = models.prefill(model, tokens, observe=models.Observe(colsum=True),
+                                 chunk_size=4)
+  for a, b in zip(one, chunked):
+    np.testing.assert_allclose(np.asarray(b["colsum"]), np.asarray(a["colsum"]), rtol=1e-5,
+                               atol=1e-6)
+  # A budget of 12 evicts nothing before the last chunk of 4, so the last compression must
+  # see every query's mass and keep exactly what one-shot H2O keeps.
+  press = P.H2OPress(budget=12)
+  _, ref = models.prefill(model, tokens, press=press)
+  _, got = models.prefill(model, tokens, press=press, chunk_size=4)
+  for a, b in zip(ref.layers(), got.layers()):
+    assert helpers.kept_positions(b) == helpers.kept_positions(a)
+
+
+def test_h2o_normalize_counts_queries_by_position_not_slot():
+  cache = helpers.make_cache(b=1, h=2, s=8, lengths=[8])
+  # an earlier eviction left positions with gaps: slot i no longer holds position i
+  pos = np.array([[[0, 2, 3, 7, 9, 10, 12, 13]] * 2], np.int32)
+  cache = cache.replace(positions=jnp.asarray(pos))
+  col = np.random.default_rng(4).random((1, 2, 8)).astype(np.float32)
+  obs = {"colsum": jnp.asarray(col), "next_position": jnp.asarray([14], jnp.int32)}
+  got = np.asarray(helpers.score(P.H2OPress(compression_ratio=0.5, normalize=True), cache, obs))
+  np.testing.assert_allclose(got, col / (14 - pos), rtol=1e-6)
+
+
+def test_generate_hands_prefill_statistics_to_the_decode_press(model, tokens):
+  seen = []
+
+  class Recording(P.DecodingPress):
+    def maybe_compress(self, model_cache, step, obs=None):
+      if step == 0:   # copies: the decode step that follows donates the cache
+        seen.append(([None if o is None else np.asarray(o["colsum"]) for o in obs or [None]],
+                     [np.asarray(l.positions) for l in model_cache.layers()]))
+      return super().maybe_compress(model_cache, step, obs=obs)
+
+  policy = Recording(P.H2OPress(), compression_interval=0, target_size=8)
+  kvjax.generate(model, tokens, max_new_tokens=3, press=P.KnormPress(compression_ratio=0.5),
+                 decode_press=policy)
+  cols, positions = seen[0]
+  assert len(cols) == 2 and cols[0] is not None
+  _, _, full = models.prefill(model, tokens, observe=models.Observe(colsum=True))
+  for col, f, pos in zip(cols, full, positions):
+    # reference: the full prompt's mass per position (dense slot == position here),
+    # read at the positions the prefill press kept; 0 on empty slots
+    want = np.where(pos >= 0, np.take_along_axis(np.asarray(f["colsum"]),
+                                                 np.maximum(pos, 0), -1), 0.0)
+    np.testing.assert_allclose(col, want, rtol=1e-5, atol=1e-6)
