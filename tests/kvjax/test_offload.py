@@ -192,7 +192,7 @@ def test_stream_layers_prefetches_next_layer_and_matches_device_loop(monkeypatch
     return layer(w[i], x, c)
 
   host = [offload.to_host(c) for c in caches]
-  monkeypatch.setattr(offload, "to_device", spy)
+  monkeypatch.setattr(offload.stream, "to_device", spy)
   x, new = offload.stream_layers(step, x0, host, prefetch=1)
   assert log == [("fetch", 0), ("fetch", 1), ("step", 0), ("fetch", 2), ("step", 1),
                  ("step", 2)]

@@ -94,7 +94,7 @@ HB, HH, HD, HP, HN, HT = 4, 2, 1, 2, 10, 3   # rows, heads, dim, page size, page
 
 @jax.jit
 def _h_append(c, k, pos):
-  return paged._write(c, None, k, k, jnp.broadcast_to(pos[:, None], (HB, HH, HT)))[0]
+  return paged.alloc._write(c, None, k, k, jnp.broadcast_to(pos[:, None], (HB, HH, HT)))[0]
 
 
 _h_fork = jax.jit(paged.fork)
@@ -191,7 +191,7 @@ def test_all_or_nothing_when_pool_runs_out():
   """Under jit an append that lacks pages changes no row and raises the overflow flag."""
   c = paged.PagedKVCache.init(2, 1, 1, num_pages=3, page_size=2)
   k = jnp.arange(1, 4, dtype=jnp.float32).reshape(1, 1, 3, 1).repeat(2, 0)
-  write = jax.jit(lambda c, k, p: paged._write(c, None, k, k, p[:, None])[0])
+  write = jax.jit(lambda c, k, p: paged.alloc._write(c, None, k, k, p[:, None])[0])
   c = write(c, k, jnp.asarray([[0, 1, 2], [-1, -1, -1]]))  # 2 pages
   before = _view1(c)
   pos = jnp.asarray([[3, -1, -1], [0, 1, 2]])       # row 1 needs 2 pages, 1 is free

@@ -57,7 +57,7 @@ def test_streamed_cache_equals_device_cache_and_prefetches(monkeypatch):
     log.append(("step", int(i)))
     return real_step(params, i, *a, **kw)
 
-  monkeypatch.setattr(offload, "swap_in", spy_in)
+  monkeypatch.setattr(offload.stream, "swap_in", spy_in)
   monkeypatch.setattr(model_offload, "_layer_step", spy_step)
   steps = [(10, 12), (12, 13), (13, 14)]         # a 2-token chunk, then single tokens
   for a, b in steps:
