@@ -43,13 +43,21 @@ def define_flags(fv=flags.FLAGS):
                       "(smollm2-135m), an HF directory or a .gguf file. Default: 'default' in "
                       "prompt mode, 'smollm2-135m' in text mode.", flag_values=fv)
   flags.DEFINE_string("prompt", "def fibonacci(n):\n    ", "Prompt text (prompt mode).", flag_values=fv)
-  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (per answer in text mode).", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", None,
+                       "Tokens to generate (per answer in text mode); default the model's "
+                       "generation_config.json max_new_tokens, else 64.", flag_values=fv)
   flags.DEFINE_integer("capacity", None,
                        "KV cache slots per layer; default prompt length + max_new_tokens.", flag_values=fv)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "Parameter and cache dtype; default the checkpoint's.", flag_values=fv)
-  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", flag_values=fv)
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", flag_values=fv)
+  flags.DEFINE_float("temperature", None, "Sampling temperature (0 = greedy); default the "
+                     "model's generation_config.json (do_sample=false: 0), else 0.",
+                     flag_values=fv)
+  flags.DEFINE_float("top_p", None, "Nucleus sampling mass; default the model's "
+                     "generation_config.json top_p, else 1.", flag_values=fv)
+  flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens (0 = off); "
+                       "default the model's generation_config.json top_k, else 0.",
+                       flag_values=fv)
   flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=fv)
   flags.DEFINE_integer("batch", 1, "Copies of the prompt to run as a batch.", flag_values=fv)
   flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.", flag_values=fv)
@@ -71,7 +79,7 @@ def define_flags(fv=flags.FLAGS):
   flags.DEFINE_integer("question_batch", None,
                        "Text mode: questions answered together (default all).", flag_values=fv)
   flagcheck.ints("max_new_tokens", "capacity", "batch", lo=1, flag_values=fv)
-  flagcheck.ints("seed", lo=0, flag_values=fv)
+  flagcheck.ints("seed", "top_k", lo=0, flag_values=fv)
   flagcheck.floats("temperature", lo=0.0, flag_values=fv)
   flagcheck.floats("top_p", lo=0.0, hi=1.0, lo_open=True, flag_values=fv)
   flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True, flag_values=fv)
@@ -111,6 +119,13 @@ def read_context() -> str:
     raise app.UsageError(f"--context_file={path!r} is not UTF-8 text ({e})") from None
 
 
+def sampling_settings(defaults: dict) -> dict:
+  """--max_new_tokens / --temperature / --top_p / --top_k where given, else `defaults` (the
+  model's generation_config.json, `models.pipeline.sampling_defaults`)."""
+  return {k: defaults[k] if getattr(FLAGS, k) is None else getattr(FLAGS, k)
+          for k in ("max_new_tokens", "temperature", "top_p", "top_k")}
+
+
 def make_press():
   """The --press by name with --ratio (None without --press)."""
   from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
@@ -140,7 +155,8 @@ def answer_questions():
   try:
     res = pipeline.run(model, tok, context, questions, press,
                        max_new_tokens=FLAGS.max_new_tokens, chat=chat,
-                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+                       seed=FLAGS.seed,
                        batch_size=FLAGS.question_batch, backend=FLAGS.backend)
   except (ValueError, TypeError) as e:
     raise app.UsageError(str(e)) from e
@@ -171,19 +187,19 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import kvjax  # pylint: disable=import-outside-toplevel
-  from models import presets  # pylint: disable=import-outside-toplevel
+  from models import pipeline, presets  # pylint: disable=import-outside-toplevel
 
   model, tok = presets.load_model_and_tokenizer(FLAGS.model or "default", dtype=FLAGS.dtype)
-  ids = tok.encode(FLAGS.prompt)
+  sampling = sampling_settings(pipeline.sampling_defaults(tok))
+  ids = tok.encode(FLAGS.prompt)   # BOS as the tokenizer's add_bos setting says
   if not ids:
     raise app.UsageError("--prompt encodes to no tokens")
   tokens = jnp.asarray([ids] * FLAGS.batch, jnp.int32)
   eos = getattr(tok, "eos_id", None)
   # Warm-up run compiles prefill/decode so the timed run measures steady-state speed.
   kvjax.generate(model, tokens, max_new_tokens=2, capacity=FLAGS.capacity or
-                 len(ids) + FLAGS.max_new_tokens, backend=FLAGS.backend)
-  out = kvjax.generate(model, tokens, max_new_tokens=FLAGS.max_new_tokens,
-                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                 len(ids) + sampling["max_new_tokens"], backend=FLAGS.backend)
+  out = kvjax.generate(model, tokens, **sampling, seed=FLAGS.seed,
                        capacity=FLAGS.capacity, eos_id=eos, backend=FLAGS.backend)
   if jax.process_index() != 0:
     return

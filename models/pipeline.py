@@ -10,7 +10,8 @@ The ergonomics follow kvpress's `pipeline(context, question(s), press)`, and so 
 evaluation protocol (docs/EVALUATION.md): the context is prefilled and compressed *before*
 any question is seen (query-agnostic), once; the compressed cache is forked per question
 (`kvjax.fork`) and each question is fed at the positions that continue the original,
-uncompressed context, then answered greedily (or sampled) until EOS or `max_new_tokens`.
+uncompressed context, then answered greedily (or sampled) until EOS or `max_new_tokens`,
+whose defaults come from the model's generation_config.json (`sampling_defaults`).
 
 Chat models: where the tokenizer has a chat template (`chat=None` picks it up), the context
 is the user message and each question continues that message, so the rendered prompt is
@@ -104,6 +105,17 @@ def _check_tokenizer(tokenizer):
                       f"got {type(tokenizer).__name__} without {attr}()")
 
 
+SAMPLING_FALLBACK = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
+def sampling_defaults(tokenizer) -> dict:
+  """{"max_new_tokens", "temperature", "top_p", "top_k"}: the tokenizer's defaults from the
+  model's generation_config.json (`tokenizer.generation`) where it gives them, else
+  SAMPLING_FALLBACK (64 tokens, greedy)."""
+  gen = getattr(tokenizer, "generation", None) or {}
+  return {k: gen.get(k, v) for k, v in SAMPLING_FALLBACK.items()}
+
+
 def _eos_ids(tokenizer, eos_id) -> tuple:
   if eos_id is not None:
     ids = [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
@@ -161,9 +173,10 @@ def prompt_parts(tokenizer, context: str, questions: Sequence[str], *, chat=None
   return ctx, qs
 
 
-def run(model, tokenizer, context: str, questions, press=None, *, max_new_tokens: int = 64,
-        chat=None, answer_prefix: str = "", system_prompt: Optional[str] = None,
-        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+def run(model, tokenizer, context: str, questions, press=None, *,
+        max_new_tokens: Optional[int] = None, chat=None, answer_prefix: str = "",
+        system_prompt: Optional[str] = None, temperature: Optional[float] = None,
+        top_p: Optional[float] = None, top_k: Optional[int] = None, seed: int = 0,
         eos_id=None, batch_size: Optional[int] = None, cache_dtype=None,
         chunk_size: Optional[int] = None, backend: str = "auto") -> PipelineResult:
   """Compresses `context` once and answers every question from the compressed cache.
@@ -176,10 +189,13 @@ def run(model, tokenizer, context: str, questions, press=None, *, max_new_tokens
     questions: a str or a list of str.
     press: a press (kvjax.presses; e.g. `kvjax.presses.registry.make("snapkv", 0.5)`) run
       once on the context before any question is seen; None keeps the full cache.
-    max_new_tokens: answer length limit (int >= 1).
+    max_new_tokens: answer length limit (int >= 1); None = the tokenizer's
+      generation_config.json default, else 64.
     chat: see `prompt_parts`.
     answer_prefix / system_prompt: see `prompt_parts`.
-    temperature, top_p, top_k, seed: sampling (temperature 0 = greedy), as kvjax.generate.
+    temperature, top_p, top_k, seed: sampling (temperature 0 = greedy), as kvjax.generate;
+      None = the tokenizer's generation_config.json default (`sampling_defaults`), else
+      greedy (0.0, 1.0, 0).
     eos_id: an id or ids that end an answer; default the tokenizer's EOS (and the
       generation_config.json EOS ids of an HF directory).
     batch_size: questions answered together (int >= 1); default all of them.
@@ -204,6 +220,11 @@ def run(model, tokenizer, context: str, questions, press=None, *, max_new_tokens
                     f"{type(model).__name__}")
   _check_tokenizer(tokenizer)
   qs, _ = _check_text(context, questions)
+  given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+               top_k=top_k)
+  d = sampling_defaults(tokenizer)
+  max_new_tokens, temperature, top_p, top_k = (d[k] if v is None else v
+                                               for k, v in given.items())
   checks.require_int("max_new_tokens", max_new_tokens)
   checks.sampling(temperature, top_p, top_k)
   if batch_size is not None:
@@ -286,7 +307,7 @@ def _answer_group(model, base, group, max_new_tokens, eos, key, sampling, backen
 
 
 def pipeline(model, tokenizer, context: str, questions, press=None, *,
-             max_new_tokens: int = 64, chat=None, **kwargs):
+             max_new_tokens: Optional[int] = None, chat=None, **kwargs):
   """Answers `questions` about `context` from a cache compressed once by `press`.
 
   kvpress-style entry point: `run` with the answers only. `questions` may be one str

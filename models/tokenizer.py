@@ -163,6 +163,30 @@ class HFTokenizer:
   def _token(self, i) -> str:
     return "" if i is None else (self._tok.id_to_token(int(i)) or "")
 
+  def save(self, path: str):
+    """Writes tokenizer.json, tokenizer_config.json (chat template, add_bos_token, special
+    tokens) and generation_config.json (special ids, every EOS id, sampling defaults) into
+    the directory `path`, so `load(path)` gives back the same tokenizer."""
+    os.makedirs(path, exist_ok=True)
+    self._tok.save(os.path.join(path, "tokenizer.json"))
+    tc = {"add_bos_token": self.add_bos}
+    for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                   ("pad_token", self.pad_id)):
+      if i is not None and self._token(i):
+        tc[key] = self._token(i)
+    if self.chat_template:
+      tc["chat_template"] = self.chat_template
+    gen = {k: v for k, v in (("bos_token_id", self.bos_id), ("pad_token_id", self.pad_id))
+           if v is not None}
+    if self.eos_ids:
+      gen["eos_token_id"] = list(self.eos_ids)
+    gen.update(self.generation)
+    if self.generation.get("temperature", 0.0) > 0:
+      gen["do_sample"] = True
+    for name, d in (("tokenizer_config.json", tc), ("generation_config.json", gen)):
+      with open(os.path.join(path, name), "w") as f:
+        json.dump(d, f, indent=1, ensure_ascii=False)
+
 
 MAX_JSON_BYTES = 64 << 20         # config / tokenizer_config / generation_config files
 MAX_TOKENIZER_BYTES = 512 << 20   # tokenizer.json (large vocabularies are tens of MiB)

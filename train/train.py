@@ -160,6 +160,8 @@ def check_config(c, parts: ModelParts, mesh: Mesh):
        f"{ByteTokenizer.vocab_size}")
   need(not (c.export and parts.family.export is None),
        f"export=True but model.family={c.model.family!r} registers no exporter")
+  if c.export:
+    trained_tokenizer(c)   # sources that disagree on the tokenizer fail now, not at the end
   need(c.distributed in ("auto", "true", "false"),
        f"distributed={c.distributed!r}; allowed: 'auto', 'true', 'false'")
   need(c.objective in OBJECTIVES, f"objective={c.objective!r}; allowed: {OBJECTIVES}")
@@ -745,12 +747,29 @@ def warm_start(trainer: Trainer, path: str) -> dict:
   return {"copied": copied, "fresh": fresh}
 
 
-def export(trainer: Trainer, path: str) -> str:
-  """Writes the trained model (family exporter, e.g. HF safetensors) + tokenizer file.
+def trained_tokenizer(c) -> str:
+  """The `tokenizer` setting the active text sources share ("" = UTF-8 bytes).
 
-  Every process must call it (parameters sharded across hosts are all-gathered); process
-  0 writes.
+  ValueError when they name different tokenizers: such a model has no one tokenizer to
+  export.
   """
+  specs = {str(s.get("tokenizer", "")) for s in active_sources(c).values()}
+  specs = {"" if s in data_lib.BYTES else s for s in specs}
+  if len(specs) > 1:
+    raise ValueError(f"data sources use different tokenizers {sorted(specs)}; export "
+                     "writes one tokenizer, so train with one")
+  return specs.pop() if specs else ""
+
+
+def export(trainer: Trainer, path: str) -> str:
+  """Writes the trained model (family exporter, e.g. HF safetensors) + its tokenizer.
+
+  The tokenizer is the one the text sources were tokenised with (`trained_tokenizer`):
+  its tokenizer.json, tokenizer_config.json and generation_config.json, with the special
+  ids of config.json set to its own; the byte tokenizer's file otherwise. Every process
+  must call it (parameters sharded across hosts are all-gathered); process 0 writes.
+  """
+  spec = trained_tokenizer(trainer.c)
   params = trainer.state["params"]
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -758,6 +777,25 @@ def export(trainer: Trainer, path: str) -> str:
   params = jax.device_get(params)
   if jax.process_index() == 0:
     trainer.parts.family.export(trainer.parts.merge(params), path)
-    ByteTokenizer().save(path)
+    if spec:
+      tok = data_lib.load_tokenizer(spec)
+      tok.save(path)
+      _set_special_ids(os.path.join(path, "config.json"), tok)
+    else:
+      ByteTokenizer().save(path)
     logging.info("exported model to %s", path)
   return path
+
+
+def _set_special_ids(config_path: str, tok) -> None:
+  """config.json's bos/eos/pad ids made the tokenizer's (a byte-model preset names 256..)."""
+  if not os.path.isfile(config_path):
+    return
+  with open(config_path) as f:
+    cfg = json.load(f)
+  for key, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
+                 ("pad_token_id", tok.pad_id)):
+    if key in cfg or v is not None:
+      cfg[key] = v
+  with open(config_path, "w") as f:
+    json.dump(cfg, f, indent=1)

@@ -69,3 +69,15 @@ def test_prompt_mode_still_works(capsys):
   _run("--model=tiny", "--prompt=abc", "--max_new_tokens=3")
   out = capsys.readouterr().out
   assert "model: tiny" in out and "decode:" in out and "KV cache:" in out
+
+
+def test_sampling_flags_default_to_the_generation_config():
+  fv = generate.define_flags(flags.FlagValues())
+  fv(["generate", "--top_p=0.5"])
+  gen = {"max_new_tokens": 7, "temperature": 0.3, "top_p": 0.9, "top_k": 4}
+  # flags left unset take the model's generation_config.json values; set ones win
+  assert generate.sampling_settings(gen) == {"max_new_tokens": 7, "temperature": 0.3,
+                                             "top_p": 0.5, "top_k": 4}
+  fv(["generate", "--top_p=0.5", "--max_new_tokens=2", "--temperature=0", "--top_k=0"])
+  assert generate.sampling_settings(gen) == {"max_new_tokens": 2, "temperature": 0.0,
+                                             "top_p": 0.5, "top_k": 0}

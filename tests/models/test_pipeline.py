@@ -180,3 +180,32 @@ def test_bad_inputs(kwargs, err, match):
   with pytest.raises(err, match=match):
     pipeline.run(args.pop("model"), args.pop("tokenizer"), args.pop("context"),
                  args.pop("questions"), **args)
+
+
+class ConfiguredBytes(tok_lib.ByteTokenizer):
+  """Byte tokenizer carrying generation_config.json defaults, as HFTokenizer.generation."""
+
+  def __init__(self, generation):
+    self.generation = generation
+
+
+def test_generation_config_defaults_are_honoured():
+  m = _model()
+  # max_new_tokens from the model's generation_config.json; an explicit value wins
+  tok = ConfiguredBytes({"max_new_tokens": 3})
+  res = pipeline.run(m, tok, CONTEXT, QUESTIONS[:1], eos_id=[])
+  ctx = tok.encode(CONTEXT)
+  assert res.tokens[0] == _greedy_full_forward(m, ctx + tok.encode(QUESTIONS[0]), 3)
+  assert len(pipeline.run(m, tok, CONTEXT, QUESTIONS[:1], eos_id=[],
+                          max_new_tokens=5).tokens[0]) == 5
+  # sampling settings: the defaults act exactly as the same values passed by hand
+  tok = ConfiguredBytes({"temperature": 1.5, "top_p": 0.95, "max_new_tokens": NEW})
+  by_default = pipeline.run(m, tok, CONTEXT, QUESTIONS, eos_id=[], seed=1)
+  by_hand = pipeline.run(m, tok_lib.ByteTokenizer(), CONTEXT, QUESTIONS, eos_id=[], seed=1,
+                         temperature=1.5, top_p=0.95, max_new_tokens=NEW)
+  greedy = pipeline.run(m, tok_lib.ByteTokenizer(), CONTEXT, QUESTIONS, eos_id=[],
+                        max_new_tokens=NEW)
+  assert by_default.tokens == by_hand.tokens != greedy.tokens
+  assert pipeline.sampling_defaults(tok_lib.ByteTokenizer()) == pipeline.SAMPLING_FALLBACK
+  assert pipeline.sampling_defaults(tok) == {"max_new_tokens": NEW, "temperature": 1.5,
+                                             "top_p": 0.95, "top_k": 0}

@@ -98,3 +98,37 @@ def test_finetune_recipe_trains_on_tokenised_text(hf_dir, tmp_path):
   losses = [r["loss"] for r in rows if "loss" in r and r.get("split", "train") == "train"]
   assert len(losses) >= 4 and np.isfinite(losses).all()
   assert losses[-1] < losses[0] - 0.5, losses   # the repeated text is being learned
+
+
+def test_hf_tokenizer_save_round_trip(hf_dir, tmp_path):
+  path, vocab = hf_dir
+  tok = tok_lib.load(path)
+  tok.save(str(tmp_path / "copy"))
+  back = tok_lib.load(str(tmp_path / "copy"))
+  assert back.encode(TEXT) == tok.encode(TEXT) == [vocab[w] for w in TEXT.split()]
+  assert back.eos_ids == (vocab["<eos>"], vocab["."]) and back.eos_id == vocab["<eos>"]
+  assert back.generation == {"temperature": 0.7, "top_p": 0.9}
+  assert back.chat_template == "{{ messages }}" and back.add_bos is False
+
+
+def test_export_writes_the_tokenizer_the_text_was_trained_with(hf_dir, tmp_path):
+  path, vocab = hf_dir
+  c = finetune_text.get_config(path)
+  c.data.sources.text.paths = os.path.join(path, "text.txt")
+  c.steps, c.batch_size, c.seq_len = 1, 2, 16
+  c.mesh.data = 1
+  c.progress_bar = c.tensorboard = False
+  c.export = True
+  out = train_lib.train_and_evaluate(c, str(tmp_path / "run"))
+  exp = out["export_dir"]
+  assert not os.path.exists(os.path.join(exp, "kvjax_tokenizer.json"))   # not the bytes
+  tok = tok_lib.load(exp)
+  assert tok.encode("the dog ran .") == [vocab["the"], vocab["dog"], vocab["ran"], vocab["."]]
+  assert tok.eos_ids == (vocab["<eos>"], vocab["."]) and tok.chat_template == "{{ messages }}"
+  with open(os.path.join(exp, "config.json")) as f:
+    assert json.load(f)["eos_token_id"] == vocab["<eos>"]
+  # two sources on different tokenizers: refused before training starts
+  c.data.sources.other = dict(kind="stdlib", weight=1.0, tokenizer="bytes")
+  c.data.sources.text.tokenizer = path
+  with pytest.raises(ValueError, match="different tokenizers"):
+    train_lib.trained_tokenizer(c)

@@ -19,8 +19,8 @@ this repository (plain files, one document each).
 Memory: full fine-tuning keeps the parameters, their gradients and AdamW's two moments, so
 about 16 bytes per parameter in float32 (SmolLM2-135M: ~2.2 GB) plus activations
 (batch x seq_len x hidden x layers); `--config.trainable=<regex>` trains a subset.
-`export=True` writes the model as an HF directory (train.train.export); it writes the
-byte-level tokenizer file there, so copy the checkpoint's tokenizer files beside it.
+`export=True` writes the model as an HF directory (train.train.export) with the
+checkpoint's own tokenizer (tokenizer.json, tokenizer_config.json, generation_config.json).
 """
 
 import dataclasses
