@@ -60,7 +60,7 @@ from absl import app, flags
 
 from experiments import flagcheck
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS   # rebound by define_flags
 
 
 def _policy_presses() -> tuple:
@@ -68,48 +68,70 @@ def _policy_presses() -> tuple:
   return policy.press_names()
 
 
-flags.DEFINE_string("model", "default", "HF directory or preset name (models.presets); "
-                    "'default' is the shipped default model.")
-flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
-flags.DEFINE_list("prompt_mix", ["32:96:0.5", "96:256:0.35", "256:512:0.15"],
-                  "Prompt length mix: lo:hi:weight entries (lengths uniform in [lo, hi]).")
-flags.DEFINE_integer("system_len", 32, "Shared system-prompt tokens (0 = none).")
-flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens per request (EOS ignored).")
-flags.DEFINE_integer("page_size", 16, "Tokens per page.")
-flags.DEFINE_list("budget_kib", [], "Cache memory budgets in KiB, each a separate comparison "
-                  "(empty = from --full_rows).")
-flags.DEFINE_list("full_rows", ["4"], "Budgets as the full cache's bytes for this many requests "
-                  "of the workload's mean final size (used when --budget_kib is empty).")
-flags.DEFINE_integer("max_rows", 32, "Cap on any configuration's rows (static batch).")
-flags.DEFINE_integer("chunk", 64, "Prompt tokens fed per step while prefilling.")
-flags.DEFINE_integer("prefill_batch", 4, "Rows prefilled per step on a [prefill_batch, chunk] "
-                     "sub-batch while the others decode (0 = every row takes the chunk step).")
-flags.DEFINE_list("configs", ["full", "int8", "int4", "kivi4", "int4+press", "kivi4+press"],
-                  "Configurations: full, int8, int4, kivi4, kivi2, each optionally +press.")
-flags.DEFINE_enum("press", "streaming_llm", _policy_presses(),
-                  "Query-agnostic press of the +press configurations "
-                  "(kvjax.policy.press_names(), from the press registry).")
-flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens evicted).")
-flags.DEFINE_integer("press_threshold", 96, "+press: compress prompts longer than this.")
-flags.DEFINE_integer("kivi_group", 16, "KIVI key group G (tokens; must divide page_size).")
-flags.DEFINE_integer("kivi_residual", 32, "KIVI exact window R (a multiple of kivi_group).")
-flags.DEFINE_integer("table_buckets", 4, "Page-table widths the engine narrows to between "
-                     "steps (attention reads whole tables on CPU; 1 = always max width).")
-flags.DEFINE_enum("preemption", "recompute", ["recompute", "swap"],
-                  "How the engine preempts when requests outgrow the pool (KIVI pools always "
-                  "recompute; swapping compiles per swapped size, which a short warm-up misses).")
-flags.DEFINE_integer("seed", 0, "Workload seed.")
-flags.DEFINE_integer("rounds", 3, "Timed runs per configuration, round-robin over the "
-                     "configurations (each configuration's workload first runs once untimed: "
-                     "it compiles every shape and gives the outputs); tokens/s is the median.")
-flags.DEFINE_string("out_dir", None, "Directory for results.json/.csv and serving.png.")
-flagcheck.ints("num_requests", "max_new_tokens", "page_size", "max_rows", "chunk",
-               "kivi_group", "table_buckets", "rounds", lo=1)
-flagcheck.ints("system_len", "prefill_batch", "press_threshold", "kivi_residual", "seed", lo=0)
-flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
-flagcheck.float_lists("budget_kib", lo=0.0, lo_open=True, nonempty=False)
-flagcheck.int_lists("full_rows", lo=1, nonempty=False)
-flagcheck.writable_dir("out_dir")
+def define_flags(fv=flags.FLAGS):
+  """Defines this launcher's flags on `fv` (absl's global FlagValues when run as a
+  program; a private one where other launchers' flags of the same names live in the
+  same process) and makes them the ones `main` reads."""
+  global FLAGS  # pylint: disable=global-statement
+  FLAGS = fv
+  flags.DEFINE_string("model", "default", "HF directory or preset name (models.presets); "
+                      "'default' is the shipped default model.", flag_values=fv)
+  flags.DEFINE_integer("num_requests", 64, "Requests in the workload.", flag_values=fv)
+  flags.DEFINE_list("prompt_mix", ["32:96:0.5", "96:256:0.35", "256:512:0.15"],
+                    "Prompt length mix: lo:hi:weight entries (lengths uniform in [lo, hi]).",
+                    flag_values=fv)
+  flags.DEFINE_integer("system_len", 32, "Shared system-prompt tokens (0 = none).", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens per request (EOS ignored).",
+                       flag_values=fv)
+  flags.DEFINE_integer("page_size", 16, "Tokens per page.", flag_values=fv)
+  flags.DEFINE_list("budget_kib", [], "Cache memory budgets in KiB, each a separate comparison "
+                    "(empty = from --full_rows).", flag_values=fv)
+  flags.DEFINE_list("full_rows", ["4"], "Budgets as the full cache's bytes for this many requests "
+                    "of the workload's mean final size (used when --budget_kib is empty).",
+                    flag_values=fv)
+  flags.DEFINE_integer("max_rows", 32, "Cap on any configuration's rows (static batch).",
+                       flag_values=fv)
+  flags.DEFINE_integer("chunk", 64, "Prompt tokens fed per step while prefilling.", flag_values=fv)
+  flags.DEFINE_integer("prefill_batch", 4, "Rows prefilled per step on a [prefill_batch, chunk] "
+                       "sub-batch while the others decode (0 = every row takes the chunk step).",
+                       flag_values=fv)
+  flags.DEFINE_list("configs", ["full", "int8", "int4", "kivi4", "int4+press", "kivi4+press"],
+                    "Configurations: full, int8, int4, kivi4, kivi2, each optionally +press.",
+                    flag_values=fv)
+  flags.DEFINE_enum("press", "streaming_llm", _policy_presses(),
+                    "Query-agnostic press of the +press configurations "
+                    "(kvjax.policy.press_names(), from the press registry).", flag_values=fv)
+  flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens evicted).",
+                     flag_values=fv)
+  flags.DEFINE_integer("press_threshold", 96, "+press: compress prompts longer than this.",
+                       flag_values=fv)
+  flags.DEFINE_integer("kivi_group", 16, "KIVI key group G (tokens; must divide page_size).",
+                       flag_values=fv)
+  flags.DEFINE_integer("kivi_residual", 32, "KIVI exact window R (a multiple of kivi_group).",
+                       flag_values=fv)
+  flags.DEFINE_integer("table_buckets", 4, "Page-table widths the engine narrows to between "
+                       "steps (attention reads whole tables on CPU; 1 = always max width).",
+                       flag_values=fv)
+  flags.DEFINE_enum("preemption", "recompute", ["recompute", "swap"],
+                    "How the engine preempts when requests outgrow the pool (KIVI pools always "
+                    "recompute; swapping compiles per swapped size, which a short warm-up misses).",
+                    flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Workload seed.", flag_values=fv)
+  flags.DEFINE_integer("rounds", 3, "Timed runs per configuration, round-robin over the "
+                       "configurations (each configuration's workload first runs once untimed: "
+                       "it compiles every shape and gives the outputs); tokens/s is the median.",
+                       flag_values=fv)
+  flags.DEFINE_string("out_dir", None, "Directory for results.json/.csv and serving.png.",
+                      flag_values=fv)
+  flagcheck.ints("num_requests", "max_new_tokens", "page_size", "max_rows", "chunk",
+                 "kivi_group", "table_buckets", "rounds", lo=1, flag_values=fv)
+  flagcheck.ints("system_len", "prefill_batch", "press_threshold", "kivi_residual", "seed", lo=0,
+                 flag_values=fv)
+  flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True, flag_values=fv)
+  flagcheck.float_lists("budget_kib", lo=0.0, lo_open=True, nonempty=False, flag_values=fv)
+  flagcheck.int_lists("full_rows", lo=1, nonempty=False, flag_values=fv)
+  flagcheck.writable_dir("out_dir", flag_values=fv)
+  return fv
 
 QUANTS = ("full", "int8", "int4", "kivi4", "kivi2")
 
@@ -461,4 +483,5 @@ def compare_at(budget, model, system, prompts, configs, max_tokens, mean_pages):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

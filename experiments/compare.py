@@ -162,6 +162,22 @@ def known_techniques(options: Optional[dict] = None) -> list[str]:
       ["<press>+<kind>"]
 
 
+def technique_help() -> str:
+  """--techniques=help: every registered technique, and what a press needs that a plain
+  prefill does not give (duo_attention: learned gates, --duo_gates)."""
+  from kvjax.presses import registry  # pylint: disable=import-outside-toplevel
+  ready = set(_press_factories())
+  lines = ["techniques: " + ", ".join(["full"] + list(registry.names()) + list(quant_names()) +
+                                      ["<press>+<kind>"])]
+  for e in registry.entries():
+    if e.name not in ready:
+      need = ", ".join(sorted(e.needs - registry.PREFILL_PROVIDES))
+      hint = " (learned gates: --duo_gates)" if "head_scores" in e.needs else ""
+      lines.append(f"  {e.name} needs {need}{hint}")
+  lines += ["presses:", registry.help_text()]
+  return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class Technique:
   """One row of the comparison: a label and the press-like object that makes its cache."""
@@ -716,7 +732,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.techniques == ["help"]:
-    print("techniques:", ", ".join(known_techniques()))
+    print(technique_help())
     return
   if FLAGS.compilation_cache:
     import jax  # pylint: disable=import-outside-toplevel

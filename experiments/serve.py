@@ -24,7 +24,7 @@ from absl import app, flags
 
 from experiments import flagcheck
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS   # rebound by define_flags
 
 
 def _policy_presses() -> tuple:
@@ -32,43 +32,65 @@ def _policy_presses() -> tuple:
   return policy.press_names()
 
 
-flags.DEFINE_string("model", "default", "HF model directory or preset name (models.presets).")
-flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (or .jsonl).")
-flags.DEFINE_integer("num_requests", 8, "Synthetic prompts when no --prompts_file is given.")
-flags.DEFINE_string("system_prompt", "", "Shared prefix, prefilled once for all requests.")
-flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per request.")
-flags.DEFINE_integer("max_batch", 4, "Engine rows (concurrent requests + prefix rows).")
-flags.DEFINE_integer("num_pages", 64, "Pages in each layer's pool.")
-flags.DEFINE_integer("page_size", 16, "Tokens per page.")
-flags.DEFINE_integer("max_tokens", 1024, "Max tokens per request (prefix + prompt + new).")
-flags.DEFINE_integer("chunk", 32, "Prompt tokens fed per step while prefilling.")
-flags.DEFINE_integer("watermark", 1, "Free pages kept in reserve when admitting requests.")
-flags.DEFINE_enum("policy", "swap", ["none", "swap", "swap_int8", "compress", "length"],
-                  "What to do under memory pressure (see module docstring).")
-flags.DEFINE_enum("press", "knorm", _policy_presses(),
-                  "Query-agnostic press used by --policy=compress/length "
-                  "(kvjax.policy.press_names(), from the press registry).")
-flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens removed).")
-flags.DEFINE_integer("length_threshold", 256, "--policy=length: compress longer prompts.")
-flags.DEFINE_enum("quant", "none", ["none", "int8", "fp8_e4m3", "int4", "kivi4", "kivi2"],
-                  "Store pages quantized (kvjax.quant per-token formats, or KIVI pages: "
-                  "per-channel key groups of --kivi_group tokens and an exact window).")
-flags.DEFINE_integer("kivi_group", 16, "KIVI key group (must divide --page_size).")
-flags.DEFINE_integer("kivi_residual", 32, "KIVI exact window (a multiple of --kivi_group).")
-flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled per step on a sub-batch while the "
-                     "others decode (0 = every row takes the chunk step).")
-flags.DEFINE_integer("table_buckets", 1, "Page-table widths the engine narrows to (1 = off).")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
-flags.DEFINE_integer("seed", 0, "PRNG seed (sampling and synthetic prompts).")
-flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
-flags.DEFINE_string("out", None, "Optional JSON output path.")
-flagcheck.ints("num_requests", "max_new_tokens", "max_batch", "num_pages", "page_size",
-               "max_tokens", "chunk", "kivi_group", "table_buckets", lo=1)
-flagcheck.ints("watermark", "length_threshold", "kivi_residual", "prefill_batch", "seed", lo=0)
-flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True)
-flagcheck.floats("temperature", lo=0.0)
-flagcheck.existing_file("prompts_file")
-flagcheck.writable_file("out")
+def define_flags(fv=flags.FLAGS):
+  """Defines this launcher's flags on `fv` (absl's global FlagValues when run as a
+  program; a private one where other launchers' flags of the same names live in the
+  same process) and makes them the ones `main` reads."""
+  global FLAGS  # pylint: disable=global-statement
+  FLAGS = fv
+  flags.DEFINE_string("model", "default", "HF model directory or preset name (models.presets).",
+                      flag_values=fv)
+  flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (or .jsonl).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_requests", 8, "Synthetic prompts when no --prompts_file is given.",
+                       flag_values=fv)
+  flags.DEFINE_string("system_prompt", "", "Shared prefix, prefilled once for all requests.",
+                      flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per request.", flag_values=fv)
+  flags.DEFINE_integer("max_batch", 4, "Engine rows (concurrent requests + prefix rows).",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_pages", 64, "Pages in each layer's pool.", flag_values=fv)
+  flags.DEFINE_integer("page_size", 16, "Tokens per page.", flag_values=fv)
+  flags.DEFINE_integer("max_tokens", 1024, "Max tokens per request (prefix + prompt + new).",
+                       flag_values=fv)
+  flags.DEFINE_integer("chunk", 32, "Prompt tokens fed per step while prefilling.", flag_values=fv)
+  flags.DEFINE_integer("watermark", 1, "Free pages kept in reserve when admitting requests.",
+                       flag_values=fv)
+  flags.DEFINE_enum("policy", "swap", ["none", "swap", "swap_int8", "compress", "length"],
+                    "What to do under memory pressure (see module docstring).", flag_values=fv)
+  flags.DEFINE_enum("press", "knorm", _policy_presses(),
+                    "Query-agnostic press used by --policy=compress/length "
+                    "(kvjax.policy.press_names(), from the press registry).", flag_values=fv)
+  flags.DEFINE_float("ratio", 0.5, "Press compression_ratio (fraction of tokens removed).",
+                     flag_values=fv)
+  flags.DEFINE_integer("length_threshold", 256, "--policy=length: compress longer prompts.",
+                       flag_values=fv)
+  flags.DEFINE_enum("quant", "none", ["none", "int8", "fp8_e4m3", "int4", "kivi4", "kivi2"],
+                    "Store pages quantized (kvjax.quant per-token formats, or KIVI pages: "
+                    "per-channel key groups of --kivi_group tokens and an exact window).",
+                    flag_values=fv)
+  flags.DEFINE_integer("kivi_group", 16, "KIVI key group (must divide --page_size).",
+                       flag_values=fv)
+  flags.DEFINE_integer("kivi_residual", 32, "KIVI exact window (a multiple of --kivi_group).",
+                       flag_values=fv)
+  flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled per step on a sub-batch while the "
+                       "others decode (0 = every row takes the chunk step).", flag_values=fv)
+  flags.DEFINE_integer("table_buckets", 1, "Page-table widths the engine narrows to (1 = off).",
+                       flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "PRNG seed (sampling and synthetic prompts).", flag_values=fv)
+  flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.",
+                    flag_values=fv)
+  flags.DEFINE_string("out", None, "Optional JSON output path.", flag_values=fv)
+  flagcheck.ints("num_requests", "max_new_tokens", "max_batch", "num_pages", "page_size",
+                 "max_tokens", "chunk", "kivi_group", "table_buckets", lo=1, flag_values=fv)
+  flagcheck.ints("watermark", "length_threshold", "kivi_residual", "prefill_batch", "seed", lo=0,
+                 flag_values=fv)
+  flagcheck.floats("ratio", lo=0.0, hi=1.0, hi_open=True, flag_values=fv)
+  flagcheck.floats("temperature", lo=0.0, flag_values=fv)
+  flagcheck.existing_file("prompts_file", flag_values=fv)
+  flagcheck.writable_file("out", flag_values=fv)
+  return fv
 
 
 def load_prompts(path, n, tokenizer, seed):
@@ -162,4 +184,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
