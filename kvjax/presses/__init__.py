@@ -8,8 +8,9 @@ layer cache (static capacity = its budget + room for decode), and
 
 Scorers (each one file, citing its paper): StreamingLLMPress, H2OPress, SnapKVPress,
 TOVAPress, KnormPress, ExpectedAttentionPress, KeyDiffPress, LagKVPress, RandomPress.
-Budget rules: uniform (`compression_ratio` / `budget` on every scorer), PyramidKVPress and
-PerLayerCompressionPress (per layer), AdaKVPress (head-wise), DuoAttentionPress
+Budget rules: uniform (`compression_ratio` / `budget` on every scorer), PyramidKVPress,
+PyramidBudgetPress (any scorer) and PerLayerCompressionPress (per layer), AdaKVPress
+(head-wise), DuoAttentionPress
 (retrieval vs streaming heads; `profile_head_scores`), ChunkKVPress (chunk-level).
 Options of every scorer: protected sinks / recent slots, `merge="cam" | "d2o"`,
 `rerotate=True`. Composition: `compose(p1, p2)`, `PerLayerPress`, `per_layer`.
@@ -33,7 +34,7 @@ from kvjax.presses.knorm import KnormPress
 from kvjax.presses.lagkv import LagKVPress
 from kvjax.presses.low_rank import LowRankPress
 from kvjax.presses.per_layer import PerLayerCompressionPress, PerLayerPress, per_layer
-from kvjax.presses.pyramidkv import PyramidKVPress
+from kvjax.presses.pyramidkv import PyramidBudgetPress, PyramidKVPress
 from kvjax.presses.random_press import RandomPress
 from kvjax.presses import registry
 from kvjax.presses.snapkv import SnapKVPress
@@ -43,7 +44,8 @@ from kvjax.presses.tova import TOVAPress
 
 __all__ = [
     "Press", "ScorerPress", "LayerContext", "compress_model",
-    "StreamingLLMPress", "H2OPress", "SnapKVPress", "PyramidKVPress", "TOVAPress",
+    "StreamingLLMPress", "H2OPress", "SnapKVPress", "PyramidKVPress", "PyramidBudgetPress",
+    "TOVAPress",
     "KnormPress", "ExpectedAttentionPress", "KeyDiffPress", "ChunkKVPress", "LagKVPress",
     "RandomPress", "AdaKVPress", "DuoAttentionPress", "profile_head_scores",
     "PerLayerCompressionPress", "PerLayerPress", "per_layer", "ComposedPress", "compose",

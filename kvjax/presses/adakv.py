@@ -2,7 +2,8 @@
 KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference",
 arXiv:2407.11550).
 
-Wraps any ScorerPress. The layer keeps the same total as the uniform rule (the sum over kv
+Wraps any scorer (a ScorerPress, or a scorer wrapper such as ChunkKVPress, whose heads then
+keep whole chunks, or PyramidBudgetPress, whose layer totals follow the pyramid). The layer keeps the same total as the uniform rule (the sum over kv
 heads of each head's uniform budget), but chooses it across heads: each head first keeps
 its best `alpha_safeguard` fraction of its uniform budget, then the rest of the total goes
 to the best remaining scores of the whole layer. Parameter names follow kvpress's
@@ -34,13 +35,13 @@ class AdaKVPress(base.ScorerWrapperPress):
   """Head-wise adaptive budget over any scorer.
 
   Attributes:
-    press: the ScorerPress providing scores and the uniform budget.
+    press: the scorer providing scores and the uniform budget.
     alpha_safeguard: fraction of its uniform budget every head keeps. 0.20 (kvpress).
     head_capacity_factor: a head keeps at most this times the uniform budget (>= 1);
       sets the layer's static capacity. 1.5.
   """
 
-  press: base.ScorerPress = None
+  press: base.Press = None
   alpha_safeguard: float = 0.20
   head_capacity_factor: float = 1.5
 

@@ -607,6 +607,18 @@ def finish(press, cache, obs: dict, ctx: LayerContext, idx, keep):
   return new, obs
 
 
+def compress_with_table(press, cache, obs: dict, ctx: LayerContext, table: np.ndarray):
+  """score -> choose -> gather of any scorer (`score`, `select`, `is_identity`) under the
+  budget rule `table` (keep[L] for L = 0..S), e.g. a wrapper's per-layer table."""
+  check_layer_cache(press, cache)
+  if press.is_identity(table):
+    return pad_room(cache, ctx.room), pad_obs_room(obs, ctx.room)
+  require_observations(press, obs, cache)
+  scores = press.score(cache, obs, ctx)
+  idx, keep = press.select(scores, cache, obs, ctx, table)
+  return finish(press, cache, obs, ctx, idx, keep)
+
+
 class ScorerWrapperPress(Press):
   """Base of presses that wrap a ScorerPress in a field `press` (AdaKV, ChunkKV).
 
@@ -615,9 +627,41 @@ class ScorerWrapperPress(Press):
   """
 
   def _check_scorer(self):
-    if not isinstance(self.press, ScorerPress):
-      raise ValueError(f"{type(self).__name__}(press=...) needs a ScorerPress; "
-                       f"got {self.press!r}")
+    if not isinstance(self.press, (ScorerPress, ScorerWrapperPress)):
+      raise ValueError(f"{type(self).__name__}(press=...) needs a ScorerPress or a scorer "
+                       f"wrapper (ChunkKVPress, PyramidBudgetPress, ...); got {self.press!r}")
+
+  # A wrapper is itself a scorer: any budget rule can wrap it (AdaKV over ChunkKV, ...).
+  def score(self, cache, obs: dict, ctx: LayerContext) -> jax.Array:
+    return self.press.score(cache, obs, ctx)
+
+  def keep_table(self, capacity: int, ctx: LayerContext) -> np.ndarray:
+    return self.press.keep_table(capacity, ctx)
+
+  def protected(self) -> tuple[int, int]:
+    return self.press.protected()
+
+  def is_identity(self, table: np.ndarray) -> bool:
+    return self.press.is_identity(table)
+
+  def select(self, scores, cache, obs: dict, ctx: LayerContext, table: np.ndarray):
+    return ScorerPress.select(self, scores, cache, obs, ctx, table)
+
+  @property
+  def budget(self) -> Optional[int]:
+    return self.press.budget
+
+  @property
+  def merge(self) -> Optional[str]:
+    return self.press.merge
+
+  @property
+  def merge_threshold(self) -> float:
+    return self.press.merge_threshold
+
+  @property
+  def rerotate(self) -> bool:
+    return self.press.rerotate
 
   @property
   def observe(self) -> Observe:

@@ -41,7 +41,6 @@ class ChunkKVPress(base.ScorerWrapperPress):
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     return self.press.layer_capacity(capacity, ctx)
 
-
   def chunk_scores(self, scores, valid):
     """[B, 1, S]: each slot's chunk score (mean over the chunk's valid slots, summed heads)."""
     b, h, s = scores.shape
@@ -54,6 +53,11 @@ class ChunkKVPress(base.ScorerWrapperPress):
     mean = jnp.sum(x, -1) / jnp.maximum(jnp.sum(any_valid, -1), 1)
     per_slot = jnp.repeat(mean, c, axis=-1)[:, :s]
     return per_slot[:, None, :]
+
+  def score(self, cache, obs, ctx):
+    """Each slot's chunk score (what a budget rule wrapping ChunkKV ranks by)."""
+    scores = self.press.score(cache, obs, ctx)
+    return jnp.broadcast_to(self.chunk_scores(scores, base.valid_slots(cache)), scores.shape)
 
   def compress_layer(self, cache, obs, ctx):
     p = self.press

@@ -127,13 +127,17 @@ class DecodingPress:
     """Compresses every layer to target_size kept slots, keeping each layer's capacity."""
     caps = model_cache.capacity
     presses, rooms = [], []
-    for cap in caps:
+    for i, cap in enumerate(caps):
       budget = min(self.target_size, cap - 1)
       if budget < 1:
         raise ValueError(f"a layer has capacity {cap}; decode-time compression needs "
                          "capacity >= 2 (one kept slot and one free slot)")
-      presses.append(self.base_press.with_budget(budget))
-      rooms.append(cap - budget)
+      press = self.base_press.with_budget(budget)
+      # per-layer rules (PyramidKV) keep more than the mean in some layers: the room is
+      # what the layer's own kept capacity leaves, so every capacity stays as it is
+      kept = press.layer_capacity(cap, base.LayerContext(layer_idx=i, num_layers=len(caps)))
+      presses.append(press)
+      rooms.append(max(1, cap - kept))
     new, obs = base.compress_model(presses, model_cache, self.observations(len(caps)),
                                    self.config, rooms=rooms, return_obs=True)
     if self._colsum is not None:
