@@ -27,10 +27,9 @@ from kvjax import paged as paged_lib
 from kvjax import presses as press_lib
 from kvjax.window import WindowKVCache
 from models import press_inputs
+from models import protocol
 from models import transformer as tfm
 from models.config import ModelConfig
-
-LOGITS_MODES = ("all", "last")
 
 
 def empty_layer(config: ModelConfig, layer: int, batch: int, capacity: int, dtype,
@@ -81,12 +80,6 @@ def _run(graphdef, state, tokens, positions, cache, *, observe, backend, logits_
   return logits, new_cache, obs
 
 
-def _check_batch(tokens, cache):
-  if cache.batch != tokens.shape[0]:
-    raise ValueError(f"batch mismatch: tokens have batch {tokens.shape[0]} but the cache holds "
-                     f"{cache.batch} rows")
-
-
 def _check_inputs(model, b, t, *, capacity=None, attention_mask=None, prompt_lengths=None,
                   cache=None, cache_dtype=None, press=None):
   """Boundary checks of prefill's arguments (kvjax.checks), before anything is built."""
@@ -104,13 +97,6 @@ def _check_inputs(model, b, t, *, capacity=None, attention_mask=None, prompt_len
       paged_lib.check_press(press, cache)
 
 
-def _check_room(cache, positions):
-  for seg in cache.segments:
-    check = getattr(seg, "check_room", None)
-    if check is not None:
-      check(positions)
-
-
 def _apply_press(model, press, cache, obs, *, room=0, prompt_length=None):
   """Runs a press over every layer of a ModelCache (press API: kvjax.presses).
 
@@ -124,12 +110,6 @@ def _apply_press(model, press, cache, obs, *, room=0, prompt_length=None):
   # uses now, once, so the decode steps that follow never regroup (copy) the cache.
   sigs = [cache_lib._signature(s) for s in cache.layer_structs()]  # pylint: disable=protected-access
   return cache.regroup(cache_lib.group_layers(list(zip(tfm.layer_keys(model.config), sigs))))
-
-
-def _check_decode_room(decode_room):
-  if decode_room is not None and (not isinstance(decode_room, (int, np.integer)) or
-                                  isinstance(decode_room, bool) or decode_room < 0):
-    raise ValueError(f"decode_room={decode_room!r}; must be an int >= 0")
 
 
 def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence[int]] = None,
@@ -177,8 +157,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
       press, cache, observe or chunk_size.
   """
   tokens = checks.token_ids(tokens, model.config.vocab_size)
-  if logits not in LOGITS_MODES:
-    raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
+  protocol.check_logits(logits)
   b, t = tokens.shape
   _check_inputs(model, b, t, capacity=capacity, attention_mask=attention_mask,
                 prompt_lengths=prompt_lengths, cache=cache, cache_dtype=cache_dtype,
@@ -191,23 +170,8 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     raise ValueError(f"observe={observe} with chunk_size < prompt length: only "
                      "Observe(colsum=True) (attention mass summed over every prompt query, "
                      "added up across chunks) is supported; other statistics are per chunk")
-  _check_decode_room(decode_room)
-  if decode_room is not None and press is None:
-    raise ValueError(f"decode_room={decode_room} only applies with a press; without one "
-                     "use capacity=prompt length + room")
-  room = 0
-  if press is not None and cache is None and isinstance(capacity, (int, np.integer)):
-    if decode_room is None:
-      if capacity < t:
-        raise ValueError(f"capacity={capacity} is smaller than the prompt ({t} tokens)")
-      capacity, room = t, int(capacity) - t
-  if decode_room is not None:
-    room = int(decode_room)
-  if prompt_lengths is not None:
-    if attention_mask is not None:
-      raise ValueError("pass either attention_mask or prompt_lengths, not both")
-    pl = jnp.asarray(prompt_lengths)
-    attention_mask = jnp.arange(t)[None, :] < pl[:, None]
+  capacity, room = protocol.press_room(press, cache, capacity, decode_room, t)
+  attention_mask = protocol.prompt_mask(attention_mask, prompt_lengths, t)
   if offload is not None:
     from models import offload as model_offload  # pylint: disable=import-outside-toplevel
     given = [n for n, v in (("press", press), ("cache", cache), ("observe", observe),
@@ -241,7 +205,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     cache = init_cache(cfg, b, cap, dtype=cache_dtype, window_cache=window_cache)
     check_cache = cache
   else:
-    _check_batch(tokens, cache)
+    protocol.check_batch(tokens, cache)
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   need = observe or tfm.Observe()
   if press is not None:
@@ -256,7 +220,7 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     return (out, cache, obs) if observe is not None else (out, cache)
   if press is not None:  # fail before the prompt runs, not after it
     _validate_press(press, check_cache, t)
-  _check_room(cache, positions)
+  protocol.check_room(cache, positions)
   graphdef, state = nnx.split(model)
   out, cache, obs = _run(graphdef, state, tokens, positions, cache,
                          observe=need.forward_part(), backend=backend, logits_mode=logits)
@@ -301,7 +265,7 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
   toks = jnp.pad(tokens, ((0, 0), (0, pad)))
   pos = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
   if press is None:
-    _check_room(cache, positions)
+    protocol.check_room(cache, positions)
   valid = np.asarray(positions) >= 0
   last_chunk = np.where(valid.any(-1), (t - 1 - np.argmax(valid[:, ::-1], -1)) // c, 0)
   graphdef, state = nnx.split(model)
@@ -313,7 +277,7 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
   for i in range(n):
     sl = slice(i * c, (i + 1) * c)
     if press is not None:
-      _check_room(cache, pos[:, sl])
+      protocol.check_room(cache, pos[:, sl])
     out, cache, obs = _run(graphdef, state, toks[:, sl], pos[:, sl], cache,
                            observe=need.forward_part(), backend=backend, logits_mode=logits)
     if cumulative:
@@ -369,7 +333,7 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   and gets `decode_room` free slots per layer; for a policy that compresses every N steps
   or when full, see kvjax.presses.DecodingPress.
   """
-  _check_decode_room(decode_room)
+  protocol.check_decode_room(decode_room)
   tokens = checks.token_ids(tokens, model.config.vocab_size)
   checks.live_cache(cache)
   if attention_mask is not None:
@@ -378,21 +342,20 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
     from models import offload as model_offload  # pylint: disable=import-outside-toplevel
     if observe is not None or press is not None:
       raise ValueError(f"observe= and press= do not apply to a {type(cache).__name__}")
-    _check_batch(tokens, cache)
+    protocol.check_batch(tokens, cache)
     positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
     return model_offload.decode(model, tokens, positions, cache, logits=logits,
                                 backend=backend, check_capacity=check_capacity)
   if not isinstance(cache, cache_lib.ModelCache):
     raise ValueError(f"cache must be a kvjax.cache.ModelCache (or a kvjax.offload HostCache / "
                      f"QuestCache); got {type(cache).__name__}")
-  if logits not in LOGITS_MODES:
-    raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
-  _check_batch(tokens, cache)
+  protocol.check_logits(logits)
+  protocol.check_batch(tokens, cache)
   if press is not None:
     paged_lib.check_press(press, cache)
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   if check_capacity:
-    _check_room(cache, positions)
+    protocol.check_room(cache, positions)
   need = observe or tfm.Observe()
   if press is not None:
     need = need.merge(getattr(press, "observe", tfm.Observe()))

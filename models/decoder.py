@@ -47,10 +47,10 @@ from kvjax import cache as cache_lib
 from kvjax import checks
 from kvjax.observation import Observe
 from kvjax.presses import base as press_base
+from models import protocol
 from models import transformer as tfm
 
 Array = jax.Array
-LOGITS_MODES = ("all", "last")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -331,32 +331,17 @@ def forward(model: Decoder, tokens, positions, cache: Optional[cache_lib.ModelCa
     tap_slots.append((reps, tp))
   extras = {}
   if observe is not None:
-    extras["obs"] = _depth_order(obs_slots)
+    extras["obs"] = protocol.depth_order(obs_slots)
   if taps:
-    layers = _depth_order(tap_slots)
+    layers = protocol.depth_order(tap_slots)
     extras["taps"] = tuple(jnp.stack([t[i] for t in layers]) for i in (0, 1))
   if last_only:
-    last = jnp.maximum(jnp.sum(positions >= 0, axis=-1) - 1, 0)
-    x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+    x = protocol.last_token(x, positions)
   x = tfm.rms_norm(x, model.final_norm[...], c.rms_norm_eps)
   w = model.embed[...].T if c.tie_word_embeddings else model.lm_head[...]
   logits = jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32)
-  new_cache = None
-  if cache is not None:
-    n_new = jnp.sum(positions >= 0, axis=-1).astype(jnp.int32)
-    new_cache = cache.replace(segments=tuple(new_segments),
-                              next_position=cache.next_position + n_new)
+  new_cache = None if cache is None else protocol.advance(cache, new_segments, positions)
   return logits, new_cache, extras
-
-
-def _depth_order(slots):
-  """[(repeats, per-slot items stacked over repeats)] per group -> per-layer items in depth
-  order (repeat-major within a group, as the layers run)."""
-  out = []
-  for reps, items in slots:
-    for r in range(reps):
-      out.extend(jax.tree.map(lambda a, r=r: a[r], it) for it in items)
-  return out
 
 
 def apply_mixers(model: Decoder, inputs, positions, *, backend: str = "auto"):
@@ -462,13 +447,6 @@ def prefill_cache_shape(model: Decoder, length: int, batch: int = 1,
   return jax.eval_shape(run, state, tokens, cache)[1]
 
 
-def _check_capacity(cache, positions):
-  for seg in cache.segments:
-    check = getattr(seg, "check_room", None)
-    if check is not None:
-      check(positions)
-
-
 class PressConfig(NamedTuple):
   """What `press.compress_model` reads of a model config, for the dense-KV layers only."""
   num_layers: int
@@ -541,11 +519,6 @@ def apply_press(model: Decoder, press, cache: cache_lib.ModelCache, obs=None, *,
   return cache.replace(segments=tuple(segments))
 
 
-def _check_decode_room(decode_room):
-  if decode_room is not None:
-    require_int("decode_room", decode_room, lo=0)
-
-
 def decode(model: Decoder, tokens, cache: cache_lib.ModelCache, *, attention_mask=None,
            logits: str = "all", backend: str = "auto", check_capacity: bool = True,
            press=None, decode_room: int = 0):
@@ -562,14 +535,12 @@ def decode(model: Decoder, tokens, cache: cache_lib.ModelCache, *, attention_mas
   checks.live_cache(cache)
   if attention_mask is not None:
     checks.attention_mask(attention_mask, tokens.shape)
-  require_choice("logits", logits, LOGITS_MODES)
-  _check_decode_room(decode_room)
-  if cache.batch != tokens.shape[0]:
-    raise ValueError(f"batch mismatch: tokens have batch {tokens.shape[0]} but the cache holds "
-                     f"{cache.batch} rows")
+  protocol.check_logits(logits)
+  protocol.check_decode_room(decode_room)
+  protocol.check_batch(tokens, cache)
   positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
   if check_capacity:
-    _check_capacity(cache, positions)
+    protocol.check_room(cache, positions)
   observe = None
   if press is not None:
     _press_layers(model, press, cache)
@@ -608,8 +579,8 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
       the result equals the one-shot prefill. Not combined with a press.
   """
   tokens = checks.token_ids(tokens, model.config.vocab_size)
-  require_choice("logits", logits, LOGITS_MODES)
-  _check_decode_room(decode_room)
+  protocol.check_logits(logits)
+  protocol.check_decode_room(decode_room)
   b, t = tokens.shape
   if attention_mask is not None:
     checks.attention_mask(attention_mask, (b, t))
@@ -623,27 +594,12 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
     checks.live_cache(cache)
   if chunk_size is not None:
     require_int("chunk_size", chunk_size)
-  room = 0
-  if press is not None:
-    if chunk_size is not None and chunk_size < t:
-      raise ValueError(f"chunk_size={chunk_size} with press={type(press).__name__}: "
-                       f"{type(model.config).__name__} presses run once after a one-shot "
-                       "prefill; pass chunk_size=None")
-    if decode_room is not None:
-      room = int(decode_room)
-    elif cache is None and capacity is not None:
-      require_int("capacity", capacity)
-      if capacity < t:
-        raise ValueError(f"capacity={capacity} is smaller than the prompt ({t} tokens)")
-      capacity, room = t, int(capacity) - t
-  elif decode_room is not None:
-    raise ValueError(f"decode_room={decode_room} only applies with a press; without one use "
-                     "capacity=prompt length + room")
-  if prompt_lengths is not None:
-    if attention_mask is not None:
-      raise ValueError("pass either attention_mask or prompt_lengths, not both")
-    pl = jnp.asarray(prompt_lengths)
-    attention_mask = jnp.arange(t)[None, :] < pl[:, None]
+  if press is not None and chunk_size is not None and chunk_size < t:
+    raise ValueError(f"chunk_size={chunk_size} with press={type(press).__name__}: "
+                     f"{type(model.config).__name__} presses run once after a one-shot "
+                     "prefill; pass chunk_size=None")
+  capacity, room = protocol.press_room(press, cache, capacity, decode_room, t)
+  attention_mask = protocol.prompt_mask(attention_mask, prompt_lengths, t)
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
   attention_mask = jnp.asarray(attention_mask)
@@ -658,11 +614,9 @@ def prefill(model: Decoder, tokens, *, capacity: Optional[int] = None, attention
     cache = init_cache(model.config, b, cap, dtype=cache_dtype)
   if press is not None:
     _press_layers(model, press, cache, t)  # fail before the prompt runs, not after it
-    if cache.batch != b:
-      raise ValueError(f"batch mismatch: tokens have batch {b} but the cache holds "
-                       f"{cache.batch} rows")
+    protocol.check_batch(tokens, cache)
     positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
-    _check_capacity(cache, positions)
+    protocol.check_room(cache, positions)
     graphdef, state = nnx.split(model)
     observe = getattr(press, "observe", None) or Observe()
     out, cache, obs = _run(graphdef, state, tokens, positions, cache, backend=backend,

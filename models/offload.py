@@ -41,9 +41,8 @@ from flax import nnx
 from kvjax import offload
 from kvjax.observation import Observe
 from models import api
+from models import protocol
 from models import transformer as tfm
-
-LOGITS_MODES = ("all", "last")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -145,8 +144,7 @@ def prefill(model, tokens, positions, spec: offload.OffloadSpec, *, capacity=Non
   """
   if not isinstance(spec, offload.OffloadSpec):
     raise ValueError(f"offload={spec!r}; must be a kvjax.offload.OffloadSpec")
-  if logits not in LOGITS_MODES:
-    raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
+  protocol.check_logits(logits)
   cfg = model.config
   b, t = tokens.shape
   longest = int(jnp.max(jnp.sum(positions >= 0, axis=-1)))
@@ -181,8 +179,7 @@ def decode(model, tokens, positions, cache, *, logits: str = "all", backend: str
   positions [B, T'] continue from cache.next_position (models.decode computes them).
   Returns (logits, cache').
   """
-  if logits not in LOGITS_MODES:
-    raise ValueError(f"logits={logits!r}; allowed: {LOGITS_MODES}")
+  protocol.check_logits(logits)
   if check_capacity:
     cache.check_room(positions)
   if isinstance(cache, offload.HostCache):

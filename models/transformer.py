@@ -33,6 +33,7 @@ from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 from kvjax import rope as rope_lib
 from kvjax.observation import Observe
+from models import protocol
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -164,6 +165,13 @@ class Transformer(nnx.Module):
   def decode(self, tokens, cache, **kw):
     from models.api import decode  # pylint: disable=import-outside-toplevel
     return decode(self, tokens, cache, **kw)
+
+  def init_cache(self, batch: int, capacity, *, dtype=None, layer_factory=None,
+                 window_cache: bool = True) -> cache_lib.ModelCache:
+    """An empty ModelCache in this model's scan groups (see models.init_cache)."""
+    from models.api import init_cache  # pylint: disable=import-outside-toplevel
+    return init_cache(self.config, batch, capacity, dtype=dtype, layer_factory=layer_factory,
+                      window_cache=window_cache)
 
 
 def check_tokens(tokens, config: ModelConfig):
@@ -327,8 +335,7 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
     sigs = [cache_lib._signature(s) for s in cache.layer_structs()]  # pylint: disable=protected-access
     grouping = cache_lib.group_layers(list(zip(keys, sigs)))
     cache = cache.regroup(grouping)
-  obs_all = [None] * c.num_layers
-  new_segments = []
+  obs_groups, new_segments = [], []
   entry = 0
   a = 0
   for n, per in grouping:
@@ -364,19 +371,12 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
 
     (x, carried), (ys_c, ys_obs) = jax.lax.scan(
         body, (x, carried), (jnp.arange(reps), scanned))
-    for j in range(per):
-      new_segments.append(carried[j] if inplace[j] else ys_c[j])
-      for r in range(reps):
-        obs_all[a + r * per + j] = jax.tree.map(lambda o, r=r: o[r], ys_obs[j])
+    new_segments += [carried[j] if inplace[j] else ys_c[j] for j in range(per)]
+    obs_groups.append((reps, ys_obs))
     entry += per
     a += n
   if last_only:
-    last = jnp.argmax(positions, axis=-1)  # positions increase along valid tokens
-    x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+    x = protocol.last_token(x, positions)
   logits = model.unembed(x)
-  new_cache = None
-  if cache is not None:
-    n_new = jnp.sum(positions >= 0, axis=-1).astype(jnp.int32)
-    new_cache = cache.replace(segments=tuple(new_segments),
-                              next_position=cache.next_position + n_new)
-  return logits, new_cache, obs_all
+  new_cache = None if cache is None else protocol.advance(cache, new_segments, positions)
+  return logits, new_cache, protocol.depth_order(obs_groups)
