@@ -218,7 +218,7 @@ def _decode_kernel_gpu(lengths_ref, ranges_ref, *refs, source, st: _Static):
   qpos_ref, q_ref = refs[npf], refs[npf + 1]
   in_refs = refs[npf + 2:-2]
   o_ref, lse_ref = refs[-2:]
-  split = pl.program_id(2)
+  head, split = pl.program_id(1), pl.program_id(2)   # outside the loop (interpret mode)
   length = lengths_ref[...]
   a1, n1, a2, n2 = ranges_ref[0], ranges_ref[1], ranges_ref[2], ranges_ref[3]
   start, end = _split_bounds(a1, n1, a2, n2, split, st.num_splits)
@@ -233,8 +233,8 @@ def _decode_kernel_gpu(lengths_ref, ranges_ref, *refs, source, st: _Static):
     first = pl.multiple_of(C.step_to_block(step, a1, n1, a2) * bk, bk)
     slot = first + jnp.arange(bk, dtype=jnp.int32)
     valid = slot < length
-    kb, vb, kpos = source.gpu_block(in_refs, prefetch_refs, first, slot, valid, dpk_pad,
-                                    dpv_pad)
+    kb, vb, kpos = source.gpu_block(in_refs, prefetch_refs, head, first, slot, valid,
+                                    dpk_pad, dpv_pad)
     m, l, accs = _attend_block(q_planes, qpos, kb, vb, kpos[None, :], slot[None, :],
                                valid[:, None], valid[None, :], length, m, l, accs, st,
                                source.v_format)
@@ -458,34 +458,42 @@ def check_inputs(q, k, v, k_lengths, q_positions, k_positions, sink_logits=None)
   C.check_head_dim("value head_dim", v.shape[-1])
 
 
-def exact_part(q, k, v, lengths, q_positions, positions, *, spec: C.MaskSpec, platform: str,
-               interpret, num_warps: int = 4, num_stages: int = 2):
-  """Dense decode over an exact slot set (a residual window, a current chunk): (out, lse)."""
-  b, hkv, s, d = k.shape
-  bk = resolve_block_k(platform, None, s)
-  nkb = C.cdiv(s, bk)
-  source = S.ContiguousKV(S.KVFormat("float"), S.KVFormat("float"), d, v.shape[-1], s)
-  positions = positions.astype(jnp.int32)
-  return decode_with_source(
-      source, (positions, k, v), q, jnp.clip(lengths.astype(jnp.int32), 0, s),
-      q_positions.astype(jnp.int32), k_positions=positions, spec=spec, block_k=bk,
-      num_splits=resolve_splits(platform, None, b, hkv, nkb), platform=platform,
-      interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+def decode(source, arrays, q, k_lengths, q_positions, *, k_positions=None, prefetch=(),
+           exact=None, sink_logits=None, spec: C.MaskSpec, block_k: int, num_splits: int,
+           platform: str, interpret: Any = False, num_warps: int = 4, num_stages: int = 2):
+  """`decode_with_source`, plus exact slots and sink logits: what every entry point runs.
 
+  Args:
+    exact: optional (k [B, Hkv, R, D], v [B, Hkv, R, Dv], positions [B, Hkv, R], lengths
+      [B, Hkv]): slots attended exactly beside the source (a residual window, a current
+      chunk), by the dense source, merged by an exact log-sum-exp combine.
+    sink_logits: optional [Hq] learned sink logits (denominator only).
+    Others: as for `decode_with_source`.
 
-def finish(parts, sink_logits, dtype):
-  """Exact merge of attention over disjoint slot sets, sink logits, cast: (out, lse).
-
-  parts: [(out [B, Hq, T, Dv] float32, lse [B, Hq, T])], one per slot set.
+  Returns:
+    out [B, Hq, T, Dv] in q.dtype, lse [B, Hq, T] float32.
   """
-  if len(parts) == 1:
-    out, lse = parts[0]
-  else:
-    out, lse = C.combine_splits(jnp.stack([p[0] for p in parts], axis=2),
-                                jnp.stack([p[1] for p in parts], axis=2))
+  kw = dict(spec=spec, platform=platform, interpret=interpret, num_warps=num_warps,
+            num_stages=num_stages)
+  out, lse = decode_with_source(source, arrays, q, k_lengths, q_positions,
+                                k_positions=k_positions, prefetch=prefetch, block_k=block_k,
+                                num_splits=num_splits, **kw)
+  if exact is not None:
+    ek, ev, epos, elen = exact
+    b, hkv, r, d = ek.shape
+    bk = resolve_block_k(platform, None, r)
+    nkb = C.cdiv(r, bk)
+    epos = epos.astype(jnp.int32)
+    dense_source = S.ContiguousKV(S.KVFormat("float"), S.KVFormat("float"), d, ev.shape[-1],
+                                  r)
+    o2, l2 = decode_with_source(
+        dense_source, (epos, ek, ev), q, jnp.clip(elen.astype(jnp.int32), 0, r), q_positions,
+        k_positions=epos, block_k=bk, num_splits=resolve_splits(platform, None, b, hkv, nkb),
+        **kw)
+    out, lse = C.combine_splits(jnp.stack([out, o2], axis=2), jnp.stack([lse, l2], axis=2))
   if sink_logits is not None:
     out, lse = C.apply_sink_logits(out, lse, sink_logits)
-  return out.astype(dtype), lse
+  return out.astype(q.dtype), lse
 
 
 @functools.partial(
@@ -538,11 +546,10 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
   k_positions = k_positions.astype(jnp.int32)
   k_lengths = jnp.clip(k_lengths.astype(jnp.int32), 0, s)
   source = S.ContiguousKV(S.KVFormat("float"), S.KVFormat("float"), d, dv, s)
-  part = decode_with_source(source, (k_positions, k, v), q, k_lengths, q_positions,
-                            k_positions=k_positions, spec=spec, block_k=bk,
-                            num_splits=splits, platform=platform, interpret=interpret,
-                            num_warps=num_warps, num_stages=num_stages)
-  out, lse = finish([part], sink_logits, q.dtype)
+  out, lse = decode(source, (k_positions, k, v), q, k_lengths, q_positions,
+                    k_positions=k_positions, sink_logits=sink_logits, spec=spec, block_k=bk,
+                    num_splits=splits, platform=platform, interpret=interpret,
+                    num_warps=num_warps, num_stages=num_stages)
   colsum = None
   if return_colsum:
     colsum = colsum_lib.attention_colsum(

@@ -29,6 +29,7 @@ masked loads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -44,6 +45,59 @@ from pallas_kernels import decode_attention as dec
 DEFAULT_BLOCK_Q = {"tpu": 256, "gpu": 64}
 DEFAULT_BLOCK_K = {"tpu": 512, "gpu": 64}
 _SQ = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseKV:
+  """Dense K/V of the prefill kernels: k [B, Hkv, S, D], v [B, Hkv, S, Dv], any float.
+
+  Supplies the BlockSpecs and turns the loaded block refs into a K block [bk, D] and V
+  block [bk, Dv]. V rows of slots >= length come back as exact zeros (they may hold
+  garbage, or be out of bounds in a partial last block), so 0 * NaN never reaches the
+  accumulator.
+  """
+  head_dim: int
+  head_dim_v: int
+  num_slots: int
+
+  num_arrays = 2
+
+  # TPU: one [block_k, D] block per grid step, chosen by `index(*grid, *prefetch)`
+  # -> (b, h, block).
+  def tpu_in_specs(self, block_k: int, index) -> list[pl.BlockSpec]:
+    def imap(*args):
+      b, h, blk = index(*args)
+      return (b, h, blk, 0)
+    return [pl.BlockSpec((_SQ, _SQ, block_k, self.head_dim), imap),
+            pl.BlockSpec((_SQ, _SQ, block_k, self.head_dim_v), imap)]
+
+  def tpu_load(self, refs, first_slot, length):
+    k_ref, v_ref = refs
+    k = k_ref[...]
+    v = v_ref[...]
+    slot = first_slot + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    v = jnp.where(slot < length, v.astype(jnp.float32), 0.0).astype(v.dtype)
+    return k, v
+
+  # GPU: the whole slot axis of one (b, h) is the block; loads are masked slices.
+  def gpu_in_specs(self, d_pad: int, dv_pad: int, index) -> list[pl.BlockSpec]:
+    def imap(*args):
+      b, h = index(*args)
+      return (b, h, 0, 0)
+    return [pl.BlockSpec((_SQ, _SQ, self.num_slots, d_pad), imap),
+            pl.BlockSpec((_SQ, _SQ, self.num_slots, dv_pad), imap)]
+
+  def gpu_load(self, refs, first_slot, length, block_k: int):
+    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+    k_ref, v_ref = refs
+    d_pad, dv_pad = k_ref.shape[-1], v_ref.shape[-1]
+    rows = (first_slot + jnp.arange(block_k) < length)[:, None]
+    k_mask = rows & (jnp.arange(d_pad) < self.head_dim)[None, :]
+    v_mask = rows & (jnp.arange(dv_pad) < self.head_dim_v)[None, :]
+    sl = pl.ds(first_slot, block_k)
+    k = plgpu.load(k_ref.at[sl, :], mask=k_mask, other=0.0)
+    v = plgpu.load(v_ref.at[sl, :], mask=v_mask, other=0.0)
+    return k, v
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,7 +356,7 @@ def flash_prefill(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=N
                         spec=spec).packed()                     # [B, Hkv, nqb, 4]
   need_lse = return_lse or return_colsum or sink_logits is not None
   out_dtype = jnp.float32 if sink_logits is not None else q.dtype
-  kv = dec.PlainKV(head_dim=d, head_dim_v=dv, num_slots=s)
+  kv = DenseKV(head_dim=d, head_dim_v=dv, num_slots=s)
   if platform == "tpu":
     out, lse = _prefill_tpu(kv, (k, v), q, q_positions, k_positions, k_lengths, ranges,
                             spec=spec, block_q=bq, block_k=bk, out_dtype=out_dtype,

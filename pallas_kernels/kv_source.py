@@ -586,10 +586,12 @@ class ContiguousKV:
         specs += [_whole(a.shape) for a in group]
     return specs
 
-  def gpu_block(self, refs, prefetch_refs, first, slot, valid, dpk_pad: int, dpv_pad: int):
-    """(K Block, V Block, positions [n]) of the slots `slot` (first = slot[0])."""
+  def gpu_block(self, refs, prefetch_refs, head, first, slot, valid, dpk_pad: int,
+                dpv_pad: int):
+    """(K Block, V Block, positions [n]) of the slots `slot` (first = slot[0]) of kv head
+    `head` (the refs are already that (b, h)'s)."""
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    del prefetch_refs
+    del prefetch_refs, head
     kpos_ref, k_refs, v_refs = self._split(refs)
     n = slot.shape[0]
     kpos = plgpu.load(kpos_ref.at[pl.ds(first, n)], mask=valid, other=-1)

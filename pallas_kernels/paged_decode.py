@@ -162,13 +162,15 @@ class PagedKV:
     del dpk_pad, dpv_pad
     return [pl.BlockSpec(a.shape, lambda bi, hi, sp, n=a.ndim: (0,) * n) for a in arrays]
 
-  def gpu_block(self, refs, prefetch_refs, first, slot, valid, dpk_pad: int, dpv_pad: int):
-    """(K Block, V Block, positions [n]) of the logical slots `slot` of this row."""
+  def gpu_block(self, refs, prefetch_refs, head, first, slot, valid, dpk_pad: int,
+                dpv_pad: int):
+    """(K Block, V Block, positions [n]) of the logical slots `slot` of this row, kv head
+    `head`."""
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
     del first
     pt_ref, layer_ref = prefetch_refs
     k_refs, v_refs, pos_ref = self._split(refs)
-    h = pl.program_id(1)
+    h = head
     layer = layer_ref[0]
     lp = lax.div(slot, self.page_size)
     off = slot - lp * self.page_size
@@ -342,15 +344,12 @@ def paged_decode_attention(
                                  "v_zero") if stacked[k] is not None]
   if pos_pages is not None:
     arrays.append(stacked["pos_pages"].astype(jnp.int32))
-  parts = [dense.decode_with_source(
-      source, arrays, q, lengths, q_positions, k_positions=kpos,
-      prefetch=(page_table, layer_index), spec=spec, block_k=bk, num_splits=splits,
-      platform=platform, interpret=interpret, num_warps=num_warps, num_stages=num_stages)]
-  if k_res is not None:
-    parts.append(dense.exact_part(q, k_res, v_res, res_lengths, q_positions, res_positions,
-                                  spec=spec, platform=platform, interpret=interpret,
-                                  num_warps=num_warps, num_stages=num_stages))
-  return dense.finish(parts, sink_logits, q.dtype)
+  exact = None if k_res is None else (k_res, v_res, res_positions, res_lengths)
+  return dense.decode(source, arrays, q, lengths, q_positions, k_positions=kpos,
+                      prefetch=(page_table, layer_index), exact=exact,
+                      sink_logits=sink_logits, spec=spec, block_k=bk, num_splits=splits,
+                      platform=platform, interpret=interpret, num_warps=num_warps,
+                      num_stages=num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "k_bits", "v_bits", "group_size", "scale",

@@ -141,15 +141,11 @@ def quantized_decode_attention(
   source = S.ContiguousKV(kf, vf, d, dv, sq)
   arrays = [k_positions] + [a for a in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
                             if a is not None]
-  parts = [dense.decode_with_source(
-      source, arrays, q, k_lengths, q_positions, k_positions=k_positions, spec=spec,
-      block_k=bk, num_splits=splits, platform=platform, interpret=interpret,
-      num_warps=num_warps, num_stages=num_stages)]
-  if k_res is not None:
-    parts.append(dense.exact_part(q, k_res, v_res, res_lengths, q_positions, res_positions,
-                                  spec=spec, platform=platform, interpret=interpret,
-                                  num_warps=num_warps, num_stages=num_stages))
-  return dense.finish(parts, sink_logits, q.dtype)
+  exact = None if k_res is None else (k_res, v_res, res_positions, res_lengths)
+  return dense.decode(source, arrays, q, k_lengths, q_positions, k_positions=k_positions,
+                      exact=exact, sink_logits=sink_logits, spec=spec, block_k=bk,
+                      num_splits=splits, platform=platform, interpret=interpret,
+                      num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "k_bits", "v_bits", "k_axis", "v_axis",

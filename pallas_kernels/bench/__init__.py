@@ -104,8 +104,7 @@ flags.DEFINE_integer("page_size", None, "Page size for --kernels=paged. Default:
 
 def format_extra_table(rows: Sequence[dict[str, Any]]) -> str:
   """Table of quantized / paged rows (baselines: bf16 or dense decode, xla or jax)."""
-  def f(x, spec):
-    return "n/a" if x is None else format(x, spec)
+  f = harness.fmt
   head = (f"{'kernel':9} {'format':9} {'variant':18} {'B':>3} {'S':>7} {'T':>3} "
           f"{'Hq/Hkv':>7} {'D':>4} {'ms':>9} {'GB/s':>8} {'%peak':>6} {'base':>6} "
           f"{'base ms':>9} {'x base':>6} {'base2':>5} {'base2 ms':>9} {'x base2':>7}")
@@ -193,8 +192,7 @@ def run_benchmarks(argv: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  def f(x, spec):
-    return "n/a" if x is None else format(x, spec)
+  f = harness.fmt
   head = (f"{'kernel':8} {'variant':18} {'B':>3} {'S':>7} {'T':>6} {'Hq/Hkv':>7} {'D':>4} "
           f"{'dtype':9} {'ms':>9} {'GB/s':>8} {'%peak':>6} {'TFLOP/s':>8} {'xla ms':>9} "
           f"{'x xla':>6} {'jax ms':>9} {'x jax':>6}")

@@ -48,6 +48,28 @@ def median_time(fn, args, *, iters: int, warmup: int) -> float:
   return statistics.median(times)
 
 
+def time_baseline(row, key: str, fn, args, *, iters: int, warmup: int) -> None:
+  """Times baseline `key` into row[key + "_ms"] / row[key + "_note"] (fn None: `args`
+  says why it cannot run)."""
+  if fn is None:
+    row[f"{key}_ms"], row[f"{key}_note"] = None, args
+    return
+  t, err = try_time(fn, args, iters=iters, warmup=warmup)
+  row[f"{key}_ms"], row[f"{key}_note"] = (t * 1e3 if t else None), err
+
+
+def add_speedups(row, keys) -> None:
+  """row["speedup_vs_" + key] = baseline time / our time (None without a baseline)."""
+  for key in keys:
+    base = row.get(f"{key}_ms")
+    row[f"speedup_vs_{key}"] = base / row["time_ms"] if base else None
+
+
+def fmt(x, spec: str) -> str:
+  """A table cell: `x` formatted, or n/a."""
+  return "n/a" if x is None else format(x, spec)
+
+
 def try_time(fn, args, **kw):
   try:
     return median_time(fn, args, **kw), None
@@ -139,18 +161,11 @@ def dense_row(kernel, *, jax_baseline, batch, slots, queries, q_heads, kv_heads,
     if memory_bytes and 3 * score_bytes > memory_fraction * memory_bytes:
       row["xla_ms"], row["xla_note"] = None, "scores too big"
     else:
-      t_xla, err = try_time(xla_reference(window), args, iters=iters, warmup=warmup)
-      row["xla_ms"], row["xla_note"] = (t_xla * 1e3 if t_xla else None), err
+      time_baseline(row, "xla", xla_reference(window), args, iters=iters, warmup=warmup)
     try:
       fn, jargs = jax_baseline(inputs, kind, interpret)
     except ImportError as e:
       fn, jargs = None, f"ImportError: {e}"
-    if fn is None:
-      row["jax_ms"], row["jax_note"] = None, jargs
-    else:
-      t_jax, err = try_time(fn, jargs, iters=iters, warmup=warmup)
-      row["jax_ms"], row["jax_note"] = (t_jax * 1e3 if t_jax else None), err
-    for key in ("xla", "jax"):
-      base = row.get(f"{key}_ms")
-      row[f"speedup_vs_{key}"] = base / row["time_ms"] if base else None
+    time_baseline(row, "jax", fn, jargs, iters=iters, warmup=warmup)
+    add_speedups(row, ("xla", "jax"))
   return row

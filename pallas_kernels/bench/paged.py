@@ -97,18 +97,11 @@ def case(*, batch, slots, queries, q_heads, kv_heads, head_dim, dtype, platform,
                  block_q=None, num_splits=None)
     dargs = (dense["q"], dense["k"], dense["v"], dense["k_lengths"], dense["q_positions"],
              dense["k_positions"])
-    t_dense, err = harness.try_time(base, dargs, iters=iters, warmup=warmup)
-    row["dense_ms"], row["dense_note"] = (t_dense * 1e3 if t_dense else None), err
+    harness.time_baseline(row, "dense", base, dargs, iters=iters, warmup=warmup)
     try:
       fn, jargs = _jax_paged_baseline(p, kind, interpret)
     except (ImportError, StopIteration) as e:
       fn, jargs = None, f"{type(e).__name__}: {e}"
-    if fn is None:
-      row["jax_ms"], row["jax_note"] = None, jargs
-    else:
-      t_jax, err = harness.try_time(fn, jargs, iters=iters, warmup=warmup)
-      row["jax_ms"], row["jax_note"] = (t_jax * 1e3 if t_jax else None), err
-    for key in ("dense", "jax"):
-      b_ms = row.get(f"{key}_ms")
-      row[f"speedup_vs_{key}"] = b_ms / row["time_ms"] if b_ms else None
+    harness.time_baseline(row, "jax", fn, jargs, iters=iters, warmup=warmup)
+    harness.add_speedups(row, ("dense", "jax"))
   return row

@@ -164,8 +164,7 @@ def case(name, *, batch, slots, queries, q_heads, kv_heads, head_dim, dtype,
                  block_k=None, block_q=None, num_splits=None)
     dargs = (dense["q"], dense["k"], dense["v"], dense["k_lengths"], dense["q_positions"],
              dense["k_positions"])
-    t_bf16, err = harness.try_time(bf16, dargs, iters=iters, warmup=warmup)
-    row["bf16_ms"], row["bf16_note"] = (t_bf16 * 1e3 if t_bf16 else None), err
+    harness.time_baseline(row, "bf16", bf16, dargs, iters=iters, warmup=warmup)
     deq_bytes = 2 * 4 * batch * kv_heads * slots * head_dim
     if memory_bytes and 2 * deq_bytes > memory_fraction * memory_bytes:
       row["xla_ms"], row["xla_note"] = None, "dequantized copy too big"
@@ -175,9 +174,6 @@ def case(name, *, batch, slots, queries, q_heads, kv_heads, head_dim, dtype,
       def xla(q, kc, ks, vc, vs, n, qpos, kpos, *rest):
         return ref(q, kc, ks, vc, vs, n, q_positions=qpos, k_positions=kpos,
                    **dict(zip(names, rest)))[0]
-      t_xla, err = harness.try_time(xla, args, iters=iters, warmup=warmup)
-      row["xla_ms"], row["xla_note"] = (t_xla * 1e3 if t_xla else None), err
-    for key in ("bf16", "xla"):
-      base = row.get(f"{key}_ms")
-      row[f"speedup_vs_{key}"] = base / row["time_ms"] if base else None
+      harness.time_baseline(row, "xla", xla, args, iters=iters, warmup=warmup)
+    harness.add_speedups(row, ("bf16", "xla"))
   return row
