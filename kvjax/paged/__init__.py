@@ -10,7 +10,7 @@ Everything here is a pure, jittable function over one pytree (`PagedKVCache`); a
 and freeing are array operations on a free *stack*, so a decode step allocates its pages
 inside jit with no host round trip.
 
-Layout (one layer; what the `pallas_kernels` paged decode kernel reads). N pages, P page
+Layout (one layer; what the Pallas paged decode kernel reads). N pages, P page
 size, M max pages per sequence, Hkv kv heads, D / Dv head dims, B rows, S partitions,
 R residual window, G KIVI token group:
 

@@ -1,13 +1,12 @@
 """Attention over a paged pool: the reference path (gather the row's pages into a dense view and
 run `kvjax.attention`), the residual-window path (KIVI rows: the row as it was plus the exact
-chunk), and the fused path through the `pallas_kernels` paged decode kernel.
+chunk), and the fused path through the paged decode kernel (`kvjax.attention.paged_decode`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import jax
 import jax.numpy as jnp
 
 from kvjax import attention as attn_lib
@@ -72,45 +71,32 @@ def _attend_residual(cache, layer, q, k_new, v_new, q_positions, pos_h, spec, *,
   return res, new
 
 
-def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
-                  return_colsum=False, colsum_window=None, return_lse=False):
-  """The pallas_kernels paged decode kernel, reading the pool in place, when spec.backend
-  resolves to "pallas" and the kernel handles the options ("auto": on GPU/TPU; "pallas" on
-  CPU: interpret mode); else None (reference path). Same semantics as the reference:
-  quantized pools are read for the past tokens and the chunk is attended exactly. Pools
-  with a residual window (KIVI) and partitioned pools take the reference path."""
-  del colsum_window
-  on_accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-  if spec.backend == "xla" or return_colsum or (spec.backend == "auto" and not on_accel):
-    return None
-  if old.residual or old.partitions > 1:
-    return None
-  try:
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  quant = old.quant
-  fmt = {} if quant is None else dict(fmt=quant.fmt, k_bits=quant.k_bits, v_bits=quant.v_bits,
-                                      group_size=quant.group_size)
-  if not pallas_kernels.supports_paged(
-      **fmt, head_dim=old.head_dim, head_dim_v=old.v_head_dim, dtype=q.dtype,
-      num_queries=q.shape[2], scale=spec.scale, window=spec.window,
-      sink_tokens=spec.sink_tokens, softcap=spec.softcap):
-    return None
-  meta, extra = new._meta(layer), {}  # pylint: disable=protected-access
+def _kernel_mode(cache, q, spec, *, return_colsum=False, colsum_window=None, **_):
+  """"xla" (the reference paths), "pallas" or "interpret": the paged decode kernel, by the
+  dispatch rule of every cache kind (`kvjax.attention.kernel_backend`). Pools with a
+  residual window (KIVI) or partitions are not read by the kernel."""
+  return attn_lib.kernel_backend(spec, q, layout="paged", quant=cache.quant,
+                                 num_kv_heads=cache.k_pages.shape[-3],
+                                 head_dim_v=cache.v_head_dim,
+                                 residual=bool(cache.residual), partitions=cache.partitions,
+                                 return_colsum=return_colsum, colsum_window=colsum_window)
+
+
+def _fused_attend(old, new, layer, q, k_new, v_new, q_positions, spec, *, interpret,
+                  sink_logits=None, return_lse=False, **_):
+  """The paged decode kernel, reading the pool in place (`_kernel_mode` chose it). Same
+  semantics as the reference: quantized pools are read for the past tokens and the chunk
+  is attended exactly."""
+  meta, exact = new._meta(layer), None  # pylint: disable=protected-access
   lengths = meta["lengths"]
-  if quant is not None:
+  if old.quant is not None:
     dt = jnp.dtype(old.dtype)
     lengths = old._meta(layer)["lengths"]  # pylint: disable=protected-access
-    extra = dict(k_res=k_new.astype(dt), v_res=v_new.astype(dt),
-                 res_positions=_headwise(q_positions, k_new.shape[1]),
-                 res_lengths=jnp.full(lengths.shape, k_new.shape[2], jnp.int32))
-  out, lse = pallas_kernels.paged_attention(
-      q, new.k_pages, new.v_pages, meta["page_table"], lengths, q_positions=q_positions,
-      pos_pages=new.pos_pages, k_scale=new.k_scale, k_zero=new.k_zero, v_scale=new.v_scale,
-      v_zero=new.v_zero, layer=layer, sink_logits=sink_logits, scale=spec.scale,
-      causal=spec.causal, window=spec.window, sink_tokens=spec.sink_tokens,
-      softcap=spec.softcap, interpret=not on_accel, **fmt, **extra)
+    exact = (k_new.astype(dt), v_new.astype(dt), _headwise(q_positions, k_new.shape[1]))
+  out, lse = attn_lib.paged_decode(
+      q, (new.k_pages, new.v_pages, new.k_scale, new.k_zero, new.v_scale, new.v_zero,
+          new.pos_pages), meta["page_table"], lengths, q_positions=q_positions, layer=layer,
+      exact=exact, quant=old.quant, spec=spec, sink_logits=sink_logits, interpret=interpret)
   return attn_lib.AttentionOutput(out, lse if return_lse else None, None)
 
 

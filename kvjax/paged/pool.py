@@ -16,7 +16,8 @@ from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 from kvjax.paged.admission import check_admission, pages_needed
 from kvjax.paged.alloc import _write
-from kvjax.paged.attend import _attend_residual, _fused_attend, _headwise, dense_view
+from kvjax.paged.attend import (_attend_residual, _fused_attend, _headwise, _kernel_mode,
+                                dense_view)
 from kvjax.paged.layout import META_FIELDS, POOL_FIELDS, ROW_FIELDS, _check_quant, _encode
 
 
@@ -331,12 +332,13 @@ class PagedKVCache:
 
   def _attend(self, layer, q, k_new, v_new, q_positions, spec, **kw):
     pos_h = _headwise(q_positions, k_new.shape[1])
-    if self.residual:
+    mode = _kernel_mode(self, q, spec, **kw)
+    if self.residual:  # mode is "xla": the paged kernel reads no residual window
       return _attend_residual(self, layer, q, k_new, v_new, q_positions, pos_h, spec, **kw)
     new, dest = _write(self, layer, k_new, v_new, pos_h)
-    fused = _fused_attend(self, new, layer, q, k_new, v_new, q_positions, spec, **kw)
-    if fused is not None:
-      return fused, new
+    if mode != "xla":
+      return _fused_attend(self, new, layer, q, k_new, v_new, q_positions, spec,
+                           interpret=mode == "interpret", **kw), new
     k, v, pos, lengths = dense_view(new, layer)
     if self.quant is not None:
       # The chunk's own keys/values are used exactly (the past is read decoded).
