@@ -138,6 +138,10 @@ class EvictThenQuantize:
     if self.order == "quantize_first":
       q = quantize_model(model_cache, self.spec, config=config)
       dense = [c.to_dense() if isinstance(c, QuantizedKVCache) else c for c in q.layers()]
+      # KIVI rounds the capacity up: read the tokens back into the input's slots, so that
+      # slot-aligned observations (colsum) still line up with them
+      dense = [d if d.capacity == c.capacity else qc.to_dense(c.capacity, c.k.dtype)
+               for d, qc, c in zip(dense, q.layers(), model_cache.layers())]
       model_cache = cache_lib.ModelCache.from_layers(dense, model_cache.next_position)
     evicted = _press_call(press, model_cache, obs_list, config, room, prompt_length)
     return quantize_model(evicted, self.spec, config=config)
