@@ -5,7 +5,8 @@ r"""Decode step time vs context length for the full (dense) cache: the baseline 
 
 For each context length L the cache is filled to L tokens (capacity L + steps) and the
 jitted single-token decode step is timed (median of --steps runs after a warm-up). Prints
-time per step, tokens/s and the ratio to the shortest context measured in the same run;
+time per step (median, and min-max over the --steps runs), tokens/s and the ratio to the
+shortest context measured in the same run;
 writes results as JSON when --out is set.
 """
 
@@ -64,7 +65,8 @@ def main(argv):
   base = None
   print(f"device={jax.devices()[0].platform} model={FLAGS.model} batch={FLAGS.batch} "
         f"dtype={FLAGS.dtype}")
-  print(f"{'context':>8} {'ms/step':>9} {'tok/s':>9} {'KV MB':>8} {'vs first':>8}")
+  print(f"{'context':>8} {'ms/step':>9} {'min-max ms':>15} {'tok/s':>9} {'KV MB':>8} "
+        f"{'vs first':>8}")
   for ctx in [int(c) for c in FLAGS.contexts]:
     cache = fill_cache(model, FLAGS.batch, ctx, ctx + FLAGS.steps + 2, FLAGS.dtype)
     tok = jnp.ones((FLAGS.batch, 1), jnp.int32)
@@ -80,11 +82,14 @@ def main(argv):
       times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
     base = base or ms
-    row = dict(context=ctx, ms_per_step=ms, tokens_per_s=FLAGS.batch / (ms / 1e3),
-               kv_bytes=cache.nbytes, ratio_vs_first=ms / base)
+    lo, hi = min(times) * 1e3, max(times) * 1e3
+    row = dict(context=ctx, ms_per_step=ms, ms_per_step_min=lo, ms_per_step_max=hi,
+               tokens_per_s=FLAGS.batch / (ms / 1e3), kv_bytes=cache.nbytes,
+               ratio_vs_first=ms / base)
     rows.append(row)
-    print(f"{ctx:>8} {ms:>9.2f} {row['tokens_per_s']:>9.1f} {cache.nbytes / 2**20:>8.1f} "
-          f"{ms / base:>8.2f}x")
+    spread = f"{lo:.2f}-{hi:.2f}"
+    print(f"{ctx:>8} {ms:>9.2f} {spread:>15} {row['tokens_per_s']:>9.1f} "
+          f"{cache.nbytes / 2**20:>8.1f} {ms / base:>8.2f}x")
   if FLAGS.out and jax.process_index() == 0:
     with open(FLAGS.out, "w") as f:
       json.dump(rows, f, indent=2)

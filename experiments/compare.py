@@ -31,8 +31,9 @@ token. Perplexity scores a held-out continuation through the compressed cache.
 Memory is `kvjax.memory.report(cache).total` of the cache that answers the question
 (compressed context + room for question and answer), per sequence, and its factor is
 against a bf16 full cache holding the same tokens. Throughput: prefill tokens/s = context
-tokens / (prefill + compression) seconds, decode tokens/s = batch x single-token steps /
-seconds (`--decode_steps` steps after the question, once per technique and length),
+tokens / (prefill + compression) seconds, decode tokens/s = batch / seconds of one
+single-token step, each of `--decode_steps` steps after the question timed on its own
+(once per technique and length): the median, with the min-max over the steps beside it;
 both measured after compilation.
 
 Outputs in --out_dir: results.jsonl, results.csv, run.json (flags, model, timings) and
@@ -103,7 +104,9 @@ flags.DEFINE_string("kvzip_prompt", KVZIP_PROMPT, "KVzip's repeat instruction, f
 flags.DEFINE_integer("ppl_continuation", 32, "Tokens of held-out text scored after the context.")
 flags.DEFINE_enum("mode", "query_agnostic", list(MODES), "Evaluation protocol (see module doc).")
 flags.DEFINE_integer("batch_size", 3, "Sequences per batch.")
-flags.DEFINE_integer("decode_steps", 4, "Timed single-token decode steps per technique/length.")
+flags.DEFINE_integer("decode_steps", 4, "Timed single-token decode steps per technique/length, "
+                     "each timed on its own: decode tok/s is their median, with their "
+                     "min-max.")
 flags.DEFINE_integer("max_context", 4096, "File tasks: truncate contexts (middle) to this many "
                      "tokens.")
 flags.DEFINE_integer("file_limit", 0, "File tasks: at most this many samples per task (0: all).")
@@ -357,7 +360,7 @@ class Accum:
   prefill_s: dict = dataclasses.field(default_factory=dict)  # (group, shape) -> [seconds]
   compress_s: dict = dataclasses.field(default_factory=dict)  # (label, shape) -> [seconds]
   prefill_group: dict = dataclasses.field(default_factory=dict)  # label -> group index
-  decode: dict = dataclasses.field(default_factory=dict)     # (label, length) -> tokens/s
+  decode: dict = dataclasses.field(default_factory=dict)     # (label, length) -> [tokens/s]
 
 
 def _block(x):
@@ -446,16 +449,18 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
               metrics.score(s.metric, pred, s.answers, **meta), 1.0)
       last_ids = jnp.asarray(timing_tokens(tokenizer, batch.ctx))
       if decode_steps and (label, length_key) not in timing_done:
-        # one untimed step compiles; then decode_steps timed single-token steps
+        # one untimed step compiles; then decode_steps single-token steps, each timed
         lg, c = models.decode(model, last_ids, c, logits="last", backend=backend,
                               check_capacity=False)
         _block(lg)
-        t0 = time.perf_counter()
+        rates = []
         for _ in range(decode_steps):
+          t0 = time.perf_counter()
           lg, c = models.decode(model, last_ids, c, logits="last", backend=backend,
                                 check_capacity=False)
-        _block(lg)
-        acc.decode[(label, length_key)] = b * decode_steps / (time.perf_counter() - t0)
+          _block(lg)
+          rates.append(b / (time.perf_counter() - t0))
+        acc.decode[(label, length_key)] = rates
         timing_done.add((label, length_key))
       del c
       if bar is not None:
@@ -644,13 +649,22 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
       rows.append(dict(mode=mode, technique=t.label, family=t.family, press=t.press,
                        ratio=t.ratio, quant=t.quant, task=task, metric=metric, length=length,
                        depth=depth, n=int(ok.sum()), score=score, kv_bytes=kvb, kv_factor=kvf,
-                       prefill_tok_s=pf, decode_tok_s=acc.decode.get((t.label, length)),
-                       model=model_name))
+                       prefill_tok_s=pf, model=model_name,
+                       **decode_stats(acc.decode.get((t.label, length)))))
   info = {"seconds": time.time() - t_start, "lengths": lengths, "batches": len(plan),
           "prefill_groups": [(str(g[0]), g[1]) for g in groups], "rooms": rooms,
           "predictions": {f"{l}|{i}": p for (l, i), p in list(acc.preds.items())[:2000]
                           if i >= 0}}
   return rows, info
+
+
+def decode_stats(rates: Optional[Sequence[float]]) -> dict:
+  """Row fields of repeated decode timings (tokens/s): decode_tok_s (median),
+  decode_tok_s_min, decode_tok_s_max and decode_repeats; decode_tok_s None without any."""
+  if not rates:
+    return {"decode_tok_s": None}
+  return {"decode_tok_s": statistics.median(rates), "decode_tok_s_min": min(rates),
+          "decode_tok_s_max": max(rates), "decode_repeats": len(rates)}
 
 
 def _prefill_rate(acc: Accum, label: str, length: int) -> Optional[float]:

@@ -13,7 +13,10 @@ A row is one (technique, task, length[, depth]) cell:
                   for question and answer
   kv_factor       kvjax.memory's factor: a bf16 full cache of the same tokens / kv_bytes
   prefill_tok_s   context tokens / (prefill + compression) seconds
-  decode_tok_s    single-token decode steps per second x batch
+  decode_tok_s    batch / seconds of one single-token decode step, the median over the
+                  timed steps; decode_tok_s_min / decode_tok_s_max / decode_repeats (when
+                  present) give their spread and count; the table prints
+                  "median (min-max)"
 
 `write` appends nothing: it rewrites both files from the rows it is given. Its `run.json`
 (when given `meta`) also records `environment()`: backend and device kind, device and
@@ -147,6 +150,16 @@ def _fmt_bytes(n) -> str:
     n /= 1024
 
 
+def _fmt_rate(median, lo=None, hi=None) -> str:
+  """Tokens/s with three significant digits where it is small: "5.12", "(4.80-5.31)"."""
+  if median is None:
+    return "-"
+
+  def f(v):
+    return f"{v:,.0f}" if v >= 100 else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
+  return f(median) + (f" ({f(lo)}-{f(hi)})" if lo is not None and hi is not None else "")
+
+
 def summary(rows: Iterable[Mapping], length: Optional[int] = None) -> list[dict]:
   """One dict per technique: bytes/factor/throughput at `length`, a score per task.
 
@@ -163,14 +176,15 @@ def summary(rows: Iterable[Mapping], length: Optional[int] = None) -> list[dict]
       order.append(t)
       out[t] = {"technique": t, "family": r["family"], "mode": r["mode"], "scores": {},
                 "_needle": [], "kv_bytes": None, "kv_factor": None, "prefill_tok_s": None,
-                "decode_tok_s": None}
+                "decode_tok_s": None, "decode_tok_s_min": None, "decode_tok_s_max": None}
     o = out[t]
     if r["task"] == "needle":
       o["_needle"].append((r["score"], r["n"]))
     elif r["length"] == length:
       o["scores"][r["task"]] = r["score"]
     if r["length"] == length and r.get("kv_bytes") is not None and o["kv_bytes"] is None:
-      for k in ("kv_bytes", "kv_factor", "prefill_tok_s", "decode_tok_s"):
+      for k in ("kv_bytes", "kv_factor", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min",
+                "decode_tok_s_max"):
         o[k] = r.get(k)
   for o in out.values():
     nd = o.pop("_needle")
@@ -194,7 +208,7 @@ def table(rows: Iterable[Mapping], length: Optional[int] = None, title: str = ""
         tasks.append(t)
   tasks.sort(key=lambda t: (is_perplexity(t), t == "needle", t))
   head = ["technique", "KV bytes/seq", "x vs bf16"] + \
-      [(t.replace("perplexity", "ppl") if is_perplexity(t) else t) for t in tasks] + ["prefill tok/s", "decode tok/s"]
+      [(t.replace("perplexity", "ppl") if is_perplexity(t) else t) for t in tasks] + ["prefill tok/s", "decode tok/s (min-max)"]
   lines = []
   for s in summ:
     cells = [s["technique"], _fmt_bytes(s["kv_bytes"]),
@@ -202,9 +216,9 @@ def table(rows: Iterable[Mapping], length: Optional[int] = None, title: str = ""
     for t in tasks:
       v = s["scores"].get(t)
       cells.append("-" if v is None else (f"{v:.2f}" if is_perplexity(t) else f"{100 * v:.1f}"))
-    for k in ("prefill_tok_s", "decode_tok_s"):
-      v = s[k]
-      cells.append("-" if v is None else f"{v:,.0f}")
+    v = s["prefill_tok_s"]
+    cells.append("-" if v is None else f"{v:,.0f}")
+    cells.append(_fmt_rate(s["decode_tok_s"], s["decode_tok_s_min"], s["decode_tok_s_max"]))
     lines.append(cells)
   widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
   fmt = lambda c: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
