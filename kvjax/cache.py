@@ -2,18 +2,33 @@
 
 A cache kind is a registered pytree (flax.struct dataclass) with **static capacity**;
 ragged validity is data: per-slot original `positions` and per-(batch, kv-head)
-`lengths`. Every kind implements:
+`lengths`. Every KV layer cache (`LayerCache`) implements:
 
-  append(k_new, v_new, positions)          -> cache'      write new tokens
-  attend(q, k_new, v_new, q_positions, spec, ...) -> (AttentionOutput, cache')
-  nbytes                                   -> int         exact bytes of every array held
-  capacity                                 -> int         static slot count
-  length                                   -> [B, Hkv]    valid slots (data)
+  append(k_new, v_new, positions, *, layer=None)          -> cache'    write new tokens
+  attend(q, k_new, v_new, q_positions, spec, *, sink_logits=None, return_colsum=False,
+         colsum_window=None, return_lse=False, layer=None) -> (AttentionOutput, cache')
+  check_room(positions)        raises ValueError if appending would overflow (concrete values)
+  materialize()                -> KVView   what attention reads, decompressed
+  to_dense(capacity=None, dtype=None) -> DenseKVCache of the same tokens
+  nbytes                       -> int         exact bytes of every array held
+  capacity                     -> int         static slot count
+  length                       -> [B, Hkv]    valid slots (data)
+  CAPS                         -> Capabilities (class attribute; see `Capabilities`)
+
+`layer=i` runs the same operation on layer i of a cache whose leaves carry a leading layer
+axis (a `ModelCache` segment inside the model's layer scan) and returns the whole stacked
+cache. Kinds with `CAPS.inplace_layer` write layer i's slots in place; for the others the
+shared base (`KVCacheBase`) slices the layer out, runs the operation and writes it back.
 
 Shapes: k [B, Hkv, S, D], v [B, Hkv, S, Dv], positions [B, Hkv, S] (-1 = empty),
 lengths [B, Hkv]. New tokens: k_new [B, Hkv, T, D], positions [B, T] (-1 = padding).
 Valid new tokens may sit anywhere in the chunk (left or right padding); they are packed,
 in order, into the slots after each row's current length.
+
+Recurrent states (kvjax.recurrent) follow a protocol of their own, `RecurrentState`
+(`scan(inputs, positions, **options) -> (outputs, state')`); they share `nbytes`,
+`capacity` (0: no token slots), `length`, `check_room` and `CAPS` with the KV kinds, so both
+ride in one `ModelCache`.
 
 A model's cache is a `ModelCache`: per-layer caches stacked into *scan groups* (a run of
 consecutive layers of identical structure, or a repeating pattern of layers such as Gemma 2's
@@ -27,8 +42,9 @@ Layout rule every cache kind follows: each array leaf of a layer cache is batch-
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Protocol, Sequence
 
 import flax.struct
 import jax
@@ -99,15 +115,11 @@ def write_tokens(bufs, lead, lengths, positions_new, news, capacity):
 
   bufs: arrays [*lead_dims, B, H, S, ...]; lead: indices into the leading dims (e.g.
   (layer,) for a stacked cache); news: [B, H, T, ...] each; positions_new [B, T].
-  Valid tokens are packed in order (padding anywhere in the chunk is skipped). When every
-  row has room for the whole chunk (max(length) + T <= S, the usual case) each row is one
-  contiguous window write, else tokens are scattered one by one and overflow is dropped.
+  Valid tokens are packed in order (padding anywhere in the chunk is skipped); tokens past
+  the capacity are dropped. One token per row is one window write per row, a longer chunk
+  is scattered token by token.
   """
   t = positions_new.shape[-1]
-  if t > capacity:
-    fits = False
-  else:
-    fits = jnp.max(lengths) + t <= capacity
 
   def packed(bufs):
     valid = positions_new >= 0
@@ -131,9 +143,44 @@ def write_tokens(bufs, lead, lengths, positions_new, news, capacity):
     return tuple(buf.at[tuple(lead) + (bi, hi, dest)].set(new.astype(buf.dtype), mode="drop")
                  for buf, new in zip(bufs, news))
 
-  if fits is False:
-    return tokenwise(bufs)
-  return jax.lax.cond(fits, packed, tokenwise, tuple(bufs))
+  news = tuple(stored_as(n, b.dtype) for n, b in zip(news, bufs))
+  # One token per row (decode): the window write is exact even on overflow (the window is
+  # that token, dropped). Longer chunks go token by token. No lax.cond: XLA copies the whole
+  # buffer around a conditional write (for a layer-stacked cache, every layer's).
+  return packed(bufs) if t == 1 else tokenwise(bufs)
+
+
+# XLA:CPU runs a write into (or a slice of) a bfloat16 buffer by converting the whole buffer
+# to float32 and back; for a layer-stacked cache carried through the model's layer scan that
+# is every layer's cache at every layer of every step (a 2K-token decode step took 10x the
+# float32 one). So the scan carries bfloat16 keys and values as their uint16 bits
+# (`to_bits` / `from_bits`, models/transformer.forward): writes store bits (`stored_as`) and
+# attention converts each block it reads (kvjax.attention). A uint16 key/value buffer always
+# holds bfloat16 bits.
+BITS_DTYPE = jnp.uint16
+
+
+def stored_as(new, dtype):
+  """`new` as a buffer of `dtype` stores it: bfloat16 bits for a uint16 buffer."""
+  if jnp.dtype(dtype) == BITS_DTYPE and jnp.issubdtype(new.dtype, jnp.floating):
+    return jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BITS_DTYPE)
+  return new.astype(dtype)
+
+
+def to_bits(layer_cache):
+  """A pressable (dense-layout) cache with bfloat16 k/v as uint16 bits; else unchanged."""
+  if not caps(layer_cache).pressable or layer_cache.k.dtype != jnp.bfloat16:
+    return layer_cache
+  return layer_cache.replace(k=jax.lax.bitcast_convert_type(layer_cache.k, BITS_DTYPE),
+                             v=jax.lax.bitcast_convert_type(layer_cache.v, BITS_DTYPE))
+
+
+def from_bits(layer_cache):
+  """Inverse of `to_bits`."""
+  if not caps(layer_cache).pressable or layer_cache.k.dtype != BITS_DTYPE:
+    return layer_cache
+  return layer_cache.replace(k=jax.lax.bitcast_convert_type(layer_cache.k, jnp.bfloat16),
+                             v=jax.lax.bitcast_convert_type(layer_cache.v, jnp.bfloat16))
 
 
 def check_room(lengths, positions_new, capacity, what="cache"):
@@ -149,8 +196,230 @@ def check_room(lengths, positions_new, capacity, what="cache"):
         "raise `capacity`, or compress with a press / use a window cache")
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """What a cache kind can do, declared once per class as `CAPS` and read through `caps()`.
+
+  Callers branch on these flags, never on a kind's type or on the attributes it happens to
+  have.
+
+  Attributes:
+    pressable: presses (kvjax.presses) score and gather its slots: it holds `k`, `v`,
+      `positions`, `lengths` in DenseKVCache's slot layout. Presses compress exactly the
+      pressable layers of a model and leave every other layer as it is.
+    fixed_size: it holds a bounded number of tokens whatever the sequence length (sliding
+      window rings, recurrent states), so it never overflows.
+    colsum: `attend(..., return_colsum=True)` returns colsum aligned with its slots.
+    inplace_layer: `attend(..., layer=i)` / `append(..., layer=i)` write layer i of a stacked
+      cache in place; without it the shared base slices the layer out and writes it back,
+      so the model scans such a segment as per-layer inputs instead of a carried stack.
+    quantized: stores compressed codes (kvjax.quant); `to_dense()` decompresses them.
+    convertible: `kvjax.quant.quantize` / `convert_layer` accept it (its `to_dense()`
+      gives the tokens exactly as attention reads them).
+    paged: its slots live in a page pool shared by every row (kvjax.paged), which the
+      engine, offload and policies manage through the pool's own functions.
+    recurrent: a `RecurrentState` (no token slots; `scan` instead of `attend`).
+    offloaded: a whole model's cache held in host memory (kvjax.offload HostCache /
+      QuestCache); it has a ModelCache's `next_position`, `batch`, `num_layers`, `nbytes`
+      and `check_room`, and `offload_mode` says how a model runs a step over it.
+  """
+
+  pressable: bool = False
+  fixed_size: bool = False
+  colsum: bool = False
+  inplace_layer: bool = False
+  quantized: bool = False
+  convertible: bool = False
+  paged: bool = False
+  recurrent: bool = False
+  offloaded: bool = False
+
+
+NO_CAPS = Capabilities()
+
+
+def caps(cache) -> Capabilities:
+  """The Capabilities of a layer cache's kind (a kind that declares none has none)."""
+  return getattr(type(cache), "CAPS", NO_CAPS)
+
+
+def is_model_cache(x) -> bool:
+  """Whether x is a ModelCache (a whole model's cache, not one layer's)."""
+  return isinstance(x, ModelCache)
+
+
+def require_model_cache(x, name: str = "cache") -> None:
+  """ValueError naming the argument unless x is a ModelCache."""
+  if not is_model_cache(x):
+    raise ValueError(f"{name} must be a kvjax.cache.ModelCache; got {type(x).__name__}")
+
+
+class KVView(NamedTuple):
+  """What attention reads from a KV layer cache, decompressed (`materialize()`)."""
+
+  k: jax.Array          # [B, Hkv, S, D]
+  v: jax.Array          # [B, Hkv, S, Dv]
+  positions: jax.Array  # [B, Hkv, S] int32, -1 = empty
+  final: jax.Array      # [B, Hkv, S] bool: valid and never rewritten by later appends
+
+
+class LayerCache(Protocol):
+  """The protocol of every KV layer cache kind (see the module docstring for shapes).
+
+  | member | meaning |
+  |---|---|
+  | `append(k_new, v_new, positions, *, layer=None)` | write new tokens after each row's length |
+  | `attend(q, k_new, v_new, q_positions, spec, *, sink_logits, return_colsum, colsum_window, return_lse, layer=None)` | one attention step over past + new tokens: `(AttentionOutput, cache')` |
+  | `check_room(positions)` | ValueError if appending would overflow (concrete values) |
+  | `materialize()` | `KVView` of what attention reads |
+  | `to_dense(capacity=None, dtype=None)` | a DenseKVCache of the same tokens |
+  | `nbytes` | exact bytes of every array held (scales, indices, residuals included) |
+  | `capacity` | static slot count |
+  | `length` | valid slots per (batch, kv head), `[B, Hkv]` int32 |
+  | `head_dims` | (D, Dv): key and value head dims attention reads (decompressed) |
+  | `CAPS` | the kind's `Capabilities` |
+  """
+
+  CAPS: ClassVar[Capabilities]
+
+  def append(self, k_new, v_new, positions_new, *, layer=None) -> "LayerCache": ...
+
+  def attend(self, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
+             return_colsum=False, colsum_window=None, return_lse=False, layer=None): ...
+
+  def check_room(self, positions_new) -> None: ...
+
+  def materialize(self) -> KVView: ...
+
+  def to_dense(self, capacity=None, dtype=None) -> "DenseKVCache": ...
+
+  @property
+  def nbytes(self) -> int: ...
+
+  @property
+  def capacity(self) -> int: ...
+
+  @property
+  def length(self) -> jax.Array: ...
+
+  @property
+  def head_dims(self) -> tuple: ...
+
+
+def take_layer(stacked, layer):
+  """Layer `layer` of a cache whose leaves carry a leading layer axis."""
+  return jax.tree.map(lambda x: x[layer], stacked)
+
+
+def put_layer(stacked, layer, one):
+  """`stacked` with layer `layer` replaced by the unstacked cache `one`."""
+  return jax.tree.map(lambda s, x: s.at[layer].set(x.astype(s.dtype)), stacked, one)
+
+
+class KVCacheBase:
+  """The members every KV layer cache shares, written once.
+
+  A kind implements `_append(k_new, v_new, positions_new)`, `_attend(q, k_new, v_new,
+  q_positions, spec, **options)` on one (unstacked) layer, `materialize()` and `capacity`,
+  and holds `lengths [B, Hkv]`. It gets `append` / `attend` with `layer=` (slice, run,
+  write back; a kind with an in-place path overrides `_append_layer` / `_attend_layer`
+  and sets `CAPS.inplace_layer`), `length`, `nbytes`, `batch`, `kv_heads`, `check_room`
+  and `to_dense` from here.
+  """
+
+  CAPS: ClassVar[Capabilities] = NO_CAPS
+
+  @property
+  def length(self) -> jax.Array:
+    return self.lengths
+
+  @property
+  def nbytes(self) -> int:
+    return tree_nbytes(self)
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[-2]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.lengths.shape[-1]
+
+  @property
+  def head_dims(self) -> tuple:
+    """(D, Dv) of the keys and values attention reads."""
+    return self.k.shape[-1], self.v.shape[-1]
+
+  def check_room(self, positions_new) -> None:
+    """Raises ValueError if appending positions_new [B, T] would overflow (concrete values)."""
+    check_room(self.lengths, positions_new, self.capacity, what=type(self).__name__)
+
+  def append(self, k_new, v_new, positions_new, *, layer=None):
+    """Writes the valid new tokens (positions_new [B, T], -1 = padding) after each row's.
+
+    With `layer`, appends to that layer of a stacked cache and returns the stacked cache.
+    """
+    if layer is None:
+      return self._append(k_new, v_new, positions_new)
+    return self._append_layer(layer, k_new, v_new, positions_new)
+
+  def attend(self, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
+             return_colsum=False, colsum_window=None, return_lse=False, layer=None):
+    """Attends q over the past and the new tokens, then stores the new tokens.
+
+    Args:
+      q: [B, Hq, T, D] queries (RoPE applied).
+      k_new, v_new: [B, Hkv, T, D] / [B, Hkv, T, Dv] the chunk's keys and values.
+      q_positions: [B, T] int32 (-1 = padding).
+      spec: kvjax.attention.AttentionSpec.
+      sink_logits, return_colsum, colsum_window, return_lse: as kvjax.attention.attention.
+      layer: None, or the layer of a stacked cache (leaves [L, B, ...]) to run on.
+
+    Returns:
+      (AttentionOutput, new cache); `colsum` (if asked) is aligned with the new cache's
+      slots. With `layer`, the new cache is the whole stacked cache.
+    """
+    akw = dict(sink_logits=sink_logits, return_colsum=return_colsum,
+               colsum_window=colsum_window, return_lse=return_lse)
+    if layer is None:
+      return self._attend(q, k_new, v_new, q_positions, spec, **akw)
+    return self._attend_layer(layer, q, k_new, v_new, q_positions, spec, **akw)
+
+  def _append_layer(self, layer, k_new, v_new, positions_new):
+    one = take_layer(self, layer)._append(k_new, v_new, positions_new)
+    return put_layer(self, layer, one)
+
+  def _attend_layer(self, layer, q, k_new, v_new, q_positions, spec, **akw):
+    res, one = take_layer(self, layer)._attend(q, k_new, v_new, q_positions, spec, **akw)
+    return res, put_layer(self, layer, one)
+
+  def to_dense(self, capacity=None, dtype=None) -> "DenseKVCache":
+    """A DenseKVCache of the decompressed tokens, packed in slot order (ragged lengths)."""
+    view = self.materialize()
+    valid = view.positions >= 0
+    cap = self.capacity if capacity is None else capacity
+    dest = chunk_destinations(jnp.zeros(valid.shape[:2], jnp.int32),
+                                      jnp.where(valid, view.positions, -1), cap)
+    dt = view.k.dtype if dtype is None else dtype
+    b, h, _, d = view.k.shape
+    dense = DenseKVCache.init(b, h, cap, d, dt, v_head_dim=view.v.shape[-1])
+    return dense.replace(
+        k=scatter_slots(dense.k, dest, view.k),
+        v=scatter_slots(dense.v, dest, view.v),
+        positions=scatter_slots(dense.positions, dest, view.positions),
+        lengths=jnp.minimum(jnp.sum(valid, axis=-1).astype(jnp.int32), cap))
+
+
+def chunk_destinations(lengths, pos, size):
+  """Slot of each valid token after `lengths` [B, H]; pos [B, H, T] (-1 = padding), invalid
+  tokens -> size (dropped)."""
+  valid = pos >= 0
+  rank = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
+  return jnp.where(valid, lengths[..., None] + rank, size)
+
+
 @flax.struct.dataclass
-class DenseKVCache:
+class DenseKVCache(KVCacheBase):
   """Full-precision cache with static capacity and ragged, head-wise validity.
 
   Attributes:
@@ -164,6 +433,9 @@ class DenseKVCache:
   v: jax.Array
   positions: jax.Array
   lengths: jax.Array
+
+  CAPS: ClassVar[Capabilities] = Capabilities(pressable=True, colsum=True, inplace_layer=True,
+                                              convertible=True)
 
   @classmethod
   def init(cls, batch: int, kv_heads: int, capacity: int, head_dim: int,
@@ -183,22 +455,6 @@ class DenseKVCache:
   def capacity(self) -> int:
     return self.k.shape[-2]
 
-  @property
-  def batch(self) -> int:
-    return self.k.shape[0]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.k.shape[1]
-
-  @property
-  def length(self) -> jax.Array:
-    return self.lengths
-
-  @property
-  def nbytes(self) -> int:
-    return tree_nbytes(self)
-
   def valid_mask(self) -> jax.Array:
     """[B, Hkv, S] bool: slot holds a token."""
     slot = jnp.arange(self.capacity, dtype=jnp.int32)
@@ -208,7 +464,17 @@ class DenseKVCache:
     """Raises ValueError if appending positions_new [B, T] would overflow (concrete values)."""
     check_room(self.lengths, positions_new, self.capacity)
 
-  def append(self, k_new, v_new, positions_new) -> "DenseKVCache":
+  def materialize(self) -> KVView:
+    valid = self.valid_mask()
+    return KVView(self.k, self.v, jnp.where(valid, self.positions, -1), valid)
+
+  def to_dense(self, capacity=None, dtype=None) -> "DenseKVCache":
+    """Itself (repacked only when another capacity or dtype is asked for)."""
+    if capacity is None and dtype is None:
+      return self
+    return super().to_dense(capacity, dtype)
+
+  def _append(self, k_new, v_new, positions_new) -> "DenseKVCache":
     """Writes the valid new tokens after each row's current length.
 
     Raises ValueError when concrete lengths would overflow the capacity; under jit the
@@ -222,26 +488,19 @@ class DenseKVCache:
     return self.replace(k=k, v=v, positions=pos,
                         lengths=jnp.minimum(self.lengths + n_new[:, None], self.capacity))
 
-  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
-             sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
-    """Appends the new tokens, then attends q over the whole cache.
-
-    Returns (AttentionOutput, new_cache); `colsum` (if asked) is aligned with new_cache slots.
-    """
-    new = self.append(k_new, v_new, q_positions)
+  def _attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, **akw):
+    """Appends the new tokens, then attends q over the whole cache."""
+    new = self._append(k_new, v_new, q_positions)
     res = attn_lib.attention(q, new.k, new.v, new.lengths, q_positions=q_positions,
-                             k_positions=new.positions, spec=spec, sink_logits=sink_logits,
-                             return_lse=return_lse, return_colsum=return_colsum,
-                             colsum_window=colsum_window)
+                             k_positions=new.positions, spec=spec, **akw)
     return res, new
 
-  # -- stacked (layer-scanned) variants -----------------------------------------------------
+  # -- in-place layer path -------------------------------------------------------------------
   # When a model scans over a segment of layers, the segment's caches are one stacked pytree
   # carried through the scan. Writing the new tokens straight into the stacked arrays at
   # [layer, b, h, slot] keeps the update in place; slicing a layer out, updating it and
   # writing it back would copy the whole layer cache every step (measured ~10x slower).
-  def append_stacked(self, layer, k_new, v_new, positions_new) -> "DenseKVCache":
-    """append() on layer `layer` of a cache whose leaves carry a leading layer axis."""
+  def _append_layer(self, layer, k_new, v_new, positions_new) -> "DenseKVCache":
     cap = self.k.shape[-2]
     lengths = self.lengths[layer]
     pos_b = jnp.broadcast_to(positions_new[:, None, :], k_new.shape[:3])
@@ -253,16 +512,12 @@ class DenseKVCache:
         lengths=self.lengths.at[layer].set(jnp.minimum(lengths + n_new[:, None], cap)),
     )
 
-  def attend_stacked(self, layer, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
-                     return_colsum=False, colsum_window=None, return_lse=False):
-    """attend() on layer `layer` of a stacked cache; returns (AttentionOutput, new stacked)."""
-    new = self.append_stacked(layer, k_new, v_new, q_positions)
+  def _attend_layer(self, layer, q, k_new, v_new, q_positions, spec, **akw):
+    new = self._append_layer(layer, k_new, v_new, q_positions)
     # k/v stay stacked: attention reads the layer's blocks in place (no [B,H,S,D] copy).
     res = attn_lib.attention(q, new.k, new.v, new.lengths[layer],
                              q_positions=q_positions, k_positions=new.positions[layer],
-                             spec=spec, sink_logits=sink_logits, return_lse=return_lse,
-                             return_colsum=return_colsum, colsum_window=colsum_window,
-                             layer=layer)
+                             spec=spec, layer=layer, **akw)
     return res, new
 
 
@@ -441,6 +696,14 @@ class ModelCache:
       return ModelCache.from_layers(new, self.next_position, grouping=self.grouping)
     except ValueError:
       return ModelCache.from_layers(new, self.next_position)
+
+  def pressable_layers(self) -> tuple:
+    """Indices (layer order) of the layers presses compress: kinds with `CAPS.pressable`.
+
+    The one rule for every model: presses compress these layers and leave the others
+    (window rings, recurrent states, latents, quantized or paged layers) as they are.
+    """
+    return tuple(i for i, c in enumerate(self.layer_structs()) if caps(c).pressable)
 
   @property
   def num_layers(self) -> int:

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import cache as cache_lib
 from kvjax import offload
 from kvjax import paged
 from kvjax import policy as policy_lib
@@ -152,7 +153,7 @@ class Engine:
       raise ValueError(f"preemption={preemption!r}; allowed: {self.PREEMPTION}")
     self.model = model
     self.cache = make_cache(max_batch)
-    segs = [s for s in self.cache.segments if isinstance(s, paged.PagedKVCache)]
+    segs = [s for s in self.cache.segments if cache_lib.caps(s).paged]
     if not segs:
       raise ValueError("make_cache must build a ModelCache with PagedKVCache layers")
     geo = {(s.num_pages, s.page_size, s.max_pages, s.partitions, s.residual) for s in segs}
@@ -389,7 +390,7 @@ class Engine:
   @property
   def _probe(self):
     """The first paged entry: every layer sees the same appends, so one answers for all."""
-    return next(s for s in self.cache.segments if isinstance(s, paged.PagedKVCache))
+    return next(s for s in self.cache.segments if cache_lib.caps(s).paged)
 
   def _meta(self, name: str) -> np.ndarray:
     """A table of layer 0 of the probe entry, on the host."""

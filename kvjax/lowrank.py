@@ -107,6 +107,10 @@ class PrunedKeyCache(CompressedCache):
   def kind_label(self) -> str:
     return f"think-{self.k.shape[-1]}/{self.head_dim}"
 
+  @property
+  def head_dims(self) -> tuple:
+    return self.head_dim, self.v.shape[-1]
+
   def _write(self, k_new, v_new, pos):
     k_sel = jnp.take_along_axis(k_new, self.channels[:, :, None, :], axis=-1)
     upd, src = _write_common(self, k_sel, v_new, pos)
@@ -144,7 +148,7 @@ def think_channels(keys, valid, queries, keep: int):
 
 def think_prune(layer_cache, queries, keep: int, capacity: Optional[int] = None) -> PrunedKeyCache:
   """Prunes a dense layer cache's keys to `keep` channels chosen by ThinK's criterion."""
-  dense = layer_cache if isinstance(layer_cache, cache_lib.DenseKVCache) else layer_cache.to_dense()
+  dense = layer_cache.to_dense()
   b, h, s, d = dense.k.shape
   valid = dense.valid_mask()
   ch = think_channels(dense.k, valid, queries, keep)
@@ -220,6 +224,10 @@ class LowRankKVCache(CompressedCache):
     return self.positions.shape[-1]
 
   @property
+  def head_dims(self) -> tuple:
+    return self.head_dim, self.v_head_dim
+
+  @property
   def kind_label(self) -> str:
     s = f"lowrank-k{self.k.shape[-1]}"
     return s + (f"v{self.v.shape[-1]}" if self.v_proj is not None else "")
@@ -240,7 +248,7 @@ class LowRankKVCache(CompressedCache):
 def lowrank_from_dense(layer_cache, k_rank: int, v_rank: Optional[int] = None, *,
                        k_proj=None, v_proj=None, capacity: Optional[int] = None):
   """Converts a dense layer cache; bases are calibrated on its own tokens unless given."""
-  dense = layer_cache if isinstance(layer_cache, cache_lib.DenseKVCache) else layer_cache.to_dense()
+  dense = layer_cache.to_dense()
   valid = dense.valid_mask()
   if k_proj is None:
     k_proj = calibrate_basis(dense.k, valid, k_rank)
@@ -255,7 +263,7 @@ def calibrate_model(model_cache, k_rank: int, v_rank: Optional[int] = None) -> l
   """Per-layer (k_proj, v_proj) bases from a prefilled dense ModelCache (calibration data)."""
   out = []
   for c in model_cache.layers():
-    dense = c if isinstance(c, cache_lib.DenseKVCache) else c.to_dense()
+    dense = c.to_dense()
     valid = dense.valid_mask()
     out.append((calibrate_basis(dense.k, valid, k_rank),
                 None if v_rank is None else calibrate_basis(dense.v, valid, v_rank)))

@@ -85,18 +85,6 @@ def kind_label(cache) -> str:
   return label if isinstance(label, str) else type(cache).__name__
 
 
-def _head_dims(cache):
-  parts = getattr(cache, "parts", None)
-  if parts:
-    return _head_dims(parts[0])
-  d = getattr(cache, "head_dim", None)
-  dv = getattr(cache, "v_head_dim", None)
-  if not isinstance(d, int):
-    d = cache.k.shape[-1]
-  if not isinstance(dv, int):
-    dv = cache.v.shape[-1] if hasattr(cache, "v") else d
-  return d, dv
-
 
 def dense_bf16_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int,
                      v_head_dim: int) -> int:
@@ -186,11 +174,11 @@ class MemoryReport:
 def _layer_row(layer_idx, seg, j, n, seq_per_row: Sequence[int]):
   """Row for layer j of a segment stacked over n layers (n == 0: unstacked)."""
   comps = components(seg, max(n, 1))
-  lengths = np.asarray(seg.length if hasattr(seg, "length") else seg.lengths)
+  lengths = np.asarray(seg.length)
   if n:
     lengths = lengths[j]
   b, h = lengths.shape
-  d, dv = _head_dims(seg)
+  d, dv = seg.head_dims
   tokens = float(lengths.sum() / h)
   cap = seg.capacity
   longest = int(max(seq_per_row)) if len(seq_per_row) else 0

@@ -33,7 +33,7 @@ fixes the bytes per kept token, the press keeps the fraction that fits (set thro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -43,7 +43,7 @@ import numpy as np
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 from kvjax.observation import Observe
-from kvjax.quant.base import KVView
+from kvjax.cache import KVView
 from kvjax.quant.cache import QuantizedKVCache
 from kvjax.quant.model import convert_layer, resolve_spec
 from kvjax.quant.spec import QuantSpec
@@ -137,7 +137,7 @@ class EvictThenQuantize:
     press = self.planned_press(head_dim, config)
     if self.order == "quantize_first":
       q = quantize_model(model_cache, self.spec, config=config)
-      dense = [c.to_dense() if isinstance(c, QuantizedKVCache) else c for c in q.layers()]
+      dense = [c.to_dense() if cache_lib.caps(c).quantized else c for c in q.layers()]
       # KIVI rounds the capacity up: read the tokens back into the input's slots, so that
       # slot-aligned observations (colsum) still line up with them
       dense = [d if d.capacity == c.capacity else qc.to_dense(c.capacity, c.k.dtype)
@@ -155,15 +155,8 @@ def _pad_slots(x, s, fill):
   return jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3), constant_values=fill)
 
 
-def _view_of(c):
-  if hasattr(c, "materialize"):
-    return c.materialize()
-  valid = c.valid_mask()
-  return KVView(c.k, c.v, jnp.where(valid, c.positions, -1), valid)
-
-
 @flax.struct.dataclass
-class HeadSplitCache:
+class HeadSplitCache(cache_lib.KVCacheBase):
   """A layer cache whose kv heads [h_0, h_1), [h_1, h_2), ... are held by separate caches.
 
   Attributes:
@@ -177,6 +170,8 @@ class HeadSplitCache:
   parts: tuple
   heads: tuple = flax.struct.field(pytree_node=False, default=())
 
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(colsum=True)
+
   @classmethod
   def from_parts(cls, parts: Sequence[Any]) -> "HeadSplitCache":
     parts = tuple(parts)
@@ -189,16 +184,12 @@ class HeadSplitCache:
     return min(p.capacity for p in self.parts)
 
   @property
-  def length(self) -> jax.Array:
+  def lengths(self) -> jax.Array:
     return jnp.concatenate([p.length for p in self.parts], axis=-1)
 
   @property
-  def lengths(self) -> jax.Array:
-    return self.length
-
-  @property
-  def nbytes(self) -> int:
-    return cache_lib.tree_nbytes(self)
+  def head_dims(self) -> tuple:
+    return self.parts[0].head_dims
 
   @property
   def kind_label(self) -> str:
@@ -215,17 +206,15 @@ class HeadSplitCache:
 
   def check_room(self, positions_new) -> None:
     for p in self.parts:
-      check = getattr(p, "check_room", None)
-      if check is not None:
-        check(positions_new)
+      p.check_room(positions_new)
 
-  def append(self, k_new, v_new, positions_new) -> "HeadSplitCache":
+  def _append(self, k_new, v_new, positions_new) -> "HeadSplitCache":
     return self.replace(parts=tuple(
         p.append(k_new[:, a:b], v_new[:, a:b], positions_new)
         for p, (a, b) in zip(self.parts, self._bounds())))
 
-  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
-             sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
+  def _attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
+              sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
     g = q.shape[1] // sum(self.heads)
     outs, new = [], []
     for p, (a, b) in zip(self.parts, self._bounds()):
@@ -245,15 +234,14 @@ class HeadSplitCache:
     return res, self.replace(parts=tuple(new))
 
   def materialize(self) -> KVView:
-    views = [_view_of(p) for p in self.parts]
+    views = [p.materialize() for p in self.parts]
     s = max(v.positions.shape[-1] for v in views)
     cat = lambda i, fill: jnp.concatenate(  # noqa: E731
         [_pad_slots(v[i], s, fill) for v in views], axis=1)
     return KVView(cat(0, 0), cat(1, 0), cat(2, -1), cat(3, False))
 
   def to_dense(self, capacity=None, dtype=None):
-    from kvjax.quant.base import CompressedCache  # pylint: disable=import-outside-toplevel
-    return CompressedCache.to_dense(self, capacity or max(p.capacity for p in self.parts), dtype)
+    return super().to_dense(capacity or max(p.capacity for p in self.parts), dtype)
 
 
 def split_heads(layer_cache, groups: Sequence[tuple], *, config=None) -> HeadSplitCache:

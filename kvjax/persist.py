@@ -15,7 +15,7 @@ round trip is bit-exact. The `__metadata__` holds JSON:
   fingerprint  the model-config fingerprint the cache belongs to (kvjax never imports a
                model: the caller passes the string in)
   tree         the pytree structure: for every node its kind (the `module:QualName` of a
-               cache kind, or tuple/list/dict/None), its static fields (window, sink,
+               cache kind, or tuple/list/dict/None), its static fields (n_sink,
                QuantSpec, head dims, scan groups ...) and the tensor name of each array
   summary      human-readable facts: per layer kind, static fields, capacity, nbytes and
                lengths; next_position (original sequence length per row); batch
@@ -242,6 +242,10 @@ class KindSpec:
     static: static field -> type (`Int`, `Str`, `Struct` ...).
     dim_statics: static field -> the dim symbol it must equal (head_dim -> "D").
     check: check(values, statics, dims, fail, where) for the kind's own invariants.
+    upgrade: upgrade(static JSON dict) -> static JSON dict, for files written before a
+      static field was renamed or added (applied before the fields are checked).
+    build: build(**fields) -> instance, used instead of `cls(**fields)` by a kind that
+      older files name and that is now rebuilt as its successor.
   """
 
   cls: type
@@ -249,6 +253,8 @@ class KindSpec:
   static: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dim_statics: Mapping[str, str] = dataclasses.field(default_factory=dict)
   check: Optional[Callable] = None
+  upgrade: Optional[Callable] = None
+  build: Optional[Callable] = None
 
 
 _USER_KINDS: dict[str, KindSpec] = {}
@@ -306,8 +312,9 @@ def _check_slots(values, dims, fail, where, pos="positions", lengths="lengths", 
 
 def _check_window(values, statics, dims, fail, where):
   _check_slots(values, dims, fail, where)
-  if statics["sink"] >= dims["S"]:
-    fail(f"{where}.sink", f"{statics['sink']}; must be < capacity={dims['S']} (window >= 1)")
+  if statics["n_sink"] >= dims["S"]:
+    fail(f"{where}.n_sink", f"{statics['n_sink']}; must be < capacity={dims['S']} "
+         "(window >= 1)")
   total, ln = values["total"], values["lengths"]
   if total.size and total.min() < 0:
     fail(f"{where}.total", f"min {total.min()}; must be >= 0")
@@ -315,11 +322,42 @@ def _check_window(values, statics, dims, fail, where):
     fail(f"{where}.lengths", "must equal min(total, capacity)")
 
 
+def _window_static_upgrade(static):
+  """WindowKVCache files written before the sinks were named n_sink and rings dilated."""
+  if set(static) == {"sink"}:
+    return {"n_sink": static["sink"], "dilation": 1}
+  return static
+
+
 def _check_ring(values, statics, dims, fail, where):
   _check_slots(values, dims, fail, where)
   if dims["S"] != statics["sink_tokens"] + statics["window"]:
     fail(f"{where}.k", f"{dims['S']} slots; sink_tokens + window = "
          f"{statics['sink_tokens'] + statics['window']}")
+
+
+def _ring_as_window(k, v, positions, window, sink_tokens, dilation):
+  """A ring saved by the former RingKVCache (slot chosen by position) as a WindowKVCache.
+
+  Each row's held tokens are packed into slots [0, n) in position order with total = n:
+  the sinks (the smallest positions) come first, and the next write goes to slot
+  n_sink + (n - n_sink) mod window, the oldest ring token's slot once the ring is full --
+  what writing those n tokens in order gives. Works on stacked leaves ([..., B, H, S]).
+  """
+  from kvjax import window as window_lib  # pylint: disable=import-outside-toplevel
+  del window
+  valid = positions >= 0
+  order = np.argsort(np.where(valid, positions, np.iinfo(np.int32).max), axis=-1,
+                     kind="stable")
+  held = np.take_along_axis(valid, order, axis=-1)
+  take = lambda x: np.take_along_axis(x, order[..., None], axis=-2)  # noqa: E731
+  n = valid.sum(axis=-1).astype(np.int32)
+  return window_lib.WindowKVCache(
+      k=np.where(held[..., None], take(k), np.zeros((), k.dtype)),
+      v=np.where(held[..., None], take(v), np.zeros((), v.dtype)),
+      positions=np.where(held, np.take_along_axis(positions, order, axis=-1),
+                         -1).astype(np.int32),
+      lengths=n, total=n, n_sink=sink_tokens, dilation=dilation)
 
 
 def _check_index(values, name, hi, fail, where):
@@ -438,11 +476,8 @@ def _builtin() -> dict[str, KindSpec]:
                                             **slots), check=_check_plain),
       KindSpec(window.WindowKVCache, dict(k=Array((B, H, S, "D")), v=Array((B, H, S, "Dv")),
                                           total=Array((B, H), i32), **slots),
-               static=dict(sink=Int(0)), check=_check_window),
-      KindSpec(recurrent.RingKVCache, dict(k=Array((B, H, S, "D")), v=Array((B, H, S, "Dv")),
-                                           positions=Array((B, H, S), i32)),
-               static=dict(window=Int(1), sink_tokens=Int(0), dilation=Int(1)),
-               check=_check_ring),
+               static=dict(n_sink=Int(0), dilation=Int(1)), check=_check_window,
+               upgrade=_window_static_upgrade),
       KindSpec(qcache.QuantizedKVCache, dict(
           # layout of codes / scales / outliers: rebuilt from the spec in _check_quantized
           k_codes=Array((B, H, "kc", "kc2"), "any"), k_scale=Array((B, H, "ks", "ks2")),
@@ -501,6 +536,13 @@ def _builtin() -> dict[str, KindSpec]:
           outlier_frac=Float(), scale_dtype=Str(formats.SCALE_DTYPES), name=Opt(Str()))),
   })
   _BUILTIN.update({_kind_name(s.cls): s for s in specs})
+  # Files written when sliding-window rings of the retrained families had a kind of their
+  # own: rebuilt as the one ring kind.
+  _BUILTIN["kvjax.recurrent:RingKVCache"] = KindSpec(
+      window.WindowKVCache, dict(k=Array((B, H, S, "D")), v=Array((B, H, S, "Dv")),
+                                 positions=Array((B, H, S), i32)),
+      static=dict(window=Int(1), sink_tokens=Int(0), dilation=Int(1)), check=_check_ring,
+      build=_ring_as_window)
   return _BUILTIN
 
 
@@ -656,6 +698,8 @@ def _decode_kind(node, rd: _Reader, where: str, lead: tuple, expect: Mapping[str
     allowed = ([c.__name__ for c in kinds] if kinds is not None else "a layer cache kind")
     fail(where, f"kind {spec.cls.__name__} is not allowed here (allowed: {allowed})")
   lead = lead or ()
+  if spec.upgrade is not None:
+    node = dict(node, static=spec.upgrade(node["static"]))
   for part, want in (("data", spec.fields), ("static", spec.static)):
     got = set(node[part])
     if got != set(want):
@@ -709,7 +753,7 @@ def _decode_kind(node, rd: _Reader, where: str, lead: tuple, expect: Mapping[str
     if sym in dims and dims[sym] != n:
       fail(where, f"{spec.cls.__name__} has {_SYMBOL_NAMES.get(sym, sym)}={dims[sym]}; the "
            f"model has {n}")
-  return spec.cls(**values, **statics), dims
+  return (spec.build or spec.cls)(**values, **statics), dims
 
 
 _SYMBOL_NAMES = {"H": "kv heads", "D": "head_dim", "Dv": "v_head_dim",
@@ -753,7 +797,7 @@ def _decode(tree, tensors: dict, fail: _Fail, expect: Mapping[str, int]):
   if unused:
     fail("cache", f"tensors {unused[:8]} are not part of the cache tree")
   if top is not None:
-    if not isinstance(out, cache_lib.ModelCache):
+    if not cache_lib.is_model_cache(out):
       fail("cache", f"a {type(out).__name__}; the model needs a ModelCache")
     if out.num_layers != top:
       fail("cache.segment_sizes", f"the cache holds {out.num_layers} layers; the model has "
@@ -770,7 +814,7 @@ def _static_fields(cache) -> dict:
 
 def summary(cache) -> dict:
   """JSON-able facts about a cache: per-layer kind, static fields, capacity, bytes, lengths."""
-  if isinstance(cache, cache_lib.ModelCache):
+  if cache_lib.is_model_cache(cache):
     layers = cache.layers()
     return {
         "num_layers": len(layers), "batch": cache.batch, "nbytes": cache.nbytes,

@@ -1,30 +1,29 @@
-"""Cache kinds for architectures that replace the full KV cache (the retrained families).
+"""Recurrent states and the latent KV cache of the retrained families.
 
-Every kind follows the protocol of `kvjax.cache` (`nbytes`, `capacity`, `length`, and
-`append` / `attend` where they apply), is a registered pytree with static sizes, and so
-rides in a `ModelCache` segment like any KV cache; one generate loop serves them all.
+Recurrent states follow their own written protocol, `RecurrentState`:
 
-Kinds (what they hold; memory as a function of sequence length N):
+  scan(inputs, positions, **options) -> (outputs, state')
+      folds T new tokens into the state and returns one output per token; `inputs` is a
+      tuple of per-token arrays (below), positions [B, T] int32 (-1 = padding: the token
+      leaves the state unchanged), options are the kind's weights and static settings;
+  nbytes, length, check_room (a no-op), capacity == 0 (no token slots: a fixed-size state
+  never runs out of room) and CAPS (`fixed_size`, `recurrent`), shared with the KV kinds
+  (kvjax.cache), so both ride in one `ModelCache` and one generate loop serves them all.
 
-  RingKVCache          O(window)  last `window` tokens (+ `sink_tokens` StreamingLLM sinks,
-                                  Xiao et al., 2023) of a sliding-window layer in a ring
-                                  buffer; with `dilation` d > 1 only the tokens a dilated
-                                  layer can ever see (positions that are multiples of d).
-  LinearAttentionState O(1)       S [B, H, Dk, Dv] of gated linear attention (GLA, Yang et
-                                  al., 2023; RetNet, Sun et al., 2023; Mamba-2 SSD, Dao & Gu,
-                                  2024 -- the SSD recurrence is linear attention with a
-                                  scalar decay, q = C, k = B, v = dt * x).
-  DiagonalState        O(1)       h [B, W] of a diagonal linear recurrence (Griffin's RG-LRU,
-                                  De et al., 2024).
-  ConvState            O(1)       the last K - 1 inputs of a causal depthwise conv1d.
-  ConvRecurrentState   O(1)       a ConvState + a recurrent state (Mamba-2 / Griffin blocks).
-  LatentKVCache        O(N), small  multi-head latent attention (DeepSeek-V2, 2024): the
-                                  compressed c_kv [B, S, r] and the shared RoPE key
-                                  [B, S, d_r]; attention runs in the latent space with the
-                                  up-projections absorbed into the query and the output.
+| kind | state (memory O(1) in sequence length) | scan inputs -> outputs |
+|---|---|---|
+| `LinearAttentionState` | S [B, H, Dk, Dv] of gated linear attention (GLA, Yang et al., 2023, arXiv:2312.06635; RetNet, Sun et al., 2023, arXiv:2307.08621; Mamba-2 SSD, Dao & Gu, 2024, arXiv:2405.21060 -- the SSD recurrence is linear attention with a scalar decay, q = C, k = B, v = dt * x) | (q, k [B,H,T,Dk], v [B,H,T,Dv], log_decay [B,H,T(,Dk)]), spec= -> o [B,H,T,Dv] |
+| `DiagonalState` | h [B, W] of a diagonal linear recurrence (Griffin's RG-LRU, De et al., 2024, arXiv:2402.19427) | (a, x [B,T,W]) -> h [B,T,W] |
+| `ConvState` | the last K - 1 inputs [B, K-1, C] of a causal depthwise conv1d | (x [B,T,C],), w=, b= -> y [B,T,C] |
+| `ConvRecurrentState` | a ConvState + a recurrent state (Mamba-2 / Griffin blocks); the block scans `conv`, then `rec` | -- |
 
-Recurrent states have no token slots: `capacity` is 0 (they never run out of room) and
-`length` is zeros. They are float32 whatever the model dtype (as in recurrentgemma).
+Recurrent states are float32 whatever the model dtype (as in recurrentgemma).
+
+`LatentKVCache` is a KV layer cache (the `kvjax.cache.LayerCache` protocol) of multi-head
+latent attention (DeepSeek-V2, DeepSeek-AI, 2024, arXiv:2405.04434): O(N) but small, the
+compressed c_kv [B, S, r] and the shared RoPE key [B, S, d_r]; attention runs in the latent
+space with the up-projections absorbed into the query and the output. Sliding-window rings
+(with sinks and dilation) are `kvjax.window.WindowKVCache`.
 
 The math of linear attention lives here too, in its two forms:
   * `linear_attention_chunked`: the chunkwise-parallel form (training and prefill; GLA paper
@@ -41,7 +40,7 @@ K conv width, W recurrence width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import ClassVar, Protocol, Union
 
 import flax.struct
 import jax
@@ -52,134 +51,6 @@ from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------------------------
-# Ring-buffer window cache (sliding, sinks, dilated)
-# --------------------------------------------------------------------------------------------
-def dilated_positions(positions, dilation: int, sink_tokens: int = 0):
-  """Positions a dilated layer keeps as keys; others become -1 (invisible).
-
-  A dilated layer (stride `dilation`, absolute phase) sees keys at positions that are
-  multiples of `dilation`, plus the sink tokens. Longformer (Beltagy et al., 2020) dilates
-  relative to each query (k = q - i*d); that pattern touches every residue mod d over a
-  decode, so its cache would need the whole span. With the absolute phase used here (as in
-  the strided pattern of Child et al., 2019) the cache holds only the keys it can see.
-  """
-  if dilation == 1:
-    return positions
-  keep = (positions >= 0) & ((positions % dilation == 0) | (positions < sink_tokens))
-  return jnp.where(keep, positions, -1)
-
-
-@flax.struct.dataclass
-class RingKVCache:
-  """Sliding-window KV cache of exactly `sink_tokens + window` slots (a ring buffer).
-
-  Token at position p is visible to query q iff p <= q and (q - p < window * dilation or
-  p < sink_tokens), and, with dilation d > 1, p % d == 0 or p < sink_tokens. Slots
-  [0, sink_tokens) hold the sinks; slot sink_tokens + (p // d) % window holds the rest.
-
-  Attributes:
-    k: [B, Hkv, S, D] keys (RoPE applied), S = sink_tokens + window.
-    v: [B, Hkv, S, Dv] values.
-    positions: [B, Hkv, S] int32 original position per slot (-1 = empty).
-    window, sink_tokens, dilation: static.
-  """
-
-  k: Array
-  v: Array
-  positions: Array
-  window: int = flax.struct.field(pytree_node=False, default=1)
-  sink_tokens: int = flax.struct.field(pytree_node=False, default=0)
-  dilation: int = flax.struct.field(pytree_node=False, default=1)
-
-  @classmethod
-  def init(cls, batch: int, kv_heads: int, head_dim: int, *, window: int, sink_tokens: int = 0,
-           dilation: int = 1, dtype=jnp.float32, v_head_dim: Optional[int] = None
-           ) -> "RingKVCache":
-    for name, val, lo in (("window", window, 1), ("sink_tokens", sink_tokens, 0),
-                          ("dilation", dilation, 1)):
-      if not isinstance(val, (int, np.integer)) or val < lo:
-        raise ValueError(f"{name}={val!r}; must be an int >= {lo}")
-    s = sink_tokens + window
-    dv = head_dim if v_head_dim is None else v_head_dim
-    return cls(k=jnp.zeros((batch, kv_heads, s, head_dim), dtype),
-               v=jnp.zeros((batch, kv_heads, s, dv), dtype),
-               positions=jnp.full((batch, kv_heads, s), -1, jnp.int32),
-               window=int(window), sink_tokens=int(sink_tokens), dilation=int(dilation))
-
-  @property
-  def capacity(self) -> int:
-    return self.sink_tokens + self.window
-
-  @property
-  def length(self) -> Array:
-    """[B, Hkv] valid slots."""
-    return jnp.sum(self.positions >= 0, axis=-1).astype(jnp.int32)
-
-  @property
-  def nbytes(self) -> int:
-    return cache_lib.tree_nbytes(self)
-
-  def spec(self, **kw) -> attn_lib.AttentionSpec:
-    """The AttentionSpec whose mask this cache implements (extra fields: softcap, backend)."""
-    return attn_lib.AttentionSpec(window=self.window * self.dilation,
-                                  sink_tokens=self.sink_tokens, **kw)
-
-  def _check_spec(self, spec: attn_lib.AttentionSpec):
-    if spec.window != self.window * self.dilation or spec.sink_tokens != self.sink_tokens:
-      raise ValueError(
-          f"spec (window={spec.window}, sink_tokens={spec.sink_tokens}) does not match the ring "
-          f"cache (window*dilation={self.window * self.dilation}, "
-          f"sink_tokens={self.sink_tokens}); build it with cache.spec()")
-
-  def _destinations(self, positions_new):
-    """Slot of each new token [B, T]; tokens that are not kept (or overwritten later in the
-    same chunk, so a scatter never sees two writes to one slot) map to capacity (dropped)."""
-    d, w, s0 = self.dilation, self.window, self.sink_tokens
-    pos = dilated_positions(positions_new, d, s0)
-    sink = (pos >= 0) & (pos < s0)
-    ring = (pos >= s0)
-    j = pos // d
-    last_j = jnp.max(jnp.where(ring, j, -1), axis=-1, keepdims=True)
-    ring &= j > last_j - w
-    dest = jnp.where(sink, pos, jnp.where(ring, s0 + j % w, self.capacity))
-    return dest.astype(jnp.int32)
-
-  def append(self, k_new, v_new, positions_new) -> "RingKVCache":
-    """Writes the new tokens [B, Hkv, T, D] at positions [B, T] (-1 = padding, any place)."""
-    dest = self._destinations(positions_new)
-    dest = jnp.broadcast_to(dest[:, None, :], k_new.shape[:3])
-    pos_b = jnp.broadcast_to(positions_new[:, None, :], dest.shape)
-    return self.replace(k=cache_lib.scatter_slots(self.k, dest, k_new),
-                        v=cache_lib.scatter_slots(self.v, dest, v_new),
-                        positions=cache_lib.scatter_slots(self.positions, dest, pos_b))
-
-  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
-             sink_logits=None, return_lse=False, return_colsum=False, colsum_window=None):
-    """Attends q over (ring + new tokens), then writes the new tokens into the ring.
-
-    The new chunk may be longer than the window: its tokens see each other through the
-    mask before the ring keeps only the last `window`. colsum is not supported (its slots
-    would not line up with the ring's).
-    """
-    self._check_spec(spec)
-    if return_colsum:
-      raise ValueError("RingKVCache.attend: return_colsum=True is not supported")
-    del colsum_window
-    b, hkv = self.k.shape[:2]
-    t = k_new.shape[2]
-    kpos_new = dilated_positions(q_positions, self.dilation, self.sink_tokens)
-    k_all = jnp.concatenate([self.k, k_new.astype(self.k.dtype)], axis=2)
-    v_all = jnp.concatenate([self.v, v_new.astype(self.v.dtype)], axis=2)
-    p_all = jnp.concatenate(
-        [self.positions, jnp.broadcast_to(kpos_new[:, None, :], (b, hkv, t))], axis=2)
-    lengths = jnp.full((b, hkv), self.capacity + t, jnp.int32)
-    res = attn_lib.attention(q, k_all, v_all, lengths, q_positions=q_positions,
-                             k_positions=p_all, spec=spec, sink_logits=sink_logits,
-                             return_lse=return_lse)
-    return res, self.append(k_new, v_new, q_positions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +205,30 @@ def linear_attention(q, k, v, log_a, state, valid=None, *,
   return linear_attention_chunked(q, k, v, log_a, state, valid, chunk_size=spec.chunk_size)
 
 
-class _StateMixin:
-  """Protocol members shared by fixed-size states."""
+class RecurrentState(Protocol):
+  """The protocol of recurrent states (see the module docstring for each kind's inputs)."""
+
+  CAPS: ClassVar[cache_lib.Capabilities]
+
+  def scan(self, inputs: tuple, positions, **options) -> tuple: ...
+
+  def check_room(self, positions_new) -> None: ...
+
+  @property
+  def nbytes(self) -> int: ...
+
+  @property
+  def capacity(self) -> int: ...
+
+  @property
+  def length(self) -> Array: ...
+
+
+class RecurrentStateBase:
+  """The members every recurrent state shares (`RecurrentState` less `scan` and `length`)."""
+
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(fixed_size=True,
+                                                                  recurrent=True)
 
   @property
   def capacity(self) -> int:
@@ -346,9 +239,13 @@ class _StateMixin:
   def nbytes(self) -> int:
     return cache_lib.tree_nbytes(self)
 
+  def check_room(self, positions_new) -> None:
+    """A fixed-size state never overflows."""
+    del positions_new
+
 
 @flax.struct.dataclass
-class LinearAttentionState(_StateMixin):
+class LinearAttentionState(RecurrentStateBase):
   """Fixed-size state of gated linear attention.
 
   Attributes:
@@ -365,21 +262,21 @@ class LinearAttentionState(_StateMixin):
   def length(self) -> Array:
     return jnp.zeros(self.state.shape[:2], jnp.int32)
 
-  def attend(self, q, k_new, v_new, q_positions, spec: LinearAttentionSpec, *, log_decay):
-    """Folds the new tokens into the state and reads it with q.
+  def scan(self, inputs, positions, *, spec: LinearAttentionSpec = LinearAttentionSpec()):
+    """Folds the new tokens into the state and reads it with the queries.
 
     Args:
-      q, k_new: [B, H, T, Dk]; v_new: [B, H, T, Dv].
-      q_positions: [B, T] int32 (-1 = padding: the token leaves the state unchanged).
+      inputs: (q, k [B, H, T, Dk], v [B, H, T, Dv], log_decay [B, H, T] or [B, H, T, Dk]
+        log of the per-step decay, <= 0).
+      positions: [B, T] int32 (-1 = padding: the token leaves the state unchanged).
       spec: LinearAttentionSpec.
-      log_decay: [B, H, T] or [B, H, T, Dk] log of the per-step decay (<= 0).
 
     Returns:
-      (AttentionOutput(out [B, H, T, Dv] float32, None, None), new state).
+      (o [B, H, T, Dv] float32, new state).
     """
-    o, s = linear_attention(q, k_new, v_new, log_decay, self.state, q_positions >= 0,
-                            spec=spec)
-    return attn_lib.AttentionOutput(o, None, None), self.replace(state=s)
+    q, k, v, log_decay = inputs
+    o, s = linear_attention(q, k, v, log_decay, self.state, positions >= 0, spec=spec)
+    return o, self.replace(state=s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +315,7 @@ def diagonal_scan(a, x, h0, valid=None, *, parallel: bool = True):
 
 
 @flax.struct.dataclass
-class DiagonalState(_StateMixin):
+class DiagonalState(RecurrentStateBase):
   """h [B, W] float32 of a diagonal linear recurrence."""
 
   h: Array
@@ -431,8 +328,17 @@ class DiagonalState(_StateMixin):
   def length(self) -> Array:
     return jnp.zeros(self.h.shape[:1] + (1,), jnp.int32)
 
-  def scan(self, a, x, positions):
-    """Runs the recurrence over new tokens (parallel for T > 1); returns (h [B,T,W], state')."""
+  def scan(self, inputs, positions):
+    """Runs the recurrence over new tokens (parallel for T > 1).
+
+    Args:
+      inputs: (a, x [B, T, W]): h_t = a_t * h_{t-1} + x_t.
+      positions: [B, T] int32 (-1 = padding).
+
+    Returns:
+      (h [B, T, W] float32, new state).
+    """
+    a, x = inputs
     h, last = diagonal_scan(a, x, self.h, positions >= 0, parallel=a.shape[1] > 1)
     return h, self.replace(h=last)
 
@@ -465,7 +371,7 @@ def causal_conv1d(x, w, b, state, n_valid=None):
 
 
 @flax.struct.dataclass
-class ConvState(_StateMixin):
+class ConvState(RecurrentStateBase):
   """window [B, K-1, C]: the last K-1 inputs of a causal depthwise conv1d."""
 
   window: Array
@@ -480,8 +386,18 @@ class ConvState(_StateMixin):
   def length(self) -> Array:
     return jnp.zeros(self.window.shape[:1] + (1,), jnp.int32)
 
-  def apply(self, x, w, b, positions):
-    """Convolves new inputs x [B, T, C] (valid tokens first); returns (y, state')."""
+  def scan(self, inputs, positions, *, w, b):
+    """Convolves new inputs (valid tokens first).
+
+    Args:
+      inputs: (x [B, T, C],).
+      positions: [B, T] int32 (-1 = padding).
+      w: [K, C] taps (w[K-1] multiplies the current input); b: [C] bias.
+
+    Returns:
+      (y [B, T, C], new state).
+    """
+    (x,) = inputs
     valid = positions >= 0
     x = jnp.where(valid[..., None], x, 0)
     n_valid = jnp.sum(valid, axis=-1).astype(jnp.int32)
@@ -490,9 +406,9 @@ class ConvState(_StateMixin):
 
 
 @flax.struct.dataclass
-class ConvRecurrentState(_StateMixin):
+class ConvRecurrentState(RecurrentStateBase):
   """A conv window plus a recurrent state (Mamba-2: + LinearAttentionState; Griffin's
-  recurrent block: + DiagonalState)."""
+  recurrent block: + DiagonalState); the block scans `conv`, then `rec`."""
 
   conv: ConvState
   rec: Union[LinearAttentionState, DiagonalState]
@@ -506,12 +422,15 @@ class ConvRecurrentState(_StateMixin):
 # Multi-head latent attention cache
 # --------------------------------------------------------------------------------------------
 @flax.struct.dataclass
-class LatentKVCache:
-  """MLA's compressed cache (DeepSeek-AI, 2024, "DeepSeek-V2"): one latent per token.
+class LatentKVCache(cache_lib.KVCacheBase):
+  """MLA's compressed cache (DeepSeek-AI, 2024, "DeepSeek-V2", arXiv:2405.04434): one
+  latent per token.
 
   Attention runs as multi-query attention over a single latent "kv head": keys are
   [c_kv ; k_rope] (r + d_r channels) and values are c_kv (r channels); the model absorbs
-  W_UK into the query and W_UV into the output, so nothing per head is cached.
+  W_UK into the query and W_UV into the output, so nothing per head is cached. In the
+  `LayerCache` protocol the new keys are k_new [B, 1, T, r + d_r] = [c_kv ; k_rope] and
+  v_new is None (the values are the latents).
 
   Attributes:
     c_kv: [B, S, r] normalised latents.
@@ -524,6 +443,8 @@ class LatentKVCache:
   k_rope: Array
   positions: Array
   lengths: Array
+
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(colsum=True)
 
   @classmethod
   def init(cls, batch: int, capacity: int, latent_dim: int, rope_dim: int,
@@ -549,29 +470,48 @@ class LatentKVCache:
     return self.lengths[..., None]
 
   @property
-  def nbytes(self) -> int:
-    return cache_lib.tree_nbytes(self)
+  def batch(self) -> int:
+    return self.lengths.shape[-1]
+
+  @property
+  def kv_heads(self) -> int:
+    return 1
+
+  @property
+  def head_dims(self) -> tuple:
+    """Keys [c_kv ; k_rope], values c_kv."""
+    return self.latent_dim + self.k_rope.shape[-1], self.latent_dim
 
   def check_room(self, positions_new) -> None:
     cache_lib.check_room(self.lengths[..., None], positions_new, self.capacity,
                          what="latent cache")
 
-  def append(self, c_new, k_rope_new, positions_new) -> "LatentKVCache":
-    """Writes c_new [B, T, r], k_rope_new [B, T, d_r] at positions [B, T] (-1 = padding)."""
-    cache_lib.check_room(self.lengths[..., None], positions_new, self.capacity,
-                         what="latent cache")
+  def materialize(self) -> cache_lib.KVView:
+    """Keys [c_kv ; k_rope] and values c_kv as one kv head."""
+    slot = jnp.arange(self.capacity, dtype=jnp.int32)
+    valid = ((slot < self.lengths[:, None]) & (self.positions >= 0))[:, None]
+    keys = jnp.concatenate([self.c_kv, self.k_rope], axis=-1)[:, None]
+    return cache_lib.KVView(keys, self.c_kv[:, None],
+                            jnp.where(valid, self.positions[:, None], -1), valid)
+
+  def _append(self, k_new, v_new, positions_new) -> "LatentKVCache":
+    """Writes k_new [B, 1, T, r + d_r] = [c_kv ; k_rope] at positions [B, T] (-1 = padding)."""
+    if v_new is not None:
+      raise ValueError("LatentKVCache: v_new must be None (values are the latents)")
+    self.check_room(positions_new)
+    r = self.latent_dim
     dest = cache_lib.pack_destinations(self.lengths[:, None], positions_new, self.capacity)
     n_new = jnp.sum(positions_new >= 0, axis=-1).astype(jnp.int32)
 
     def put(buf, new):
       return cache_lib.scatter_slots(buf[:, None], dest, new[:, None])[:, 0]
 
-    return self.replace(c_kv=put(self.c_kv, c_new), k_rope=put(self.k_rope, k_rope_new),
+    return self.replace(c_kv=put(self.c_kv, k_new[:, 0, :, :r]),
+                        k_rope=put(self.k_rope, k_new[:, 0, :, r:]),
                         positions=put(self.positions, positions_new),
                         lengths=jnp.minimum(self.lengths + n_new, self.capacity))
 
-  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
-             return_lse=False):
+  def _attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, **akw):
     """Appends, then attends absorbed queries over the latents.
 
     Args:
@@ -582,14 +522,11 @@ class LatentKVCache:
       spec: AttentionSpec (set `scale` to the head's (d_nope + d_r) ** -0.5).
 
     Returns:
-      (AttentionOutput(out [B, H, T, r] in latent space, lse?, None), new cache).
+      (AttentionOutput(out [B, H, T, r] in latent space, lse?, colsum?), new cache).
     """
-    if v_new is not None:
-      raise ValueError("LatentKVCache.attend: v_new must be None (values are the latents)")
-    r = self.latent_dim
-    new = self.append(k_new[:, 0, :, :r], k_new[:, 0, :, r:], q_positions)
+    new = self._append(k_new, v_new, q_positions)
     keys = jnp.concatenate([new.c_kv, new.k_rope], axis=-1)[:, None]
     res = attn_lib.attention(q, keys, new.c_kv[:, None], new.lengths[:, None],
                              q_positions=q_positions, k_positions=new.positions[:, None],
-                             spec=spec, return_lse=return_lse)
+                             spec=spec, **akw)
     return res, new

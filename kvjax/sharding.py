@@ -119,7 +119,7 @@ def cache_sharding(cache, mesh: Mesh, *, strict: bool = False):
                                                type(tree).__name__)),
         logical_tree, tree, is_leaf=lambda z: isinstance(z, tuple))
 
-  if isinstance(cache, cache_lib.ModelCache):
+  if cache_lib.is_model_cache(cache):
     segs = tuple(named(_layer_cache_specs(s, layer_axis=True, mesh=mesh), s)
                  for s in cache.segments)
     nxt = NamedSharding(mesh, _fit(("data",), cache.next_position.shape, mesh, strict,

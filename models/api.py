@@ -238,13 +238,14 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
 
 
 def _validate_press(press, cache, prompt_length) -> None:
-  """press.validate() against every layer a press compresses (sliding rings are skipped)."""
+  """press.validate() against every layer a press compresses (`cache.pressable_layers()`)."""
   validate = getattr(press, "validate", None)
   if validate is None:
     return
-  for layer in cache.layer_structs():
-    if not isinstance(layer, WindowKVCache):
-      validate(capacity=layer.capacity, prompt_length=prompt_length, num_layers=cache.num_layers)
+  structs = cache.layer_structs()
+  for i in cache.pressable_layers():
+    validate(capacity=structs[i].capacity, prompt_length=prompt_length,
+             num_layers=cache.num_layers)
 
 
 def _press_fits(press, cache, prompt_length) -> bool:
@@ -338,7 +339,7 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
   checks.live_cache(cache)
   if attention_mask is not None:
     checks.attention_mask(attention_mask, tokens.shape)
-  if isinstance(cache, (offload_lib.HostCache, offload_lib.QuestCache)):
+  if cache_lib.caps(cache).offloaded:
     from models import offload as model_offload  # pylint: disable=import-outside-toplevel
     if observe is not None or press is not None:
       raise ValueError(f"observe= and press= do not apply to a {type(cache).__name__}")
@@ -346,7 +347,7 @@ def decode(model: tfm.Transformer, tokens, cache: cache_lib.ModelCache, *, atten
     positions = tfm.positions_from_mask(tokens, attention_mask, start=cache.next_position)
     return model_offload.decode(model, tokens, positions, cache, logits=logits,
                                 backend=backend, check_capacity=check_capacity)
-  if not isinstance(cache, cache_lib.ModelCache):
+  if not cache_lib.is_model_cache(cache):
     raise ValueError(f"cache must be a kvjax.cache.ModelCache (or a kvjax.offload HostCache / "
                      f"QuestCache); got {type(cache).__name__}")
   protocol.check_logits(logits)

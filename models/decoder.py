@@ -453,18 +453,12 @@ class PressConfig(NamedTuple):
   rope: Any
 
 
-def dense_kv_layers(cache: cache_lib.ModelCache) -> list:
-  """Indices into `cache.layers()` (depth order) of the dense-KV layers presses compress."""
-  return [i for i, c in enumerate(cache.layer_structs())
-          if isinstance(c, cache_lib.DenseKVCache)]
-
-
 def _press_layers(model, press, cache, prompt_length=None) -> list:
   """The dense-KV layers `press` will compress; validates it against each (before any FLOP)."""
   if not callable(getattr(press, "compress_model", None)):
     raise ValueError(f"press={press!r} is not a kvjax press: it has no compress_model(cache, "
                      "observations, config) (see kvjax.presses)")
-  idx = dense_kv_layers(cache)
+  idx = list(cache.pressable_layers())
   if not idx:
     raise ValueError(
         f"press={type(press).__name__}: {type(model.config).__name__} has no dense-KV layer to "
@@ -512,7 +506,7 @@ def apply_press(model: Decoder, press, cache: cache_lib.ModelCache, obs=None, *,
   segments = []
   for entry in cache.entry_layers():
     group = [layers[i] for i in entry]
-    caps = [c.capacity for c in group if isinstance(c, cache_lib.DenseKVCache)]
+    caps = [c.capacity for c in group if cache_lib.caps(c).pressable]
     if caps and len(set(caps)) > 1:
       group = [press_base.pad_room(c, max(caps) - c.capacity) for c in group]
     segments.append(cache_lib.stack(group))
@@ -530,8 +524,7 @@ def decode(model: Decoder, tokens, cache: cache_lib.ModelCache, *, attention_mas
   observations; see `apply_press`) and get `decode_room` free slots each.
   """
   tokens = checks.token_ids(tokens, model.config.vocab_size)
-  if not isinstance(cache, cache_lib.ModelCache):
-    raise ValueError(f"cache must be a kvjax.cache.ModelCache; got {type(cache).__name__}")
+  cache_lib.require_model_cache(cache)
   checks.live_cache(cache)
   if attention_mask is not None:
     checks.attention_mask(attention_mask, tokens.shape)

@@ -107,6 +107,10 @@ def _read_config(cfg_path: str) -> dict:
   return d
 
 
+# Config fields renamed since models were first saved: old name -> current name.
+RENAMED_FIELDS = {"sink_tokens": "n_sink"}
+
+
 def is_decoder_dir(path: str) -> bool:
   """Whether `path` holds a model written by `save`."""
   try:
@@ -143,6 +147,7 @@ def load_config(path: str, dtype=None) -> dec.DecoderConfig:
   kw = d.get("config", {})
   if not isinstance(kw, dict):
     raise ValueError(f"{cfg_path!r}: 'config' must be an object of {cls_name} fields")
+  kw = {RENAMED_FIELDS.get(k, k): v for k, v in kw.items()}
   unknown = sorted(set(kw) - fields)
   if unknown:
     raise ValueError(f"{cfg_path!r}: fields {unknown} unknown to {cls_name}")

@@ -114,7 +114,7 @@ class RGLRUMixer(dec.Mixer):
     u = jnp.einsum("bth,hw->btw", x, p["w_x"]) + p["b_x"]
     conv = (cache.conv if cache is not None else
             rec_lib.ConvState.init(b, self.conv_kernel, self.width, x.dtype))
-    u, conv = conv.apply(u, p["conv_w"], p["conv_b"], positions)
+    u, conv = conv.scan((u,), positions, w=p["conv_w"], b=p["conv_b"])
     uf = u.astype(jnp.float32)
     gate_a = jax.nn.sigmoid(_block_diag(uf, p["w_a"].astype(jnp.float32), p["b_a"]))
     gate_x = jax.nn.sigmoid(_block_diag(uf, p["w_i"].astype(jnp.float32), p["b_i"]))
@@ -129,7 +129,7 @@ class RGLRUMixer(dec.Mixer):
                                    positions >= 0)
       new_cache = None
     else:
-      h, lru = cache.rec.scan(a, xin, positions)
+      h, lru = cache.rec.scan((a, xin), positions)
       new_cache = cache.replace(conv=conv, rec=lru)
     out = (h * y.astype(jnp.float32)).astype(x.dtype)
     return jnp.einsum("btw,wh->bth", out, p["w_o"]), new_cache, shared
@@ -143,7 +143,7 @@ class HybridConfig(dec.DecoderConfig):
     recurrent: "rglru" | "gla".
     recurrent_per_attention: recurrent blocks per local-attention block (Griffin: 2).
     num_heads, num_kv_heads, head_dim, rope_theta: local attention (MQA by default).
-    window, sink_tokens: local attention window and sinks; window=None makes the attention
+    window, n_sink: local attention window and sinks; window=None makes the attention
       block global (a DenseKVCache that grows with the context, which presses can compress).
     lru_width: RG-LRU width (default hidden_size); rglru_blocks: blocks of its gates.
     conv_kernel: temporal conv width of the RG-LRU block.
@@ -157,7 +157,7 @@ class HybridConfig(dec.DecoderConfig):
   head_dim: int = 32
   rope_theta: float = 10000.0
   window: int = 64
-  sink_tokens: int = 0
+  n_sink: int = 0
   lru_width: Optional[int] = None
   rglru_blocks: int = 4
   conv_kernel: int = 4
@@ -183,5 +183,5 @@ class HybridConfig(dec.DecoderConfig):
                             chunk_size=self.chunk_size)
     attn = local.AttentionMixer(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                 head_dim=self.head_dim, rope_theta=self.rope_theta,
-                                window=self.window, sink_tokens=self.sink_tokens)
+                                window=self.window, n_sink=self.n_sink)
     return (rec,) * self.recurrent_per_attention + (attn,)

@@ -119,8 +119,7 @@ class GLAMixer(dec.Mixer):
       state0 = jnp.zeros((b, nh, dk, dv), jnp.float32)
       o, _ = rec_lib.linear_attention(q, k, v, la, state0, positions >= 0, spec=self.spec)
     else:
-      res, cache = cache.attend(q, k, v, positions, self.spec, log_decay=la)
-      o = res.out
+      o, cache = cache.scan((q, k, v, la), positions, spec=self.spec)
     o = tfm.rms_norm(o, p["o_norm"].astype(jnp.float32), self.norm_eps)
     o = o.transpose(0, 2, 1, 3).reshape(b, t, nh * dv).astype(x.dtype)
     o = o * jax.nn.silu(jnp.einsum("bth,hk->btk", x, p["wg"]))

@@ -2,10 +2,10 @@
 interleaving.
 
 * Sliding window (Beltagy et al., 2020; Mistral): a query sees exactly `window` tokens
-  (itself included), plus the first `sink_tokens` tokens of the sequence, the attention
+  (itself included), plus the first `n_sink` tokens of the sequence, the attention
   sinks of StreamingLLM (Xiao et al., 2023), here trained with the model rather than added
-  after the fact. Decode memory is a ring buffer of `sink_tokens + window` slots
-  (`kvjax.recurrent.RingKVCache`), whatever the length.
+  after the fact. Decode memory is a ring buffer of `n_sink + window` slots
+  (`kvjax.window.WindowKVCache`), whatever the length.
 * Dilated window: keys at positions that are multiples of `dilation` within a span of
   `window * dilation` tokens (plus sinks). Where this differs from Longformer: the stride
   has an absolute phase (Child et al., 2019's strided pattern) instead of Longformer's
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
-from kvjax import recurrent as rec_lib
 from kvjax import rope as rope_lib
+from kvjax import window as window_lib
 from models import decoder as dec
 from models import transformer as tfm
 
@@ -45,7 +45,7 @@ class AttentionMixer(dec.Mixer):
     num_heads, num_kv_heads, head_dim: Hq, Hkv, D.
     rope_theta: RoPE base.
     window: None = global (full causal) attention; else the local window W.
-    sink_tokens: attention sinks of a local layer.
+    n_sink: attention sinks of a local layer.
     dilation: stride of a dilated local layer (1 = sliding window).
     share: "own" computes and caches K/V; "reuse" (cross-layer attention) has no K/V
       projections and attends over the K/V of the preceding "own" layer of its repeat.
@@ -56,7 +56,7 @@ class AttentionMixer(dec.Mixer):
   head_dim: int = 32
   rope_theta: float = 10000.0
   window: Optional[int] = None
-  sink_tokens: int = 0
+  n_sink: int = 0
   dilation: int = 1
   share: str = "own"
 
@@ -71,11 +71,11 @@ class AttentionMixer(dec.Mixer):
       raise ValueError(f"head_dim={self.head_dim} must be even (RoPE)")
     if self.window is not None:
       dec.require_int("window", self.window)
-    dec.require_int("sink_tokens", self.sink_tokens, lo=0)
+    dec.require_int("n_sink", self.n_sink, lo=0)
     dec.require_int("dilation", self.dilation)
     dec.require_choice("share", self.share, SHARE_MODES)
-    if self.window is None and (self.sink_tokens or self.dilation != 1):
-      raise ValueError(f"sink_tokens={self.sink_tokens} / dilation={self.dilation} need a "
+    if self.window is None and (self.n_sink or self.dilation != 1):
+      raise ValueError(f"n_sink={self.n_sink} / dilation={self.dilation} need a "
                        "local window (window=None is global attention)")
     if self.share == "reuse" and self.window is not None:
       raise ValueError(f"share='reuse' needs global attention; got window={self.window}")
@@ -96,7 +96,7 @@ class AttentionMixer(dec.Mixer):
     if self.window is None:
       return attn_lib.AttentionSpec(backend=backend)
     return attn_lib.AttentionSpec(window=self.window * self.dilation,
-                                  sink_tokens=self.sink_tokens, backend=backend)
+                                  sink_tokens=self.n_sink, backend=backend)
 
   def init(self, rand, config):
     dt = jnp.dtype(config.dtype)
@@ -114,9 +114,9 @@ class AttentionMixer(dec.Mixer):
     if self.window is None:
       return cache_lib.DenseKVCache.init(batch, self.num_kv_heads, capacity, self.head_dim,
                                          dtype)
-    return rec_lib.RingKVCache.init(batch, self.num_kv_heads, self.head_dim,
-                                    window=self.window, sink_tokens=self.sink_tokens,
-                                    dilation=self.dilation, dtype=dtype)
+    return window_lib.WindowKVCache.init(batch, self.num_kv_heads, self.window, self.head_dim,
+                                         dtype, n_sink=self.n_sink,
+                                         dilation=self.dilation)
 
   def _heads(self, x, w, n, positions):
     b, t, _ = x.shape
@@ -148,13 +148,13 @@ class AttentionMixer(dec.Mixer):
       k = self._heads(x, p["wk"], self.num_kv_heads, positions)
       v = self._heads(x, p["wv"], self.num_kv_heads, None)
       if cache is None:
-        kpos = rec_lib.dilated_positions(positions, self.dilation, self.sink_tokens)
+        kpos = window_lib.dilated_positions(positions, self.dilation, self.n_sink)
         kpos = jnp.broadcast_to(kpos[:, None, :], (b, self.num_kv_heads, t))
         lengths = jnp.full((b, self.num_kv_heads), t, jnp.int32)
         res = attn_lib.attention(q, k, v, lengths, q_positions=positions, k_positions=kpos,
                                  spec=spec)
         shared = (k, v, kpos)
-      elif isinstance(cache, cache_lib.DenseKVCache):
+      elif cache_lib.caps(cache).pressable:
         ob = ctx.observe
         res, cache = cache.attend(q, k, v, positions, spec, return_colsum=ob.colsum,
                                   colsum_window=ob.colsum_window)
@@ -177,7 +177,7 @@ class LocalAttentionConfig(dec.DecoderConfig):
   Attributes:
     num_heads, num_kv_heads, head_dim, rope_theta: attention shape (GQA).
     window: keys per local query (a dilated layer spans window * dilation positions).
-    sink_tokens: attention sinks kept by every local layer.
+    n_sink: attention sinks kept by every local layer.
     dilation: stride of "dilated" local layers.
     local_kinds: kinds of the local slots, cycled ("sliding" | "dilated").
     local_per_global: local layers before each global layer (Gemma 2: 1, Gemma 3: 5);
@@ -189,7 +189,7 @@ class LocalAttentionConfig(dec.DecoderConfig):
   head_dim: int = 32
   rope_theta: float = 10000.0
   window: int = 64
-  sink_tokens: int = 4
+  n_sink: int = 4
   dilation: int = 4
   local_kinds: tuple = ("sliding",)
   local_per_global: Optional[int] = 3
@@ -197,7 +197,7 @@ class LocalAttentionConfig(dec.DecoderConfig):
   def validate(self):
     super().validate()
     dec.require_int("window", self.window)
-    dec.require_int("sink_tokens", self.sink_tokens, lo=0)
+    dec.require_int("n_sink", self.n_sink, lo=0)
     dec.require_int("dilation", self.dilation)
     if not self.local_kinds:
       raise ValueError(f"local_kinds={self.local_kinds!r}; must name at least one kind")
@@ -213,7 +213,7 @@ class LocalAttentionConfig(dec.DecoderConfig):
 
     def local(i):
       kind = self.local_kinds[i % len(self.local_kinds)]
-      return AttentionMixer(window=self.window, sink_tokens=self.sink_tokens,
+      return AttentionMixer(window=self.window, n_sink=self.n_sink,
                             dilation=self.dilation if kind == "dilated" else 1, **base)
 
     if self.local_per_global is None:

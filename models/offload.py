@@ -182,9 +182,6 @@ def decode(model, tokens, positions, cache, *, logits: str = "all", backend: str
   protocol.check_logits(logits)
   if check_capacity:
     cache.check_room(positions)
-  if isinstance(cache, offload.HostCache):
-    return _stream_forward(model, tokens, positions, cache, backend, logits)
-  if isinstance(cache, offload.QuestCache):
+  if cache.offload_mode == offload.QUEST:
     return _quest_forward(model, tokens, positions, cache, backend, logits)
-  raise ValueError(f"cache must be a kvjax.offload HostCache or QuestCache; got "
-                   f"{type(cache).__name__}")
+  return _stream_forward(model, tokens, positions, cache, backend, logits)

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kvjax import cache as cache_lib
 from kvjax import presses as press_lib
 from kvjax.observation import Observe
-from kvjax.presses import base as press_base
 from kvjax.presses import kvzip
 
 
@@ -79,16 +79,16 @@ def reconstruction_scores(model, run, tokens, positions, cache, need: Observe, *
   rec_pos = jnp.pad(rec_pos, ((0, 0), (0, pad)), constant_values=-1)
   layers = cache.layer_structs()
   for i, layer in enumerate(layers):
-    if not press_base.is_ring_window(layer) and not all(
-        hasattr(layer, f) for f in ("k", "positions", "lengths")):
+    kind = cache_lib.caps(layer)
+    if not (kind.pressable or kind.fixed_size):
       raise ValueError(f"KVzip's reconstruction needs dense layer caches; layer {i} is a "
                        f"{type(layer).__name__}")
   # A copy with room for the reconstruction (rings are copied: _run donates its cache).
   work = press_lib.compress_model([None] * cache.num_layers, cache, rooms=n_rec)
   work = work.replace(next_position=jnp.copy(work.next_position), segments=tuple(
-      jax.tree.map(jnp.copy, s) if press_base.is_ring_window(s) else s
+      s if cache_lib.caps(s).pressable else jax.tree.map(jnp.copy, s)
       for s in work.segments))
-  ring = [press_base.is_ring_window(layer) for layer in layers]
+  ring = [not cache_lib.caps(layer).pressable for layer in layers]
   held = cache.layers()
   scores = [None if r else jnp.zeros(layer.positions.shape, jnp.float32)
             for layer, r in zip(held, ring)]

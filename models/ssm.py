@@ -86,7 +86,7 @@ class Mamba2Mixer(dec.Mixer):
     z, xbc = zxbc[..., :e], zxbc[..., e:]
     conv = (cache.conv if cache is not None else
             rec_lib.ConvState.init(b, self.conv_kernel, self.conv_dim, x.dtype))
-    xbc, conv = conv.apply(xbc, p["conv_w"], p["conv_b"], positions)
+    xbc, conv = conv.scan((xbc,), positions, w=p["conv_w"], b=p["conv_b"])
     xbc = jax.nn.silu(xbc)
     xs = xbc[..., :e].reshape(b, t, nh, pd)
     bmat = xbc[..., e:e + g * n].reshape(b, t, g, n)
@@ -104,8 +104,7 @@ class Mamba2Mixer(dec.Mixer):
                                       positions >= 0, spec=spec)
       new_cache = None
     else:
-      res, ssm = cache.rec.attend(q, k, v, positions, spec, log_decay=log_a.transpose(0, 2, 1))
-      y = res.out
+      y, ssm = cache.rec.scan((q, k, v, log_a.transpose(0, 2, 1)), positions, spec=spec)
       new_cache = cache.replace(conv=conv, rec=ssm)
     y = y.transpose(0, 2, 1, 3) + xs.astype(jnp.float32) * p["d_skip"].astype(jnp.float32)[:, None]
     y = y.reshape(b, t, e) * jax.nn.silu(z.astype(jnp.float32))

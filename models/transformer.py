@@ -275,13 +275,15 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
   """One decoder layer. x [B, T, H] -> x, layer_cache', obs dict.
 
   With `layer_index` set, `layer_cache` is a stacked segment cache and the layer updates its
-  own slice in place (`attend_stacked`).
+  own slice in place (`attend(..., layer=layer_index)`).
   """
   c = config
   b, t, _ = x.shape
   q, k, v = layer_qkv(p, x, positions, spec, c)
   want_colsum = observe.colsum
   akw = dict(return_colsum=want_colsum, colsum_window=observe.colsum_window)
+  if observe.lse:
+    akw["return_lse"] = True
   if layer_cache is None:
     # No cache: the chunk attends to itself.
     kpos = jnp.broadcast_to(positions[:, None, :], (b, c.num_kv_heads, t))
@@ -290,7 +292,8 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
                              spec=spec.attn, **akw)
     new_cache = None
   elif layer_index is not None:
-    res, new_cache = layer_cache.attend_stacked(layer_index, q, k, v, positions, spec.attn, **akw)
+    res, new_cache = layer_cache.attend(q, k, v, positions, spec.attn, layer=layer_index,
+                                        **akw)
   else:
     res, new_cache = layer_cache.attend(q, k, v, positions, spec.attn, **akw)
   x = layer_finish(p, x, res.out, c)
@@ -300,6 +303,8 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
   if observe.queries:
     w = observe.queries
     obs["queries"] = _last_queries(q, positions, w)
+    if observe.lse and res.lse is not None:
+      obs["lse"] = _last_queries(res.lse[..., None], positions, w)[..., 0]
   return x, new_cache, obs
 
 
@@ -346,8 +351,9 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
       stacks = (None,) * per
     else:
       stacks = tuple(cache.segments[entry:entry + per])
-    inplace = tuple(s is not None and hasattr(s, "attend_stacked") for s in stacks)
-    carried = tuple(s if ip else None for s, ip in zip(stacks, inplace))
+    inplace = tuple(s is not None and cache_lib.caps(s).inplace_layer for s in stacks)
+    # bfloat16 caches ride the scan as their bits (see kvjax.cache.to_bits).
+    carried = tuple(cache_lib.to_bits(s) if ip else None for s, ip in zip(stacks, inplace))
     scanned = tuple(None if ip else s for s, ip in zip(stacks, inplace))
 
     def body(carry, xs, g_specs=g_specs, inplace=inplace, per=per, a0=a0):
@@ -371,7 +377,8 @@ def forward(model: Transformer, tokens, positions, cache: Optional[cache_lib.Mod
 
     (x, carried), (ys_c, ys_obs) = jax.lax.scan(
         body, (x, carried), (jnp.arange(reps), scanned))
-    new_segments += [carried[j] if inplace[j] else ys_c[j] for j in range(per)]
+    new_segments += [cache_lib.from_bits(carried[j]) if inplace[j] else ys_c[j]
+                     for j in range(per)]
     obs_groups.append((reps, ys_obs))
     entry += per
     a += n

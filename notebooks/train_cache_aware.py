@@ -53,7 +53,7 @@ def config(family, model_kwargs):
 llama = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=16, max_position_embeddings=4096, dtype="float32")
 sliding = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2,
-               num_heads=4, num_kv_heads=2, head_dim=16, window=32, sink_tokens=4,
+               num_heads=4, num_kv_heads=2, head_dim=16, window=32, n_sink=4,
                local_per_global=None)
 trained = {}
 for family, kw in (("llama", llama), ("sliding", sliding)):

@@ -6,7 +6,7 @@ per-page key bounds on the device, the top-k pages per (row, kv head) fetched ea
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -16,7 +16,7 @@ import numpy as np
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
 from kvjax.offload.placement import to_host
-from kvjax.offload.stream import HostCache
+from kvjax.offload.spec import QUEST
 from kvjax.offload.swap import HostCopy, swap_in
 
 
@@ -216,6 +216,9 @@ class QuestCache:
   top_k: int = flax.struct.field(pytree_node=False, default=4)
   keep_last: bool = flax.struct.field(pytree_node=False, default=True)
 
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(offloaded=True)
+  offload_mode: ClassVar[str] = QUEST  # a step fetches each layer's top-k pages
+
   @classmethod
   def from_layers(cls, layers: Sequence[Any], next_position, *, page_size: int, room: int,
                   top_k: int, keep_last: bool = True, kind: Optional[str] = None
@@ -225,7 +228,7 @@ class QuestCache:
     for i, c in enumerate(layers):
       if isinstance(c, HostCopy):
         c = swap_in(c)
-      if not isinstance(c, cache_lib.DenseKVCache):
+      if not cache_lib.caps(c).pressable:  # DenseKVCache's slot layout
         raise ValueError(f"layer {i} is a {type(c).__name__}; Quest offload pages "
                          "DenseKVCache layers only (build the cache with window_cache=False "
                          "and no quantized kinds)")
@@ -240,7 +243,7 @@ class QuestCache:
   @classmethod
   def from_model_cache(cls, cache, **kw) -> "QuestCache":
     """From a ModelCache or a HostCache (then one layer at a time is on the device)."""
-    layers = cache.layers if isinstance(cache, HostCache) else cache.layers()
+    layers = cache.layers if cache_lib.caps(cache).offloaded else cache.layers()
     return cls.from_layers(layers, cache.next_position, **kw)
 
   @property

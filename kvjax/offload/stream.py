@@ -5,7 +5,7 @@ whole cache held this way between forward passes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import flax.struct
 import jax
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from kvjax import cache as cache_lib
 from kvjax.offload.placement import to_device, to_host
+from kvjax.offload.spec import STREAM
 from kvjax.offload.swap import HostCopy, swap_in, swap_out
 
 
@@ -85,6 +86,9 @@ class HostCache:
   layers: tuple
   next_position: jax.Array
   prefetch: int = flax.struct.field(pytree_node=False, default=1)
+
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(offloaded=True)
+  offload_mode: ClassVar[str] = STREAM  # a step streams every layer through the device
 
   @classmethod
   def from_layers(cls, layers: Sequence[Any], next_position, *, compress: Optional[str] = None,

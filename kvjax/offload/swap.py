@@ -117,7 +117,7 @@ class SwappedRows:
 
 
 def _segments(cache):
-  if isinstance(cache, paged_lib.PagedKVCache):
+  if cache_lib.caps(cache).paged:
     return [cache]
   return list(cache.segments)
 
@@ -148,7 +148,7 @@ def swap_out_rows(cache, rows: Sequence[int], *, compress: Optional[str] = None)
   segs = _segments(cache)
   pages, lengths = [], []
   for seg in segs:
-    if not isinstance(seg, paged_lib.PagedKVCache):
+    if not cache_lib.caps(seg).paged:
       pages.append(None)
       lengths.append(None)
       continue
@@ -157,7 +157,7 @@ def swap_out_rows(cache, rows: Sequence[int], *, compress: Optional[str] = None)
     n = max(int(held.max(initial=0)), 1)
     pages.append(swap_out(_gather_rows(s, jnp.asarray(rows), n), compress=compress))
     lengths.append(np.asarray(s.lengths[:, rows]))
-  if isinstance(cache, paged_lib.PagedKVCache):
+  if cache_lib.caps(cache).paged:
     out = SwappedRows(pages, lengths, None)
     return out, paged_lib.release(cache, rows)
   out = SwappedRows(pages, lengths, np.asarray(cache.next_position)[rows])
@@ -213,7 +213,7 @@ def swap_in_rows(cache, swapped: SwappedRows, rows: Sequence[int]):
     data = swap_in(pages)
     new = _restore_rows(s, jnp.asarray(rows), jnp.asarray(lens), data)
     new_segs.append(new if seg.stacked else jax.tree.map(lambda x: x[0], new))
-  if isinstance(cache, paged_lib.PagedKVCache):
+  if cache_lib.caps(cache).paged:
     return new_segs[0]
   nxt = cache.next_position.at[rows].set(jnp.asarray(swapped.next_position))
   return cache.replace(segments=tuple(new_segs), next_position=nxt)

@@ -67,11 +67,11 @@ def model_cache_fn(init_cache: Callable, config, *, num_pages: int, page_size: i
 
 
 def _paged_segments(mc: cache_lib.ModelCache):
-  return [isinstance(s, PagedKVCache) for s in mc.segments]
+  return [cache_lib.caps(s).paged for s in mc.segments]
 
 
 def _map_paged(mc, fn):
-  segs = tuple(fn(s) if isinstance(s, PagedKVCache) else s for s in mc.segments)
+  segs = tuple(fn(s) if cache_lib.caps(s).paged else s for s in mc.segments)
   return mc.replace(segments=segs)
 
 
@@ -90,7 +90,7 @@ def fork_rows(mc: cache_lib.ModelCache, src, dst, n_tokens=None) -> cache_lib.Mo
   dst = jnp.atleast_1d(jnp.asarray(dst, jnp.int32))
   n = None if n_tokens is None else jnp.broadcast_to(jnp.asarray(n_tokens, jnp.int32), src.shape)
   # Validate concretely (cheap checks on indices), then run jitted.
-  probe = next(sg for sg in mc.segments if isinstance(sg, PagedKVCache))
+  probe = next(sg for sg in mc.segments if cache_lib.caps(sg).paged)
   _check_fork_rows(src, dst, mc.batch, probe.partitions)
   return _fork_model(mc, src, dst, n)
 
@@ -129,7 +129,7 @@ def split_rows(mc: cache_lib.ModelCache, rows):
   """
   subs, rests = [], []
   for s in mc.segments:
-    if not isinstance(s, PagedKVCache) or s.partitions != 1:
+    if not cache_lib.caps(s).paged or s.partitions != 1:
       raise ValueError("split_rows needs a ModelCache whose segments are all single-partition "
                        f"PagedKVCaches; got {type(s).__name__}")
     ax = 1 if s.stacked else 0
@@ -168,24 +168,24 @@ def release_rows(mc: cache_lib.ModelCache, rows) -> cache_lib.ModelCache:
 
 def pages_in_use(mc) -> np.ndarray:
   """Pages in use per layer ([L] int, layer order) of a ModelCache (or of one PagedKVCache)."""
-  if isinstance(mc, PagedKVCache):
+  if cache_lib.caps(mc).paged:
     return np.atleast_1d(np.asarray(mc.pages_in_use))
   out = np.zeros((mc.num_layers,), np.int64)
   for seg, layers in zip(mc.segments, mc.entry_layers()):
-    if isinstance(seg, PagedKVCache):
+    if cache_lib.caps(seg).paged:
       out[layers] = np.atleast_1d(np.asarray(seg.pages_in_use))
   return out
 
 
 def overflowed(mc) -> bool:
   """Whether any append on any paged layer was dropped for lack of pages (sticky flag)."""
-  segs = [mc] if isinstance(mc, PagedKVCache) else mc.segments
-  return any(bool(np.any(np.asarray(s.overflow))) for s in segs if isinstance(s, PagedKVCache))
+  segs = [mc] if cache_lib.caps(mc).paged else mc.segments
+  return any(bool(np.any(np.asarray(s.overflow))) for s in segs if cache_lib.caps(s).paged)
 
 
 @jax.jit
 def _to_dense_model(mc):
-  layers = [c.to_dense() if isinstance(c, PagedKVCache) else c for c in mc.layers()]
+  layers = [c.to_dense() if cache_lib.caps(c).paged else c for c in mc.layers()]
   return cache_lib.ModelCache.from_layers(layers, mc.next_position, grouping=mc.grouping)
 
 
@@ -193,7 +193,7 @@ def _to_dense_model(mc):
 def _repage_model(mc, dense_mc, rows):
   new = []
   for c, d in zip(mc.layers(), dense_mc.layers()):
-    if isinstance(c, PagedKVCache):
+    if cache_lib.caps(c).paged:
       c = repage(c, d.k, d.v, d.positions, d.lengths, rows)
     new.append(c)
   return cache_lib.ModelCache.from_layers(new, mc.next_position, grouping=mc.grouping)

@@ -5,7 +5,7 @@ protocol (`append`, `attend`, `nbytes`, `capacity`, `length`) over them.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.struct
 import jax
@@ -26,12 +26,12 @@ _static = lambda default=None: flax.struct.field(pytree_node=False, default=defa
 
 # -- the pytree -----------------------------------------------------------------------------
 @flax.struct.dataclass
-class PagedKVCache:
+class PagedKVCache(cache_lib.KVCacheBase):
   """One layer's paged cache (layout and semantics in the module docstring).
 
   Build with `PagedKVCache.init`; in a model, with `layer_factory` + `models.init_cache`.
-  Implements the kvjax cache protocol (append / attend / nbytes / capacity / length /
-  check_room, and the in-place stacked variants used when a model scans its layers).
+  Implements the kvjax cache protocol (`kvjax.cache.LayerCache`), with an in-place path for
+  `layer=` (the model's layer scan updates the stacked pool in place).
   """
 
   k_pages: jax.Array
@@ -56,6 +56,9 @@ class PagedKVCache:
   v_head_dim: int = _static()
   dtype: str = _static("float32")
   quant: Any = _static()
+
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(
+      colsum=True, inplace_layer=True, paged=True)
 
   # Component of each field in memory reports (kvjax.memory); quantized pools hold codes in
   # k_pages / v_pages but are reported under "kv" (the dict is per class).
@@ -304,33 +307,27 @@ class PagedKVCache:
     pos_h = jnp.broadcast_to(pos[:, None, :], (pos.shape[0], self.kv_heads, pos.shape[1]))
     check_admission(self, pos_h)
 
-  def append(self, k_new, v_new, positions_new) -> "PagedKVCache":
+  def _append(self, k_new, v_new, positions_new) -> "PagedKVCache":
     """Writes the valid new tokens (positions_new [B, T], -1 = padding) after each row's."""
     self.check_room(positions_new)
     return _write(self, None, k_new, v_new, _headwise(positions_new, k_new.shape[1]))[0]
 
-  def append_stacked(self, layer, k_new, v_new, positions_new) -> "PagedKVCache":
+  def _append_layer(self, layer, k_new, v_new, positions_new) -> "PagedKVCache":
     """append() on layer `layer` of a stacked cache, updating the pool in place."""
     return _write(self, layer, k_new, v_new, _headwise(positions_new, k_new.shape[1]))[0]
 
-  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
-             sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
+  def _attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, **kw):
     """Appends the chunk, then attends q over the row's pages (gathered to a dense view).
 
     Returns (AttentionOutput, new_cache); colsum is aligned with `to_dense()` slots.
     """
     self.check_room(q_positions)
-    return self._attend(None, q, k_new, v_new, q_positions, spec, sink_logits=sink_logits,
-                        return_colsum=return_colsum, colsum_window=colsum_window,
-                        return_lse=return_lse)
+    return self._attend_pool(None, q, k_new, v_new, q_positions, spec, **kw)
 
-  def attend_stacked(self, layer, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
-                     return_colsum=False, colsum_window=None, return_lse=False):
-    return self._attend(layer, q, k_new, v_new, q_positions, spec, sink_logits=sink_logits,
-                        return_colsum=return_colsum, colsum_window=colsum_window,
-                        return_lse=return_lse)
+  def _attend_layer(self, layer, q, k_new, v_new, q_positions, spec, **kw):
+    return self._attend_pool(layer, q, k_new, v_new, q_positions, spec, **kw)
 
-  def _attend(self, layer, q, k_new, v_new, q_positions, spec, **kw):
+  def _attend_pool(self, layer, q, k_new, v_new, q_positions, spec, **kw):
     pos_h = _headwise(q_positions, k_new.shape[1])
     mode = _kernel_mode(self, q, spec, **kw)
     if self.residual:  # mode is "xla": the paged kernel reads no residual window
@@ -348,8 +345,19 @@ class PagedKVCache:
                              spec=spec, **kw)
     return res, new
 
-  def to_dense(self, dtype=None) -> cache_lib.DenseKVCache:
+  @property
+  def head_dims(self) -> tuple:
+    return self.head_dim, self.v_head_dim
+
+  def materialize(self) -> cache_lib.KVView:
+    k, v, pos, lengths = dense_view(self)
+    valid = (jnp.arange(pos.shape[-1]) < lengths[..., None]) & (pos >= 0)
+    return cache_lib.KVView(k, v, jnp.where(valid, pos, -1), valid)
+
+  def to_dense(self, capacity=None, dtype=None) -> cache_lib.DenseKVCache:
     """The rows as a DenseKVCache of capacity `capacity` (slot s = logical s)."""
+    if capacity is not None:
+      return super().to_dense(capacity, dtype)
     k, v, pos, lengths = dense_view(self)
     dt = k.dtype if dtype is None else dtype
     return cache_lib.DenseKVCache(k=k.astype(dt), v=v.astype(dt), positions=pos,

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from kvjax import cache as cache_lib
 from kvjax.paged.model import _repage_model, to_dense
-from kvjax.paged.pool import PagedKVCache
 from kvjax.paged.rows import _rows_mask
 
 
@@ -23,9 +22,9 @@ def check_press(press, model_cache) -> None:
   Presses gather slots of `DenseKVCache` layers; on paged layers they run through
   `PagedPress` (which compacts a dense view and re-pages what is kept).
   """
-  if isinstance(press, PagedPress) or not hasattr(model_cache, "layer_structs"):
+  if isinstance(press, PagedPress) or not cache_lib.is_model_cache(model_cache):
     return
-  if any(isinstance(c, PagedKVCache) for c in model_cache.layer_structs()):
+  if any(cache_lib.caps(c).paged for c in model_cache.layer_structs()):
     raise ValueError(
         f"press={type(press).__name__} works on dense KV layers, but the cache has "
         "PagedKVCache layers; wrap it as kvjax.paged.PagedPress(press) (PagedModel does "

@@ -119,8 +119,8 @@ def layer_fractions(pipeline: AdaptivePipeline, model_cache: cache_lib.ModelCach
   t = int(np.max(np.asarray(model_cache.next_position))) if tokens is None else int(tokens)
   fr = []
   for layer in out.layer_structs():
-    b, h = layer.lengths.shape if hasattr(layer, "lengths") else layer.length.shape
-    d, dv = memory._head_dims(layer)  # pylint: disable=protected-access
+    b, h = layer.length.shape
+    d, dv = layer.head_dims
     fr.append(cache_lib.tree_nbytes(layer) / memory.dense_bf16_bytes(b, h, t, d, dv))
   return np.asarray(fr)
 

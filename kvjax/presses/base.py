@@ -81,11 +81,11 @@ def check_nonneg_int(name: str, value: int, minimum: int = 0) -> None:
 
 
 def check_layer_cache(press, cache) -> None:
-  for f in ("k", "v", "positions", "lengths"):
-    if not hasattr(cache, f):
-      raise ValueError(
-          f"{type(press).__name__} works on layer caches with k, v, positions, lengths "
-          f"(kvjax.cache.DenseKVCache); got {type(cache).__name__}")
+  if not cache_lib.caps(cache).pressable:
+    raise ValueError(
+        f"{type(press).__name__} works on layer caches with k, v, positions, lengths "
+        f"(kinds with CAPS.pressable, e.g. kvjax.cache.DenseKVCache); got "
+        f"{type(cache).__name__}")
 
 
 def require_observations(press, obs: dict, cache) -> None:
@@ -116,7 +116,7 @@ def next_positions(cache, obs: dict) -> jax.Array:
   """[B] position of the next token: obs['next_position'] or max slot position + 1."""
   if obs.get("next_position") is not None:
     return jnp.asarray(obs["next_position"], jnp.int32)
-  valid = cache.valid_mask() if hasattr(cache, "valid_mask") else cache.positions >= 0
+  valid = valid_slots(cache)
   return (jnp.max(jnp.where(valid, cache.positions, -1), axis=(1, 2)) + 1).astype(jnp.int32)
 
 
@@ -359,9 +359,7 @@ def compress_model(layer_presses: Sequence[Optional[Press]], model_cache, obs_li
                    config: Any = None, *, rooms: int | Sequence[int] = 0,
                    prompt_length: Optional[int] = None, return_obs: bool = False):
   """Applies layer_presses[i] (None = identity) to layer i; validates, then one jit call."""
-  if not isinstance(model_cache, cache_lib.ModelCache):
-    raise ValueError(f"model_cache must be a kvjax.cache.ModelCache; got "
-                     f"{type(model_cache).__name__}")
+  cache_lib.require_model_cache(model_cache, "model_cache")
   n = model_cache.num_layers
   num_layers = getattr(config, "num_layers", n) if config is not None else n
   if num_layers != n:
@@ -389,8 +387,8 @@ _PRIVATE_OBS = ("next_position", "layer_index")
 
 
 def _compress_one(press, layer, obs, ctx):
-  if is_ring_window(layer):
-    c, o = layer, obs  # already bounded: sliding-window rings are left as they are
+  if not cache_lib.caps(layer).pressable:
+    c, o = layer, obs  # presses compress pressable kinds only (ModelCache.pressable_layers)
   elif press is None:
     c, o = pad_room(layer, ctx.room), pad_obs_room(obs, ctx.room)
   else:
@@ -419,10 +417,10 @@ def _segment_layers(model_cache):
 
 
 def validate_layers(layer_presses, model_cache, prompt_length=None) -> None:
-  """Static checks of each layer's press against that layer's capacity (rings skipped)."""
+  """Static checks of each layer's press against that layer's capacity (pressable layers)."""
   n = model_cache.num_layers
   for seg, idxs in _segment_layers(model_cache):
-    if is_ring_window(seg):
+    if not cache_lib.caps(seg).pressable:
       continue
     cap = seg.positions.shape[-1]
     for i in idxs:
@@ -469,11 +467,6 @@ def _compress_model_jit(layer_presses, rooms, num_layers, rope, model_cache, obs
     new_layers.append(c)
     new_obs.append(o)
   return regroup_like(model_cache, new_layers), new_obs
-
-
-def is_ring_window(layer) -> bool:
-  """A sliding-window ring cache (kvjax.window.WindowKVCache): fixed size, not pressed."""
-  return hasattr(layer, "total") and hasattr(layer, "window")
 
 
 def regroup_like(model_cache, new_layers):

@@ -36,8 +36,8 @@ from kvjax.presses import base
 def _any_full(model_cache) -> jax.Array:
   full = jnp.zeros((), bool)
   for seg in model_cache.segments:
-    if base.is_ring_window(seg):
-      continue  # rings never fill up
+    if not cache_lib.caps(seg).pressable:
+      continue  # left as they are by presses (rings never fill up)
     cap = seg.positions.shape[-1]
     full = full | jnp.any(seg.lengths >= cap)
   return full

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import attention as attn_lib
+from kvjax import cache as cache_lib
 from kvjax.observation import Observe
 from kvjax.presses import base, registry
 from kvjax.presses.adakv import AdaKVPress
@@ -115,7 +116,7 @@ def reconstruction_max_attention(scores, model_cache, queries, q_positions, cont
   qpos = aligned_query_positions(q_positions, w)
   for e, idxs in base._entries(model_cache):  # pylint: disable=protected-access
     seg = model_cache.segments[e]
-    if base.is_ring_window(seg) or scores[idxs[0]] is None:
+    if not cache_lib.caps(seg).pressable or scores[idxs[0]] is None:
       continue
     spec = specs[idxs[0]]
     q = jnp.stack([queries[i] for i in idxs])

@@ -9,8 +9,9 @@ A compressed kind implements
   materialize() -> KVView
       what attention reads, decompressed: k [B,Hkv,S,D], v, positions (-1 = empty), and
       `final` (slots whose content will never change again: a residual window is not final);
-  capacity, nbytes (from the arrays), lengths [B,Hkv];
-and gets from `CompressedCache`: append, attend, check_room, length, to_dense.
+  capacity, lengths [B,Hkv];
+and gets `append` / `attend` (with `layer=`), `check_room`, `length`, `nbytes`, `to_dense`
+from `CompressedCache` and the protocol's shared base (kvjax.cache.KVCacheBase).
 
 Attention semantics (reference path): `attend` reads the cache as it was, decompressed,
 plus the current chunk's own keys/values exactly, and then stores the chunk; this is what a
@@ -21,20 +22,13 @@ compressed. So prefill logits are exact and each decode step sees its own token 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
-
-
-class KVView(NamedTuple):
-  k: jax.Array          # [B, Hkv, S, D]
-  v: jax.Array          # [B, Hkv, S, Dv]
-  positions: jax.Array  # [B, Hkv, S] int32, -1 = empty
-  final: jax.Array      # [B, Hkv, S] bool: valid and never rewritten by later appends
+from kvjax.cache import KVView, chunk_destinations  # noqa: F401  (re-exported)
 
 
 def round_up(n: int, m: int) -> int:
@@ -47,13 +41,6 @@ def headwise_positions(positions_new, kv_heads):
   return jnp.broadcast_to(positions_new[:, None, :], (b, kv_heads, t))
 
 
-def chunk_destinations(lengths, pos, size):
-  """Slot of each valid chunk token after `lengths` [B,H]; invalid -> size (dropped)."""
-  valid = pos >= 0
-  rank = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
-  return jnp.where(valid, lengths[..., None] + rank, size)
-
-
 def gather_slots(x, idx):
   """x [B,H,S,...] at idx [B,H,R] -> [B,H,R,...] (idx clipped into range)."""
   idx = jnp.clip(idx, 0, x.shape[2] - 1)
@@ -61,41 +48,20 @@ def gather_slots(x, idx):
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * extra), axis=2)
 
 
-class CompressedCache:
-  """Mixin: the cache protocol for kinds that implement `_write` and `materialize`."""
+class CompressedCache(cache_lib.KVCacheBase):
+  """Base of the kinds that implement `_write` and `materialize` (see module docstring)."""
 
-  @property
-  def length(self) -> jax.Array:
-    return self.lengths
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(colsum=True,
+                                                                  convertible=True)
 
-  @property
-  def nbytes(self) -> int:
-    return cache_lib.tree_nbytes(self)
-
-  @property
-  def batch(self) -> int:
-    return self.lengths.shape[-2]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.lengths.shape[-1]
-
-  def check_room(self, positions_new) -> None:
-    """Raises ValueError if appending positions_new [B, T] would overflow (concrete values)."""
-    cache_lib.check_room(self.lengths, positions_new, self.capacity,
-                         what=type(self).__name__)
-
-  def append(self, k_new, v_new, positions_new):
+  def _append(self, k_new, v_new, positions_new):
     """Stores the valid new tokens (positions_new [B, T], -1 = padding) after each row's."""
     self.check_room(positions_new)
     return self._write(k_new, v_new, headwise_positions(positions_new, k_new.shape[1]))[0]
 
-  def attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
-             sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
-    """Attends q over the decompressed cache plus the exact chunk, then stores the chunk.
-
-    Returns (AttentionOutput, new_cache); colsum (if asked) is aligned with new_cache slots.
-    """
+  def _attend(self, q, k_new, v_new, q_positions, spec: attn_lib.AttentionSpec, *,
+              sink_logits=None, return_colsum=False, colsum_window=None, return_lse=False):
+    """Attends q over the decompressed cache plus the exact chunk, then stores the chunk."""
     self.check_room(q_positions)
     pos_new = headwise_positions(q_positions, k_new.shape[1])
     past = self.materialize()
@@ -113,19 +79,3 @@ class CompressedCache:
       colsum = jnp.where(src >= 0, jnp.take_along_axis(res.colsum, jnp.maximum(src, 0), -1), 0.)
       res = res._replace(colsum=colsum)
     return res, new
-
-  def to_dense(self, capacity=None, dtype=None) -> cache_lib.DenseKVCache:
-    """A DenseKVCache of the decompressed tokens, packed in slot order (ragged lengths)."""
-    view = self.materialize()
-    valid = view.positions >= 0
-    cap = self.capacity if capacity is None else capacity
-    dest = chunk_destinations(jnp.zeros(valid.shape[:2], jnp.int32),
-                              jnp.where(valid, view.positions, -1), cap)
-    dt = view.k.dtype if dtype is None else dtype
-    b, h, _, d = view.k.shape
-    dense = cache_lib.DenseKVCache.init(b, h, cap, d, dt, v_head_dim=view.v.shape[-1])
-    return dense.replace(
-        k=cache_lib.scatter_slots(dense.k, dest, view.k),
-        v=cache_lib.scatter_slots(dense.v, dest, view.v),
-        positions=cache_lib.scatter_slots(dense.positions, dest, view.positions),
-        lengths=jnp.minimum(jnp.sum(valid, axis=-1).astype(jnp.int32), cap))

@@ -39,7 +39,7 @@ Sq + R with Sq a multiple of G, and any sequence of appends that fits it succeed
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import flax.struct
 import jax
@@ -112,6 +112,9 @@ class QuantizedKVCache(CompressedCache):
   v_head_dim: int = _static()
   dtype: str = _static()
 
+  CAPS: ClassVar[cache_lib.Capabilities] = cache_lib.Capabilities(
+      colsum=True, quantized=True, convertible=True)
+
   # Component of each field in memory reports (kvjax.memory).
   BYTE_CATEGORIES = {
       "k_codes": "codes", "v_codes": "codes", "k_scale": "scales", "v_scale": "scales",
@@ -169,6 +172,10 @@ class QuantizedKVCache(CompressedCache):
   @property
   def kind_label(self) -> str:
     return self.spec.label
+
+  @property
+  def head_dims(self) -> tuple:
+    return self.head_dim, self.v_head_dim
 
   # -- protocol --------------------------------------------------------------------------
   @property
@@ -275,9 +282,9 @@ class QuantizedKVCache(CompressedCache):
       final = jnp.concatenate([final, jnp.zeros_like(self.res_positions, bool)], axis=-1)
     return KVView(k, v, pos, final)
 
-  def attend(self, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
-             return_colsum=False, colsum_window=None, return_lse=False):
-    """CompressedCache.attend, or the fused quantized decode kernel when
+  def _attend(self, q, k_new, v_new, q_positions, spec, *, sink_logits=None,
+              return_colsum=False, colsum_window=None, return_lse=False):
+    """CompressedCache._attend, or the fused quantized decode kernel when
     `kvjax.attention.kernel_backend` (the dispatch rule of every cache kind) picks it: it
     attends straight from the codes (the quantized region, plus the residual window and
     the exact chunk merged by log-sum-exp), with the same semantics.
@@ -290,9 +297,9 @@ class QuantizedKVCache(CompressedCache):
                                    head_dim_v=self.v_head_dim, return_colsum=return_colsum,
                                    colsum_window=colsum_window)
     if mode == "xla":
-      return super().attend(q, k_new, v_new, q_positions, spec, sink_logits=sink_logits,
-                            return_colsum=return_colsum, colsum_window=colsum_window,
-                            return_lse=return_lse)
+      return super()._attend(q, k_new, v_new, q_positions, spec, sink_logits=sink_logits,
+                             return_colsum=return_colsum, colsum_window=colsum_window,
+                             return_lse=return_lse)
     self.check_room(q_positions)
     pos_new = headwise_positions(q_positions, k_new.shape[1])
     new, _ = self._write(k_new, v_new, pos_new)
@@ -312,7 +319,7 @@ class QuantizedKVCache(CompressedCache):
 
 def quantize(layer_cache, spec: QuantSpec, *, capacity: Optional[int] = None,
              dtype=None) -> QuantizedKVCache:
-  """Converts a layer cache (DenseKVCache, or any kind with `to_dense`) to `spec`.
+  """Converts a layer cache (any kind with `CAPS.convertible`) to `spec`.
 
   The valid tokens (head-wise lengths and positions allowed, e.g. after eviction) are
   written in slot order, exactly as if they had been appended to an empty cache.
@@ -323,13 +330,10 @@ def quantize(layer_cache, spec: QuantSpec, *, capacity: Optional[int] = None,
     capacity: token capacity of the result (default: the source's capacity).
     dtype: residual/output dtype (default: the source's key dtype).
   """
-  src = layer_cache
-  if not isinstance(src, cache_lib.DenseKVCache):
-    to_dense = getattr(src, "to_dense", None)
-    if to_dense is None:
-      raise ValueError(f"cannot quantize a {type(src).__name__}: it is neither a DenseKVCache "
-                       "nor has to_dense()")
-    src = to_dense()
+  if not cache_lib.caps(layer_cache).convertible:
+    raise ValueError(f"cannot quantize a {type(layer_cache).__name__}: its kind is not "
+                     "convertible (CAPS.convertible: dense and compressed KV kinds)")
+  src = layer_cache.to_dense()
   if src.k.ndim != 4:
     raise ValueError(f"quantize expects one layer's cache (k of rank 4); got k {src.k.shape} "
                      "(use kvjax.quant.quantize_model for a ModelCache)")

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from kvjax import cache as cache_lib
 from kvjax.observation import Observe
 from kvjax.quant import spec as spec_lib
-from kvjax.quant.base import CompressedCache
 from kvjax.quant.cache import QuantizedKVCache, quantize
 from kvjax.quant.spec import QuantSpec
 
@@ -88,10 +87,6 @@ def init_model_cache(config, batch: int, capacity, kinds, *, dtype=None) -> cach
   return cache_lib.ModelCache.from_layers(layers, jnp.zeros((batch,), jnp.int32))
 
 
-def _is_convertible(layer) -> bool:
-  return isinstance(layer, (cache_lib.DenseKVCache, CompressedCache))
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "capacity"))
 def _quantize_jit(layer, spec, capacity):
   return quantize(layer, spec, capacity=capacity)
@@ -104,7 +99,7 @@ def convert_layer(layer, kind, *, room: int = 0, config=None):
   they are: their size is already bounded.
   """
   kind = resolve_spec(kind, config)
-  if kind is None or not _is_convertible(layer):
+  if kind is None or not cache_lib.caps(layer).convertible:
     return layer
   if isinstance(kind, QuantSpec):
     return _quantize_jit(layer, kind, layer.capacity + room)

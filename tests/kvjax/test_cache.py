@@ -124,7 +124,7 @@ def test_chunk_writes_match_a_slot_by_slot_reference(stacked, start, t):
           slot += 1
   if stacked:
     st_cache = jax.tree.map(lambda x: jnp.stack([x, x]), cache)
-    new = jax.jit(lambda c: c.append_stacked(1, k_new, v_new, pos))(st_cache)
+    new = jax.jit(lambda c: c.append(k_new, v_new, pos, layer=1))(st_cache)
     new = jax.tree.map(lambda x: x[1], new)
   else:
     new = jax.jit(lambda c: c.append(k_new, v_new, jnp.asarray(pos)))(cache)

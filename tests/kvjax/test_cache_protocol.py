@@ -5,8 +5,7 @@ To put a new kind under this suite, add one entry to `KINDS`: a factory
 |read back - expected| a token may show for N(0, 1) data (0 for exact kinds), and, for kinds
 that drop information by design (pruned channels, low rank), `expect(cache, b, h, k, v)`
 giving what a token should read back as.
-A kind is read back through `materialize()` (kvjax.quant.base.KVView) when it has one, or
-as a DenseKVCache otherwise.
+A kind is read back through `materialize()` (kvjax.cache.KVView), which every kind has.
 
 Properties (Given a kind / When tokens are appended or attended / Then ...):
   * empty at init, capacity >= requested, nbytes == bytes of the arrays actually held;
@@ -16,7 +15,13 @@ Properties (Given a kind / When tokens are appended or attended / Then ...):
   * attend == reference attention over the decompressed past + the exact current chunk,
     colsum aligned with the returned cache's slots;
   * rows that see nothing give finite zeros (lse = -1e30);
-  * jit == eager, pytree round trip, stacking into a ModelCache.
+  * jit == eager, pytree round trip, stacking into a ModelCache;
+  * `attend(..., layer=i)` / `append(..., layer=i)` on a stacked cache == the unstacked call,
+    other layers untouched;
+  * capabilities: every kind (these, window rings, recurrent states, the latent cache)
+    declares the `Capabilities` listed in `CAPS` below, and each flag holds (colsum comes
+    back, presses accept or refuse it, quantize accepts or refuses it, fixed-size kinds never
+    overflow).
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvjax import attention as A
-from kvjax import lowrank, mixed, quant
-from kvjax.cache import DenseKVCache, ModelCache, tree_nbytes
+from kvjax import lowrank, mixed, quant, recurrent
+from kvjax.paged import PagedKVCache
+from kvjax.cache import Capabilities, DenseKVCache, ModelCache, caps, stack, tree_nbytes
+from kvjax.presses.streaming_llm import StreamingLLMPress
 from kvjax.rope import RopeConfig
+from kvjax.window import WindowKVCache
 
 B, H, D, HQ = 2, 2, 16, 4
 CAP, T_APPEND, T_ATTEND = 12, 5, 3  # one shape per jitted function: compiles are shared
@@ -100,10 +108,7 @@ NAMES = sorted(KINDS)
 
 @jax.jit
 def _view(cache):
-  if hasattr(cache, "materialize"):
-    return tuple(cache.materialize())
-  valid = cache.valid_mask()
-  return cache.k, cache.v, jnp.where(valid, cache.positions, -1), valid
+  return tuple(cache.materialize())
 
 
 def view(cache):
@@ -285,3 +290,122 @@ def test_jit_pytree_and_model_cache_stacking(name):
   too_many = jnp.zeros((B, eager.capacity), jnp.int32)
   with pytest.raises(ValueError, match="overflow"):
     mc.segments[0].check_room(too_many)
+
+
+_attend_layer = jax.jit(lambda cache, q, k, v, pos, sink, spec: cache.attend(
+    q, k, v, pos, spec, sink_logits=sink, return_lse=True, return_colsum=True, layer=1),
+                        static_argnames=("spec",))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_argument_equals_the_unstacked_call(name):
+  # Given two different layers of one kind, stacked as a ModelCache segment
+  rng = np.random.default_rng(4)
+  make = KINDS[name].make
+  layers = []
+  for valid in ([5, 3], [2, 4]):
+    k, v, pos = chunk(rng, T_APPEND, valid, np.zeros(B, np.int32))
+    layers.append(append(make(B, H, CAP, D), k, v, pos))
+  stacked = stack(layers)
+  k2, v2, p2 = chunk(rng, T_ATTEND, [3, 1], np.array([2, 4]), left=False)
+  q = jnp.asarray(rng.normal(size=(B, HQ, T_ATTEND, D)).astype(np.float32))
+  args = (q, jnp.asarray(k2), jnp.asarray(v2), jnp.asarray(p2), SINK, SPEC)
+  # When layer 1 attends in the stack, and alone
+  res_s, new_s = _attend_layer(stacked, *args)
+  res, new = _attend(layers[1], *args)
+  # Then the outputs, lse and colsum agree, layer 1 holds what the unstacked call holds and
+  # layer 0 is untouched
+  for a, b in zip(res_s, res):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  for st_leaf, one, other in zip(jax.tree.leaves(new_s), jax.tree.leaves(new),
+                                 jax.tree.leaves(layers[0])):
+    np.testing.assert_array_equal(np.asarray(st_leaf[1]), np.asarray(one))
+    np.testing.assert_array_equal(np.asarray(st_leaf[0]), np.asarray(other))
+  # and append(layer=) likewise
+  app_s = jax.jit(lambda c, k, v, p: c.append(k, v, p, layer=0))(stacked, *args[1:4])
+  app = _append(layers[0], *args[1:4])
+  for st_leaf, one in zip(jax.tree.leaves(app_s), jax.tree.leaves(app)):
+    np.testing.assert_array_equal(np.asarray(st_leaf[0]), np.asarray(one))
+
+
+# -- capabilities ------------------------------------------------------------------------
+F = Capabilities
+ALL_KINDS = dict(
+    {name: KINDS[name].make for name in NAMES},
+    window=lambda b, h, cap, d: WindowKVCache.init(b, h, cap, d, n_sink=1),
+    latent=lambda b, h, cap, d: recurrent.LatentKVCache.init(b, cap, d - 4, 4),
+    linear_state=lambda b, h, cap, d: recurrent.LinearAttentionState.init(b, h, d, d),
+    diagonal_state=lambda b, h, cap, d: recurrent.DiagonalState.init(b, d),
+    conv_state=lambda b, h, cap, d: recurrent.ConvState.init(b, 4, d),
+    paged=lambda b, h, cap, d: PagedKVCache.init(b, h, d, num_pages=2 * b * cap // 4,
+                                                 page_size=4, max_pages=cap // 4),
+)
+_KV = dict(colsum=True, convertible=True)
+_Q = dict(colsum=True, convertible=True, quantized=True)
+CAPS = {  # the capability table of docs/ARCHITECTURE.md
+    "dense": F(pressable=True, colsum=True, inplace_layer=True, convertible=True),
+    "window": F(fixed_size=True, colsum=True, inplace_layer=True),
+    "int8": F(**_Q), "fp8_e4m3": F(**_Q), "int2_g8_r4": F(**_Q), "kivi4": F(**_Q),
+    "kvquant4": F(**_Q),
+    "think": F(**_KV), "lowrank": F(**_KV),
+    "headsplit": F(colsum=True),
+    "latent": F(colsum=True),
+    "linear_state": F(fixed_size=True, recurrent=True),
+    "diagonal_state": F(fixed_size=True, recurrent=True),
+    "conv_state": F(fixed_size=True, recurrent=True),
+    "paged": F(colsum=True, inplace_layer=True, paged=True),
+}
+
+
+def test_every_kind_has_a_row_in_the_capability_table():
+  assert sorted(CAPS) == sorted(ALL_KINDS)
+
+
+@pytest.mark.parametrize("name", sorted(CAPS))
+def test_capabilities_are_declared_on_the_class_and_hold(name):
+  cache = ALL_KINDS[name](B, H, CAP, D)
+  want = CAPS[name]
+  # declared once, on the class (not per instance, not probed)
+  assert caps(cache) == type(cache).CAPS == want
+  rng = np.random.default_rng(5)
+  pos = jnp.asarray(np.tile(np.arange(CAP + 3, dtype=np.int32), (B, 1)))
+  if want.fixed_size:   # never overflows, whatever the length
+    cache.check_room(pos)
+  else:
+    with pytest.raises(ValueError, match="overflow"):
+      cache.check_room(pos)
+  if want.recurrent:
+    assert cache.capacity == 0
+    return
+  # pressable: a press compresses it; otherwise a press refuses it by name
+  if want.pressable:
+    out = StreamingLLMPress(compression_ratio=0.5)(cache)
+    assert out.capacity <= cache.capacity
+  else:
+    with pytest.raises(ValueError, match=type(cache).__name__):
+      StreamingLLMPress(compression_ratio=0.5)(cache)
+  # convertible: kvjax.quant.quantize accepts it; otherwise it says why
+  if want.convertible:
+    assert quant.quantize(cache, quant.int8()).capacity >= cache.capacity
+  else:
+    with pytest.raises(ValueError, match="not convertible"):
+      quant.quantize(cache, quant.int8())
+  # colsum comes back aligned with the new cache's slots
+  hk = cache.length.shape[-1]
+  d_k, d_v = cache.head_dims
+  k = jnp.asarray(rng.normal(size=(B, hk, 2, d_k)).astype(np.float32))
+  v = None if name == "latent" else jnp.asarray(rng.normal(size=(B, hk, 2, d_v)).astype(
+      np.float32))
+  q = jnp.asarray(rng.normal(size=(B, HQ, 2, d_k)).astype(np.float32))
+  spec = cache.spec() if name == "window" else A.AttentionSpec(backend="xla")
+  res, new = cache.attend(q, k, v, jnp.asarray([[0, 1], [0, -1]], jnp.int32), spec,
+                          return_colsum=want.colsum)
+  if want.colsum:
+    assert res.colsum.shape[-1] == new.materialize().positions.shape[-1]
+    # the probability mass of the valid queries lands on the slots that hold tokens
+    np.testing.assert_allclose(np.asarray(res.colsum).sum(axis=-1),
+                               np.broadcast_to(np.array([[2], [1]]) * (HQ // hk), (B, hk)),
+                               rtol=1e-5)
+  # quantized kinds hold fewer bytes per token than the same tokens dense
+  if want.quantized:
+    assert new.nbytes < new.to_dense().nbytes

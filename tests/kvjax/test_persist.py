@@ -118,7 +118,7 @@ def test_quantized_and_ring_caches_round_trip_with_metadata(tmp_path):
   assert info["fingerprint"] == gemma.config.fingerprint()
   layers = info["summary"]["layers"]
   assert [l["kind"] for l in layers] == ["WindowKVCache", "QuantizedKVCache"] * 2
-  assert layers[0]["capacity"] == 8 and layers[0]["static"] == {"sink": 0}
+  assert layers[0]["capacity"] == 8 and layers[0]["static"] == {"n_sink": 0, "dilation": 1}
   assert layers[1]["static"]["spec"]["fields"]["k_bits"] == 8
   assert layers[0]["lengths"] == [[6, 6]] * 2 and layers[1]["lengths"] == [[6, 6]] * 2
   assert info["summary"]["grouping"] == [[4, 2]]

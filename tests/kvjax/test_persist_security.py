@@ -215,9 +215,13 @@ def test_window_and_scan_group_invariants(tmp_path):
     models.load_cache(CFG, path)
   _edit(path, tensors_fn=lambda t: t.update({"cache.segments.1.total": np.zeros(
       (1, B, H), np.int32)}))
+  # a ring written before its sinks were named n_sink (and rings could dilate) still loads
+  _edit(path, lambda t: _layer_node(t, 1).update(static={"sink": 0}))
+  old = models.load_cache(CFG, path).layers()[1]
+  assert type(old).__name__ == "WindowKVCache" and (old.n_sink, old.dilation) == (0, 1)
   # sink must leave a window of >= 1 slot
-  _edit(path, lambda t: _layer_node(t, 1)["static"].update(sink=3))
-  with pytest.raises(ValueError, match=r"segments\.1\.sink: 3; must be < capacity=3"):
+  _edit(path, lambda t: _layer_node(t, 1).update(static={"n_sink": 3, "dilation": 1}))
+  with pytest.raises(ValueError, match=r"segments\.1\.n_sink: 3; must be < capacity=3"):
     models.load_cache(CFG, path)
   # segment sizes that disagree with the stacked arrays
   _edit(path, lambda t: json.loads(good))
@@ -300,8 +304,8 @@ def test_all_kinds_round_trip_bit_exactly(tmp_path):
   basis = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (H, D, 4)))[0]
   kvq = quant.kvquant(4, group_size=4, residual=4, outlier_frac=0.25, rope=RopeConfig(D))
   kinds = [
-      _filled_dense(), WindowKVCache.init(B, H, 3, D, sink=1),
-      recurrent.RingKVCache.init(B, H, D, window=3, sink_tokens=1, dilation=2),
+      _filled_dense(), WindowKVCache.init(B, H, 3, D, n_sink=1),
+      WindowKVCache.init(B, H, 3, D, n_sink=1, dilation=2),
       quant.QuantizedKVCache.init(B, H, 8, D, quant.int8()),
       quant.QuantizedKVCache.init(B, H, 8, D, kvq),
       lowrank.PrunedKeyCache.init(B, H, 8, D, keep=4),

@@ -1,5 +1,5 @@
-"""kvjax.recurrent: ring windows vs a brute-force mask, chunked == recurrent linear attention
-(values and gradients), padding invariance, diagonal scans, conv windows, latent cache."""
+"""kvjax.recurrent: chunked == recurrent linear attention (values and gradients), padding
+invariance, diagonal scans, conv windows, the RecurrentState protocol, latent cache."""
 
 import functools
 
@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from kvjax import attention as attn_lib
 from kvjax import recurrent as rec
@@ -16,103 +15,6 @@ from kvjax import recurrent as rec
 def randn(seed, *shape):
   """Test inputs from numpy (jax.random would compile a kernel per shape)."""
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-# --- RingKVCache ------------------------------------------------------------------------------
-def naive_window_attention(q, k, v, q_pos, k_pos, *, window, sinks, dilation):
-  """Loops over queries: softmax over keys with k <= q, in window or sink, on the stride."""
-  out = np.zeros(q.shape[:-1] + (v.shape[-1],), np.float32)
-  for t, qp in enumerate(q_pos):
-    vis = [i for i, kp in enumerate(k_pos)
-           if kp <= qp and (qp - kp < window * dilation or kp < sinks)
-           and (kp % dilation == 0 or kp < sinks)]
-    s = np.array([q[t] @ k[i] for i in vis]) / np.sqrt(q.shape[-1])
-    p = np.exp(s - s.max())
-    out[t] = (p / p.sum()) @ v[vis]
-  return out
-
-
-@functools.partial(jax.jit, static_argnames=("window", "sinks", "dilation", "chunks"))
-def ring_run(q, k, v, *, window, sinks, dilation, chunks):
-  """Feeds [1, 1, N, D] tokens through a ring cache in the given chunk sizes."""
-  cache = rec.RingKVCache.init(1, 1, q.shape[-1], window=window, sink_tokens=sinks,
-                               dilation=dilation)
-  outs, start = [], 0
-  for n in chunks:
-    pos = jnp.arange(start, start + n, dtype=jnp.int32)[None]
-    sl = slice(start, start + n)
-    res, cache = cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos, cache.spec())
-    outs.append(res.out)
-    start += n
-  return jnp.concatenate(outs, axis=2), cache
-
-
-@pytest.mark.parametrize("window, sinks, dilation, chunks", [
-    (4, 0, 1, (7, 1, 1, 1)),            # prompt longer than the window
-    (3, 2, 1, (2, 5, 1, 1, 3)),         # sinks, a chunk longer than the window
-    (3, 1, 2, (5, 1, 1, 1, 4)),         # dilated with a sink
-])
-def test_ring_attention_equals_brute_force_mask(window, sinks, dilation, chunks):
-  n, d = sum(chunks), 8
-  q, k, v = (randn(i, 1, 1, n, d) for i in range(3))
-  out, cache = ring_run(q, k, v, window=window, sinks=sinks, dilation=dilation, chunks=chunks)
-  ref = naive_window_attention(np.asarray(q[0, 0]), np.asarray(k[0, 0]), np.asarray(v[0, 0]),
-                               np.arange(n), np.arange(n), window=window, sinks=sinks,
-                               dilation=dilation)
-  np.testing.assert_allclose(out[0, 0], ref, atol=1e-5)
-  # the ring holds exactly the sinks and the last `window` keys on the stride
-  keep = [p for p in range(n) if p < sinks]
-  keep += [p for p in range(n) if p >= sinks and p % dilation == 0][-window:]
-  assert sorted(int(p) for p in cache.positions[0, 0] if p >= 0) == keep
-  assert cache.capacity == window + sinks
-
-
-@functools.partial(jax.jit, static_argnames=("window", "sinks", "dilation"))
-def _ring_write(cache, pos, *, window, sinks, dilation):
-  del window, sinks, dilation  # static: one compile per ring shape
-  dest = cache._destinations(pos)  # pylint: disable=protected-access
-  zeros = jnp.zeros(pos.shape + (1,))[:, None]
-  return dest, cache.append(zeros, zeros, pos)
-
-
-RING_SHAPES = [(3, 0, 1), (2, 2, 1), (3, 1, 2)]  # (window, sinks, dilation)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.sampled_from(RING_SHAPES), st.lists(st.integers(0, 7), min_size=1, max_size=4),
-       st.integers(0, 3))
-def test_ring_destinations_never_collide_and_keep_the_newest(shape, sizes, lead_pad):
-  """Property: each chunk (padded to 10 tokens, padding in front and behind) writes every
-  kept token to a distinct slot and sinks to their own slots; the ring then holds exactly
-  the sinks and the newest `window` tokens on the stride."""
-  window, sinks, dilation = shape
-  cache = rec.RingKVCache.init(1, 1, 1, window=window, sink_tokens=sinks, dilation=dilation)
-  start = 0
-  for n in sizes:
-    pos = np.full((1, 10), -1, np.int32)
-    pos[0, lead_pad:lead_pad + n] = np.arange(start, start + n)
-    dest, cache = _ring_write(cache, jnp.asarray(pos), window=window, sinks=sinks,
-                              dilation=dilation)
-    dest = np.asarray(dest)[0]
-    kept = dest[dest < cache.capacity]
-    assert len(set(kept.tolist())) == len(kept)
-    for i in range(n):
-      if start + i < sinks:
-        assert dest[lead_pad + i] == start + i
-    assert (dest[pos[0] < 0] == cache.capacity).all()
-    start += n
-  strided = [p for p in range(start) if p >= sinks and p % dilation == 0][-window:]
-  want = sorted(list(range(min(start, sinks))) + strided)
-  assert sorted(int(p) for p in np.asarray(cache.positions)[0, 0] if p >= 0) == want
-
-
-def test_ring_rejects_a_mismatched_spec():
-  cache = rec.RingKVCache.init(1, 1, 4, window=4)
-  x = jnp.zeros((1, 1, 1, 4))
-  with pytest.raises(ValueError, match="window=8"):
-    cache.attend(x, x, x, jnp.zeros((1, 1), jnp.int32), attn_lib.AttentionSpec(window=8))
-  with pytest.raises(ValueError, match="window=0"):
-    rec.RingKVCache.init(1, 1, 4, window=0)
 
 
 # --- linear attention ---------------------------------------------------------------------------
@@ -186,10 +88,36 @@ def test_padding_tokens_leave_the_state_unchanged():
   np.testing.assert_allclose(o[:, :, idx], o_ref, atol=1e-5)
 
 
+def test_linear_state_scan_equals_the_naive_loop_and_skips_padding():
+  q, k, v, log_a, s0 = _inputs(False, t=6)
+  pos = jnp.asarray(np.where(np.arange(6) < 4, np.arange(6), -1)[None].repeat(2, 0), jnp.int32)
+  ref_o, ref_s = naive_linear_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], log_a[:, :, :4],
+                                        s0)
+  o, st_ = jax.jit(lambda s, *xs: s.scan(xs, pos))(rec.LinearAttentionState(state=s0),
+                                                     q, k, v, log_a)
+  np.testing.assert_allclose(o[:, :, :4], ref_o, atol=1e-4)
+  np.testing.assert_allclose(st_.state, ref_s, atol=1e-4)
+
+
+def test_diagonal_state_scan_equals_a_loop():
+  a = np.random.default_rng(5).uniform(size=(1, 5, 3))
+  x, h0 = np.asarray(randn(6, 1, 5, 3)), np.asarray(randn(7, 1, 3))
+  h, want = [], h0[0].astype(np.float64)
+  for t in range(5):
+    want = a[0, t] * want + x[0, t]
+    h.append(want)
+  got, st_ = rec.DiagonalState(h=jnp.asarray(h0)).scan((jnp.asarray(a, jnp.float32),
+                                                        jnp.asarray(x)), jnp.arange(5)[None])
+  np.testing.assert_allclose(got[0], np.stack(h), atol=1e-5)
+  np.testing.assert_allclose(st_.h[0], want, atol=1e-5)
+
+
 def test_linear_state_protocol():
   st_ = rec.LinearAttentionState.init(2, 3, 4, 5)
   assert st_.nbytes == 2 * 3 * 4 * 5 * 4 and st_.capacity == 0
+  assert st_.CAPS.recurrent and st_.CAPS.fixed_size and not st_.CAPS.pressable
   np.testing.assert_array_equal(st_.length, np.zeros((2, 3)))
+  st_.check_room(jnp.arange(10)[None])  # a fixed-size state never overflows
   with pytest.raises(ValueError, match="state shape"):
     rec.linear_attention_recurrent(*_inputs(False)[:4], jnp.zeros((2, 2, 3, 3)))
   with pytest.raises(ValueError, match="chunk_size=0"):
@@ -225,10 +153,11 @@ def test_conv_window_carries_exactly_the_last_inputs():
     state = rec.ConvState.init(1, 3, 2)
     outs = []
     for s, e in ((0, 3), (3, 4), (4, 7)):
-      y, state = state.apply(x[:, s:e], w, b, jnp.arange(s, e)[None])
+      y, state = state.scan((x[:, s:e],), jnp.arange(s, e)[None], w=w, b=b)
       outs.append(y)
     # right padding: the window stops at the last valid input
-    _, padded = rec.ConvState.init(1, 3, 2).apply(x[:, :5], w, b, jnp.array([[0, 1, 2, -1, -1]]))
+    _, padded = rec.ConvState.init(1, 3, 2).scan((x[:, :5],), jnp.array([[0, 1, 2, -1, -1]]),
+                                                 w=w, b=b)
     return full, jnp.concatenate(outs, 1), state.window, padded.window
 
   full, chunked, window, padded_window = run(x)
@@ -259,4 +188,12 @@ def test_latent_cache_attend_equals_mqa_over_concatenated_keys_and_overflow_rais
   np.testing.assert_array_equal(c2.lengths, [3])
   assert c2.nbytes == 5 * (r + dr) * 4 + 5 * 4 + 4
   with pytest.raises(ValueError, match="latent cache overflow"):
-    c2.append(kn[:, 0, :3, :r], kn[:, 0, :3, r:], jnp.array([[3, 4, 5]]))
+    c2.append(kn[:, :, :3], None, jnp.array([[3, 4, 5]]))
+  with pytest.raises(ValueError, match="v_new must be None"):
+    c.append(kn, kn, pos)
+  # the protocol's read-back: one kv head of keys [c_kv ; k_rope] and values c_kv, in order
+  view = c2.materialize()
+  np.testing.assert_array_equal(view.k[0, 0, :3], kn[0, 0, jnp.array([0, 1, 3])])
+  np.testing.assert_array_equal(view.v[0, 0, :3], kn[0, 0, jnp.array([0, 1, 3]), :r])
+  np.testing.assert_array_equal(view.positions[0, 0], [0, 1, 2, -1, -1])
+  assert c2.head_dims == (r + dr, r) and not c2.CAPS.fixed_size

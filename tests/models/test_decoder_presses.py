@@ -32,7 +32,7 @@ TEACHER = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_l
 def pair():
   """A Llama with (sliding, full) x 2 layers and the Decoder (local/global) with its weights."""
   tm = Transformer(TEACHER, rngs=nnx.Rngs(0))
-  student = from_llama.student_config(local.SlidingConfig, TEACHER, window=W, sink_tokens=0,
+  student = from_llama.student_config(local.SlidingConfig, TEACHER, window=W, n_sink=0,
                                       local_per_global=1)
   dm, fresh = from_llama.decoder_from_transformer(tm, student)
   assert not fresh
@@ -64,7 +64,7 @@ def test_cache_layers_are_in_depth_order(pair):
   tok = _tokens()
   _, cache = dm.prefill(tok)
   # Then layers() lists them in depth order, and the dense ones hold what the Llama's do
-  assert cache.layer_kinds == ("RingKVCache", "DenseKVCache") * 2
+  assert cache.layer_kinds == ("WindowKVCache", "DenseKVCache") * 2
   assert cache.segment_sizes == (2, 2) and cache.segment_periods == (2, 2)
   _, ref = api.prefill(tm, tok)
   _assert_same_dense_layers(_dense(cache), _dense(ref))

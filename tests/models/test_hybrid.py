@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from kvjax import recurrent as rec_lib
+from kvjax.window import WindowKVCache
 from models import hybrid
 from tests.models import family_checks as fc
 
-ATTN = dict(num_heads=2, num_kv_heads=1, head_dim=16, window=4, sink_tokens=1)
+ATTN = dict(num_heads=2, num_kv_heads=1, head_dim=16, window=4, n_sink=1)
 RGLRU = hybrid.HybridConfig(**fc.BASE, **ATTN, num_layers=3, rglru_blocks=2)  # (r, r, a)
 
 
@@ -18,7 +19,7 @@ def test_rglru_hybrid_cached_equals_parallel_and_memory_is_constant():
   cache = fc.check_cached_equals_parallel(m)
   fc.check_constant_memory(m)
   kinds = [(type(c).__name__, type(getattr(c, "rec", c)).__name__) for c in cache.layers()]
-  assert kinds == [("ConvRecurrentState", "DiagonalState")] * 2 + [("RingKVCache",) * 2]
+  assert kinds == [("ConvRecurrentState", "DiagonalState")] * 2 + [("WindowKVCache",) * 2]
 
 
 def test_gla_hybrid_layers_and_state_sizes():
@@ -30,7 +31,7 @@ def test_gla_hybrid_layers_and_state_sizes():
   m = fc.build_abstract(cfg)
   fc.check_constant_memory(m)
   gla = rec_lib.LinearAttentionState.init(1, 2, 8, 8).nbytes
-  ring = rec_lib.RingKVCache.init(1, 1, 16, window=4, sink_tokens=1).nbytes
+  ring = WindowKVCache.init(1, 1, 4, 16, n_sink=1).nbytes
   assert fc.nbytes_at(m, 64) == 3 * gla + ring + 4
 
 

@@ -46,6 +46,17 @@ def test_allowlist_holds_every_registered_decoder_family():
   assert all(issubclass(c, dec.DecoderConfig) for c in names.values())
 
 
+def test_a_config_saved_with_a_renamed_field_still_loads(tmp_path):
+  # Given a model saved when the sinks of local attention were called sink_tokens
+  path = _saved(tmp_path)
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = json.load(f)["config"]
+  cfg["sink_tokens"] = cfg.pop("n_sink") + 3
+  _edit_config(path, config=cfg)
+  # Then the config loads with the value under its current name
+  assert decoder_io.load_config(path).n_sink == CFG.n_sink + 3
+
+
 def test_round_trip_still_loads(tmp_path):
   path = _saved(tmp_path)
   assert decoder_io.load_config(path) == CFG

@@ -6,7 +6,7 @@ import pytest
 
 import kvjax
 from kvjax import cache as cache_lib
-from kvjax import recurrent as rec_lib
+from kvjax.window import WindowKVCache
 from models import local
 from tests.models import family_checks as fc
 
@@ -15,35 +15,35 @@ ATTN = dict(num_heads=2, num_kv_heads=1, head_dim=16)
 
 def test_sliding_with_sinks_and_global_layer_cached_equals_parallel():
   # window 4 < prompt, 1 sink, Gemma-2-like (sliding, global)
-  cfg = local.SlidingConfig(**fc.BASE, **ATTN, num_layers=2, window=4, sink_tokens=1,
+  cfg = local.SlidingConfig(**fc.BASE, **ATTN, num_layers=2, window=4, n_sink=1,
                             local_per_global=1)
   cache = fc.check_cached_equals_parallel(fc.build(cfg))
   kinds = [type(c).__name__ for c in cache.layers()]
-  assert kinds == ["RingKVCache", "DenseKVCache"]
+  assert kinds == ["WindowKVCache", "DenseKVCache"]
   assert cache.capacity == (5, 13)  # ring: window + sinks; global: capacity
 
 
 def test_all_dilated_local_cached_equals_parallel_and_memory_is_constant():
   cfg = local.DilatedConfig(**fc.BASE, **ATTN, num_layers=2, window=3, dilation=2,
-                            sink_tokens=1, local_per_global=None)
+                            n_sink=1, local_per_global=None)
   m = fc.build(cfg)
   fc.check_cached_equals_parallel(m)
   fc.check_constant_memory(m)
   # the dilated layer (span 6) holds only its 3 visible keys + the sink, like the sliding one
-  ring = rec_lib.RingKVCache.init(1, 1, 16, window=3, sink_tokens=1)
+  ring = WindowKVCache.init(1, 1, 3, 16, n_sink=1)
   assert ring.capacity == 4
   assert fc.nbytes_at(m, 256) == 2 * ring.nbytes + 4  # + next_position
 
 
 def test_window_layers_are_constant_and_global_layers_grow_by_their_kv():
-  cfg = local.SlidingConfig(**fc.BASE, **ATTN, num_layers=4, window=8, sink_tokens=2,
+  cfg = local.SlidingConfig(**fc.BASE, **ATTN, num_layers=4, window=8, n_sink=2,
                             local_per_global=3)
   m = fc.build_abstract(cfg)
   grow = fc.nbytes_at(m, 256) - fc.nbytes_at(m, 64)
   # one global layer: k + v (2 * Hkv * D float32) + positions (Hkv int32) per token
   per_token = 2 * 1 * 16 * 4 + 1 * 4
   assert grow == per_token * (256 - 64)
-  ring = rec_lib.RingKVCache.init(1, 1, 16, window=8, sink_tokens=2)
+  ring = WindowKVCache.init(1, 1, 8, 16, n_sink=2)
   dense = cache_lib.DenseKVCache.init(1, 1, 64, 16)
   assert fc.nbytes_at(m, 64) == 3 * ring.nbytes + dense.nbytes + 4  # + next_position
 
@@ -83,7 +83,7 @@ def test_prefill_rejects_capacity_below_prompt_for_global_layers_only():
 
 def test_generate_loop_serves_the_family_with_left_padding():
   # Given a sliding + global model and a left-padded batch
-  cfg = local.SlidingConfig(**fc.BASE, **ATTN, num_layers=2, window=4, sink_tokens=1,
+  cfg = local.SlidingConfig(**fc.BASE, **ATTN, num_layers=2, window=4, n_sink=1,
                             local_per_global=1)
   m = fc.build(cfg)
   tok = np.asarray(fc.tokens(2, 6, seed=3))

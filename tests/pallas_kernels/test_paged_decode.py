@@ -2,7 +2,7 @@
 
 The reference gathers each row's pages into a dense view and runs reference attention.
 Pools are written by kvjax.paged itself where possible, and the GPU kernel is checked
-through kvjax's own dispatch (PagedKVCache.attend_stacked with backend="interpret" vs
+through kvjax's own dispatch (PagedKVCache.attend(layer=...) with backend="interpret" vs
 "xla", which reads `kvjax.paged.dense_view`), so the kernels read the real layout.
 """
 
@@ -217,7 +217,7 @@ def test_entry_point_resolves_platform(monkeypatch):
   assert seen["platform"] == "gpu" and seen["fmt"] == "float"
 
 
-def test_kvjax_attend_stacked_dispatches_to_the_fused_kernel():
+def test_kvjax_attend_on_a_stacked_layer_dispatches_to_the_fused_kernel():
   # Given a two-layer stacked pool (a ModelCache segment) of per-token INT4 codes
   # (asymmetric, channel groups of 16) written by kvjax.paged, one row holding 1 token,
   # head-wise lengths 1 / 0 / 90 / 57, GQA 4
@@ -239,8 +239,8 @@ def test_kvjax_attend_stacked_dispatches_to_the_fused_kernel():
 
   def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
     spec_ = attn_lib.AttentionSpec(backend=backend, window=40, sink_tokens=3, softcap=20.0)
-    step = lambda c_, q_, k_, v_: c_.attend_stacked(1, q_, k_, v_, qpos, spec_,
-                                                    sink_logits=sink_logits, return_lse=True)
+    step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, layer=1,
+                                            sink_logits=sink_logits, return_lse=True)
     return jax.jit(step, compiler_options=opts)(stacked, q, k_new, v_new)
   (got, got_cache), (want, want_cache) = run("interpret"), run("xla")
   # Then they agree (the step's own tokens are attended exactly on both paths)

@@ -36,11 +36,11 @@ import ml_collections
 from train.configs import default
 
 STUDENTS = {
-    "sliding": ("sliding", dict(window=64, sink_tokens=4, local_per_global=None)),
+    "sliding": ("sliding", dict(window=64, n_sink=4, local_per_global=None)),
     "gla": ("gla", dict(chunk_size=32)),
     "retnet": ("retnet", dict(decay="retnet", use_rope=True, chunk_size=32)),
     "hybrid": ("hybrid", dict(recurrent="gla", recurrent_per_attention=2, window=64,
-                              sink_tokens=4, chunk_size=32)),
+                              n_sink=4, chunk_size=32)),
 }
 TEACHER = os.path.join(os.path.dirname(__file__), "..", "..", "models", "default")
 DEFAULT_TRAINABLE = r"mixer/(?!(wv|wo)$)"   # = train.convert.DEFAULT_TRAINABLE

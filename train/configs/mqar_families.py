@@ -52,8 +52,8 @@ ATTN = dict(num_heads=4, num_kv_heads=4, head_dim=16)
 FAMILIES = {
     "llama": dict(**ATTN, max_position_embeddings=128, bos_token_id=256, eos_token_id=257,
                   pad_token_id=258),
-    "sliding": dict(**ATTN, window=WINDOW, sink_tokens=0, local_per_global=None),
-    "dilated": dict(**ATTN, window=WINDOW // 2, dilation=2, sink_tokens=0,
+    "sliding": dict(**ATTN, window=WINDOW, n_sink=0, local_per_global=None),
+    "dilated": dict(**ATTN, window=WINDOW // 2, dilation=2, n_sink=0,
                     local_kinds=("sliding", "dilated"), local_per_global=None),
     "gla": dict(num_heads=4, key_dim=16, value_dim=16, chunk_size=8),
     "retnet": dict(num_heads=4, key_dim=16, value_dim=16, chunk_size=8),
