@@ -66,9 +66,12 @@ DEFAULT_TECHNIQUES = ("full", "streaming_llm", "knorm", "snapkv", "kvzip", "crit
                       "duo_attention", "int4", "kivi2", "kvzip+int4")
 # The default grid is sized to finish in about 10 minutes on 2 CPU cores; the longer
 # frontier configuration is in models/smollm2_135m/README.md.
-DEFAULT_TASKS = ("passkey", "niah_multikey", "needle", "perplexity_en")
+# niah_multikey is not in the default: SmolLM2-135M answers it near chance with the full
+# cache (50% at 2K, 0% at 4K), so it cannot tell techniques apart.
+DEFAULT_TASKS = ("passkey", "needle", "perplexity_en")
 MODES = ("query_agnostic", "question_aware")
 KVZIP_PROMPT = "\n\nRepeat the previous context exactly."
+KVZIP_CONTINUE = "\n\nRepeat the part of the previous context exactly, starting with "
 
 flags.DEFINE_string("model", "smollm2-135m",
                     "Model: 'smollm2-135m' (SmolLM2-135M-Instruct, fetched once from the "
@@ -718,8 +721,10 @@ def press_options(name: str, tokenizer, chat: bool, duo_gates: str = "auto",
                   kvzip_prompt: str = KVZIP_PROMPT) -> dict:
   """What the run knows about its model that some presses take as fields.
 
-  kvzip: `repeat_ids`, the repeat instruction in the model's tokens (closing the user turn
-  in chat form, as KVzip's paper prompts instruction-tuned models). duo_attention:
+  kvzip: `repeat_ids` / `continue_ids`, the repeat instructions of the first and the later
+  reconstruction chunks in the model's tokens, and `answer_ids`, what closes the user turn
+  and opens the assistant's in chat form (as KVzip's paper prompts instruction-tuned
+  models). duo_attention:
   `head_scores`, learned gates (train/duo_gates.py) when a gates file is given or shipped
   for the model.
   """
@@ -727,8 +732,11 @@ def press_options(name: str, tokenizer, chat: bool, duo_gates: str = "auto",
   tail = task_base.chat_frame(tokenizer)[1] if chat else "\n"
   # Uniform per-head budgets: the cache holds exactly the kept tokens (head-wise budgets pad
   # every head to the largest one, which saves less than the ratio promises).
-  opts = {"kvzip": {"repeat_ids": tuple(tokenizer.encode(kvzip_prompt + tail, add_bos=False)),
-                    "headwise": False}}
+  def ids(text):
+    return tuple(tokenizer.encode(text, add_bos=False)) if text else ()
+
+  opts = {"kvzip": {"repeat_ids": ids(kvzip_prompt), "continue_ids": ids(KVZIP_CONTINUE),
+                    "answer_ids": ids(tail), "headwise": False}}
   path = duo_gates
   if duo_gates == "auto":
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",

@@ -238,18 +238,26 @@ class _Keys(NamedTuple):
     before j * Kb (dynamic_slice clamps); slots already seen are marked invalid."""
     s = self.positions.shape[-1]
     start = jnp.minimum(j * self.block, s - self.block)
-    if self.layer is None:
-      kb = jax.lax.dynamic_slice_in_dim(self.k, start, self.block, axis=2)
-      vb = jax.lax.dynamic_slice_in_dim(self.v, start, self.block, axis=2)
-    else:
-      idx = (self.layer, 0, 0, start, 0)
-      kb = jax.lax.dynamic_slice(self.k, idx, (1,) + self.k.shape[1:3] + (self.block,)
-                                 + self.k.shape[4:])[0]
-      vb = jax.lax.dynamic_slice(self.v, idx, (1,) + self.v.shape[1:3] + (self.block,)
-                                 + self.v.shape[4:])[0]
+    kb, vb = (_load_block(x, self.layer, start, self.block) for x in (self.k, self.v))
     pb = jax.lax.dynamic_slice_in_dim(self.positions, start, self.block, axis=2)
     fresh = start + jnp.arange(self.block, dtype=jnp.int32) >= j * self.block
-    return kb.astype(jnp.float32), vb.astype(jnp.float32), jnp.where(fresh, pb, -1)
+    return kb, vb, jnp.where(fresh, pb, -1)
+
+
+def _load_block(x, layer, start, size):
+  """x[layer][:, :, start:start + size] as float32 ([B, H, S, D] or stacked [L, B, H, S, D]).
+
+  A uint16 buffer holds bfloat16 bits (kvjax.cache.to_bits: how the model's layer scan
+  carries a bfloat16 cache, since XLA:CPU would convert a whole bfloat16 buffer to slice
+  it); the block is converted after slicing."""
+  if layer is None:
+    blk = jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+  else:
+    blk = jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0),
+                                (1,) + x.shape[1:3] + (size,) + x.shape[4:])[0]
+  if blk.dtype == jnp.uint16:
+    blk = jax.lax.bitcast_convert_type(blk, jnp.bfloat16)
+  return blk.astype(jnp.float32)
 
 
 def _block_logits(qf, kb, qpos, kpos, *, causal, window, sink_tokens, softcap):

@@ -4,6 +4,7 @@ Presses declare what they need with an `Observe` (their `observe` attribute); th
 computes it inside attention (never as an S x S matrix) and hands each layer's dict to the
 press: {"colsum": [B, Hkv, S] (aligned with the layer's cache slots),
         "queries": [B, Hq, W, D] last W valid queries, post-RoPE, zero-padded at the front,
+        "lse": [B, Hq, W] those queries' attention log-sum-exps,
         "reconstruction": [B, Hkv, S] max attention each slot receives while the model
                           re-reads its context (KVzip; models.prefill runs that extra
                           forward in chunks of `reconstruction` tokens),
@@ -25,41 +26,65 @@ class Observe:
       heads of each kv group ([B, Hkv, S], float32).
     colsum_window: only the last `colsum_window` queries count (SnapKV's window).
     queries: keep the last `queries` query vectors (post-RoPE) [B, Hq, W, D].
-    reconstruction: > 0: after the prompt, feed `reconstruction_prefix` + the prompt again
-      through the prefilled cache, `reconstruction` tokens at a time, and report per slot
-      the max attention probability over those queries and each kv group's query heads
-      (KVzip's context-reconstruction score). 0: off.
-    reconstruction_prefix: token ids fed before the context copy (the repeat instruction).
+    lse: with `queries`, also their attention log-sum-exps [B, Hq, W] (obs["lse"]), so a
+      press can turn a logit into the forward's own probability without a softmax pass.
+    reconstruction: > 0: after the prompt, re-feed the prompt through the prefilled cache in
+      chunks of `reconstruction` tokens, each chunk after a repeat instruction and on top of
+      the context alone (KVzip's chunked scoring), and report per slot the max attention
+      probability that the reconstruction queries of the chunk holding the slot's token pay
+      it (KVzip's context-reconstruction score). 0: off.
+    reconstruction_prefix: token ids of the repeat instruction fed before the first chunk.
+    reconstruction_continue: token ids of the instruction fed before every later chunk,
+      followed by the previous chunk's last `reconstruction_overlap` tokens (KVzip: "Repeat
+      the part of the previous context exactly, starting with ..."); () = the first one.
+    reconstruction_overlap: tokens of the previous chunk quoted after
+      `reconstruction_continue`.
+    reconstruction_suffix: token ids fed between the instruction and the chunk (in chat
+      form, the end of the user turn and the start of the assistant's).
     o_proj: report each layer's attention output projection weight.
   """
 
   colsum: bool = False
   colsum_window: Optional[int] = None
   queries: int = 0
+  lse: bool = False
   reconstruction: int = 0
   reconstruction_prefix: tuple = ()
+  reconstruction_continue: tuple = ()
+  reconstruction_overlap: int = 0
+  reconstruction_suffix: tuple = ()
   o_proj: bool = False
+
+  def reconstruction_prompt(self) -> tuple:
+    """(prefix, continue, overlap, suffix): what frames each reconstruction chunk."""
+    return (tuple(self.reconstruction_prefix), tuple(self.reconstruction_continue),
+            int(self.reconstruction_overlap), tuple(self.reconstruction_suffix))
 
   def merge(self, other: "Observe") -> "Observe":
     if self.colsum and other.colsum and self.colsum_window != other.colsum_window:
       raise ValueError(f"conflicting colsum_window requests: {self.colsum_window} vs "
                        f"{other.colsum_window}")
     if (self.reconstruction and other.reconstruction and
-        tuple(self.reconstruction_prefix) != tuple(other.reconstruction_prefix)):
-      raise ValueError(f"conflicting reconstruction_prefix requests: "
-                       f"{self.reconstruction_prefix} vs {other.reconstruction_prefix}")
+        self.reconstruction_prompt() != other.reconstruction_prompt()):
+      raise ValueError(f"conflicting reconstruction prompt requests: "
+                       f"{self.reconstruction_prompt()} vs {other.reconstruction_prompt()}")
     chunks = [c for c in (self.reconstruction, other.reconstruction) if c]
+    rec = self if self.reconstruction else other
     return Observe(colsum=self.colsum or other.colsum,
                    colsum_window=self.colsum_window if self.colsum else other.colsum_window,
                    queries=max(self.queries, other.queries),
+                   lse=self.lse or other.lse,
                    reconstruction=min(chunks) if chunks else 0,
-                   reconstruction_prefix=tuple(self.reconstruction_prefix or
-                                               other.reconstruction_prefix),
+                   reconstruction_prefix=tuple(rec.reconstruction_prefix),
+                   reconstruction_continue=tuple(rec.reconstruction_continue),
+                   reconstruction_overlap=rec.reconstruction_overlap,
+                   reconstruction_suffix=tuple(rec.reconstruction_suffix),
                    o_proj=self.o_proj or other.o_proj)
 
   def forward_part(self) -> "Observe":
     """What one forward pass computes (the reconstruction pass and weights come after)."""
-    return Observe(colsum=self.colsum, colsum_window=self.colsum_window, queries=self.queries)
+    return Observe(colsum=self.colsum, colsum_window=self.colsum_window, queries=self.queries,
+                   lse=self.lse)
 
 
 def colsum_by_position(colsum, positions, length: int):

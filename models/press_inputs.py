@@ -3,12 +3,12 @@
 kvjax never imports a model, so a press that needs the model declares it in its `observe`
 (kvjax.observation.Observe) and models.prefill / models.decode provide it here:
 
-  reconstruction  KVzip (kvjax/presses/kvzip.py): after the prompt, `reconstruction_prefix`
-                  + the prompt are fed again through a copy of the prefilled cache,
-                  `reconstruction` tokens at a time; per chunk, every dense layer's max
-                  attention per cache slot is folded into a running max
-                  (kvzip.reconstruction_max_attention). The prefilled cache itself is not
-                  changed: the copy (with room for the reconstruction) is dropped after.
+  reconstruction  KVzip (kvjax/presses/kvzip.py): after the prompt, the prompt is fed
+                  again in chunks, each after a repeat instruction and on top of the
+                  context alone (a working copy of the cache reset after every chunk);
+                  each chunk's max attention onto the slots of the tokens it reproduces
+                  is folded into the scores (kvzip.reconstruction_max_attention). The
+                  prefilled cache itself is not changed.
   o_proj          CriticalKV (kvjax/presses/criticalkv.py): each layer's attention output
                   projection [Hq * D, H], a slice of the model's stacked `wo`.
 
@@ -46,61 +46,112 @@ def add_o_proj(model, obs_list: list) -> list:
   return [dict(o or {}, o_proj=wo[i]) for i, o in enumerate(obs_list)]
 
 
+def reconstruction_inputs(tokens, positions, need: Observe, vocab_size: int):
+  """KVzip's chunked reconstruction inputs, built on the host.
+
+  Each row's valid prompt tokens are cut into chunks of `need.reconstruction`; chunk c of
+  a row is fed as  instruction + chunk, where the instruction is `reconstruction_prefix`
+  for the first chunk and `reconstruction_continue` + the previous chunk's last
+  `reconstruction_overlap` tokens after it (the first instruction again when no continue
+  prompt is given), followed by `reconstruction_suffix`.
+
+  Returns (ids [n, B, W] int32, mask [n, B, W] bool, lo [n, B], hi [n, B]): per chunk, the
+  inputs right-padded to one width W and the range of original positions the chunk
+  reproduces (lo > hi where a row has no tokens left).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  prefix, cont, overlap, suffix = need.reconstruction_prompt()
+  for name, ids in (("reconstruction_prefix / repeat_ids", prefix),
+                    ("reconstruction_continue / continue_ids", cont),
+                    ("reconstruction_suffix / answer_ids", suffix)):
+    bad = [int(x) for x in ids if not 0 <= int(x) < vocab_size]
+    if bad:
+      raise ValueError(f"{name} hold ids {bad} outside the vocabulary 0..{vocab_size - 1}")
+  chunk = int(need.reconstruction)
+  tokens = np.asarray(tokens)
+  positions = np.asarray(positions)
+  b = tokens.shape[0]
+  rows = [np.flatnonzero(positions[r] >= 0) for r in range(b)]
+  n = max(1, max(-(-len(idx) // chunk) for idx in rows))
+  pieces = [[None] * b for _ in range(n)]
+  ranges = np.zeros((2, n, b), np.int64)
+  ranges[0] = 1
+  for r, idx in enumerate(rows):
+    for c in range(n):
+      part = idx[c * chunk:(c + 1) * chunk]
+      if c == 0 or not cont:
+        head = list(prefix)
+      else:
+        head = list(cont) + tokens[r, idx[max(0, c * chunk - overlap):c * chunk]].tolist()
+      pieces[c][r] = head + list(suffix) + tokens[r, part].tolist()
+      if len(part):
+        ranges[:, c, r] = positions[r, part[0]], positions[r, part[-1]]
+  w = max(len(p) for row in pieces for p in row)
+  ids = np.zeros((n, b, w), np.int32)
+  mask = np.zeros((n, b, w), bool)
+  for c in range(n):
+    for r in range(b):
+      ids[c, r, :len(pieces[c][r])] = pieces[c][r]
+      mask[c, r, :len(pieces[c][r])] = True
+  return ids, mask, ranges[0], ranges[1]
+
+
 def reconstruction_scores(model, run, tokens, positions, cache, need: Observe, *,
                           backend: str) -> list:
   """Per-layer [B, Hkv, S] KVzip scores of the prefilled `cache` (None for ring layers).
+
+  Every chunk (see `reconstruction_inputs`) runs on top of the context alone, as in
+  KVzip's reference implementation: one working copy of the cache with room for a chunk is
+  reset to the context after each chunk, so a chunk never sees another's tokens and the
+  cost is about one more pass over the prompt. Chunk c's queries score only the slots of
+  the tokens it reproduces; a slot's score is that max attention.
 
   Args:
     model: the Transformer.
     run: models.api._run (the jitted forward; passed in to avoid an import cycle).
     tokens: [B, T] the prompt that filled `cache`; positions [B, T] its positions
-      (-1 = padding), so the reconstruction repeats exactly each row's own tokens.
+      (-1 = padding), so each row reproduces exactly its own tokens.
     cache: the ModelCache after the prompt (left unchanged).
-    need: Observe with reconstruction = chunk size and reconstruction_prefix.
+    need: Observe with reconstruction = chunk size and the reconstruction prompt.
     backend: attention backend of the reconstruction forward.
   """
   from models import transformer as tfm  # pylint: disable=import-outside-toplevel
-  b, t = tokens.shape
-  chunk = int(need.reconstruction)
-  prefix = jnp.asarray(need.reconstruction_prefix, jnp.int32).reshape(1, -1)
-  if prefix.shape[1]:
-    vocab = model.config.vocab_size
-    bad = [int(x) for x in need.reconstruction_prefix if not 0 <= int(x) < vocab]
-    if bad:
-      raise ValueError(f"reconstruction_prefix / repeat_ids hold ids {bad} outside the "
-                       f"vocabulary 0..{vocab - 1}")
-  rec = jnp.concatenate([jnp.broadcast_to(prefix, (b, prefix.shape[1])), tokens], axis=1)
-  mask = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool), positions >= 0], axis=1)
-  rec_pos = tfm.positions_from_mask(rec, mask, start=cache.next_position)
-  n_rec = rec.shape[1]
-  n = -(-n_rec // chunk)
-  pad = n * chunk - n_rec
-  rec = jnp.pad(rec, ((0, 0), (0, pad)))
-  rec_pos = jnp.pad(rec_pos, ((0, 0), (0, pad)), constant_values=-1)
+  ids, mask, lo, hi = reconstruction_inputs(tokens, positions, need, model.config.vocab_size)
+  width = ids.shape[-1]
   layers = cache.layer_structs()
   for i, layer in enumerate(layers):
     kind = cache_lib.caps(layer)
     if not (kind.pressable or kind.fixed_size):
       raise ValueError(f"KVzip's reconstruction needs dense layer caches; layer {i} is a "
                        f"{type(layer).__name__}")
-  # A copy with room for the reconstruction (rings are copied: _run donates its cache).
-  work = press_lib.compress_model([None] * cache.num_layers, cache, rooms=n_rec)
-  work = work.replace(next_position=jnp.copy(work.next_position), segments=tuple(
-      s if cache_lib.caps(s).pressable else jax.tree.map(jnp.copy, s)
-      for s in work.segments))
+  # One working copy with room for a chunk; after every chunk its lengths, positions,
+  # rings and next_position go back to the context's (stale slots past the lengths are
+  # invisible and overwritten by the next chunk). Copies: _run donates its cache.
+  work = press_lib.compress_model([None] * cache.num_layers, cache, rooms=width)
+  kept = tuple((s.positions, s.lengths) if cache_lib.caps(s).pressable else s
+               for s in work.segments)
+  start = work.next_position
+
+  def reset(w):
+    segs = tuple(s.replace(positions=jnp.copy(k[0]), lengths=jnp.copy(k[1]))
+                 if cache_lib.caps(s).pressable else jax.tree.map(jnp.copy, k)
+                 for s, k in zip(w.segments, kept))
+    return w.replace(next_position=jnp.copy(start), segments=segs)
+
   ring = [not cache_lib.caps(layer).pressable for layer in layers]
-  held = cache.layers()
   scores = [None if r else jnp.zeros(layer.positions.shape, jnp.float32)
-            for layer, r in zip(held, ring)]
-  ctx_lengths = [None if r else layer.lengths for layer, r in zip(held, ring)]
+            for layer, r in zip(cache.layers(), ring)]
   specs = tuple(s.attn for s in tfm.layer_specs(model.config, backend))
   graphdef, state = nnx.split(model)
-  for c in range(n):
-    sl = slice(c * chunk, (c + 1) * chunk)
-    _, work, obs = run(graphdef, state, rec[:, sl], rec_pos[:, sl], work,
-                       observe=Observe(queries=chunk), backend=backend, logits_mode="last")
+  for c in range(ids.shape[0]):
+    chunk_ids = jnp.asarray(ids[c])
+    chunk_pos = tfm.positions_from_mask(chunk_ids, jnp.asarray(mask[c]), start=start)
+    _, work, obs = run(graphdef, state, chunk_ids, chunk_pos, reset(work),
+                       observe=Observe(queries=width, lse=True), backend=backend,
+                       logits_mode="last")
     scores = kvzip.reconstruction_max_attention(
-        scores, work, [o["queries"] for o in obs], rec_pos[:, sl], ctx_lengths, specs)
+        scores, work, [o["queries"] for o in obs], [o.get("lse") for o in obs], chunk_pos, jnp.asarray(lo[c]),
+        jnp.asarray(hi[c]), specs, int(need.reconstruction))
   del work
   return scores
 

@@ -26,12 +26,16 @@ def test_duo_attention_needs_gates_and_takes_them_from_a_file(tmp_path):
   np.testing.assert_array_equal(np.asarray(duo.head_scores), gates)
   assert duo.head_compression_ratio == 0.5
   tail = T.base.chat_frame(tok)[1]
-  assert kvzip.repeat_ids == tuple(tok.encode("Repeat it." + tail))
+  # the instructions, then the chat turn's close and the assistant's opening before each chunk
+  assert kvzip.repeat_ids == tuple(tok.encode("Repeat it."))
+  assert kvzip.continue_ids == tuple(tok.encode(compare.KVZIP_CONTINUE))
+  assert kvzip.answer_ids == tuple(tok.encode(tail))
   assert kvzip.headwise is False
-  # plain prompts: the instruction ends with a newline instead of the chat turn
-  plain = compare.press_options("x", tok_lib.ByteTokenizer(), chat=False, duo_gates="")
-  assert plain["kvzip"]["repeat_ids"] == tuple(tok_lib.ByteTokenizer().encode(
-      compare.KVZIP_PROMPT + "\n"))
+  # plain prompts: a newline instead of the chat turn
+  byte = tok_lib.ByteTokenizer()
+  plain = compare.press_options("x", byte, chat=False, duo_gates="")
+  assert plain["kvzip"]["repeat_ids"] == tuple(byte.encode(compare.KVZIP_PROMPT, add_bos=False))
+  assert plain["kvzip"]["answer_ids"] == tuple(byte.encode("\n", add_bos=False))
   assert "duo_attention" not in plain
 
 
