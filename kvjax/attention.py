@@ -11,7 +11,7 @@ Conventions (see docs/CONVENTIONS.md):
   k_lengths    [B, Hkv]  int32   slots >= length are invalid
 
 A slot is visible to a query iff it is valid, causal (k_pos <= q_pos) and, with a window
-W, either q_pos - k_pos < W or k_pos < sink_tokens. Query head h reads kv head h // G;
+W, either q_pos - k_pos < W or k_pos < n_sink. Query head h reads kv head h // G;
 key/value heads are never repeated in memory (queries are reshaped to
 [B, Hkv, G, T, D] instead).
 
@@ -62,7 +62,7 @@ class AttentionSpec:
   Attributes:
     scale: logit scale; None means head_dim ** -0.5.
     window: sliding window W (query sees exactly W tokens incl. itself); None = full.
-    sink_tokens: with a window, tokens at positions < sink_tokens stay visible
+    n_sink: with a window, tokens at positions < n_sink stay visible
       (StreamingLLM attention sinks; Xiao et al., 2023).
     softcap: logit soft-capping `c * tanh(s / c)` (Gemma 2); None = off.
     causal: causal masking on positions.
@@ -73,7 +73,7 @@ class AttentionSpec:
 
   scale: Optional[float] = None
   window: Optional[int] = None
-  sink_tokens: int = 0
+  n_sink: int = 0
   softcap: Optional[float] = None
   causal: bool = True
   backend: str = "auto"
@@ -84,8 +84,8 @@ class AttentionSpec:
       raise ValueError(f"backend={self.backend!r}; allowed: {BACKENDS}")
     if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
       raise ValueError(f"window={self.window!r}; must be a positive int or None")
-    if self.sink_tokens < 0:
-      raise ValueError(f"sink_tokens={self.sink_tokens}; must be >= 0")
+    if self.n_sink < 0:
+      raise ValueError(f"n_sink={self.n_sink}; must be >= 0")
     if self.softcap is not None and self.softcap <= 0:
       raise ValueError(f"softcap={self.softcap}; must be > 0 or None")
     if self.q_chunk < 1:
@@ -99,21 +99,27 @@ class AttentionOutput(NamedTuple):
 
 
 def visibility_mask(q_positions, k_positions, k_lengths, *, causal=True, window=None,
-                    sink_tokens=0):
+                    n_sink=0):
   """Boolean mask [B, Hkv, T, S] of slots visible to each query (docs/CONVENTIONS.md)."""
   s = k_positions.shape[-1]
   slot = jnp.arange(s, dtype=jnp.int32)
-  valid_k = (slot[None, None, :] < k_lengths[:, :, None]) & (k_positions >= 0)  # [B,Hkv,S]
+  in_length = slot[None, None, :] < k_lengths[:, :, None]                         # [B,Hkv,S]
+  return _position_mask(q_positions, jnp.where(in_length, k_positions, -1), causal=causal,
+                        window=window, n_sink=n_sink)
+
+
+def _position_mask(q_positions, k_positions, *, causal, window, n_sink):
+  """[B, Hkv, T, S]: query positions [B, T] x slot positions [B, Hkv, S] (-1 = none)."""
   qp = q_positions[:, None, :, None]  # [B,1,T,1]
   kp = k_positions[:, :, None, :]     # [B,Hkv,1,S]
-  mask = valid_k[:, :, None, :] & (qp >= 0)
+  mask = (kp >= 0) & (qp >= 0)
   if causal:
     mask &= kp <= qp
   if window is not None:
-    in_window = (qp - kp) < window
-    if sink_tokens:
-      in_window |= kp < sink_tokens
-    mask &= in_window
+    near = (qp - kp) < window
+    if n_sink:
+      near |= kp < n_sink
+    mask &= near
   return mask
 
 
@@ -127,7 +133,7 @@ def _colsum_query_weights(q_positions, colsum_window):
 
 
 def _reference_chunk(q, k, v, q_positions, k_positions, k_lengths, qweights, *, scale,
-                     causal, window, sink_tokens, softcap, sink_logits):
+                     causal, window, n_sink, softcap, sink_logits):
   """Attention for one query chunk. q [B,Hq,Tc,D] -> out, lse, colsum."""
   b, hq, t, d = q.shape
   hkv = k.shape[1]
@@ -137,7 +143,7 @@ def _reference_chunk(q, k, v, q_positions, k_positions, k_lengths, qweights, *, 
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   mask = visibility_mask(q_positions, k_positions, k_lengths, causal=causal,
-                         window=window, sink_tokens=sink_tokens)[:, :, None]
+                         window=window, n_sink=n_sink)[:, :, None]
   logits = jnp.where(mask, logits, NEG_INF)
   m = jnp.max(logits, axis=-1, keepdims=True)
   if sink_logits is not None:
@@ -165,7 +171,7 @@ def reference_attention(q, k, v, k_lengths, *, q_positions, k_positions, spec, s
   scale = spec.scale if spec.scale is not None else d ** -0.5
   qweights = _colsum_query_weights(q_positions, colsum_window)
   kw = dict(scale=scale, causal=spec.causal, window=spec.window,
-            sink_tokens=spec.sink_tokens, softcap=spec.softcap, sink_logits=sink_logits)
+            n_sink=spec.n_sink, softcap=spec.softcap, sink_logits=sink_logits)
   chunk = spec.q_chunk
   if t <= chunk:
     out, lse, colsum = _reference_chunk(q, k, v, q_positions, k_positions, k_lengths,
@@ -208,7 +214,7 @@ def _block_bounds(k_positions, valid, k_block):
   return kmin, kmax
 
 
-def _visible_blocks(kmin, kmax, qpos, *, causal, window, sink_tokens):
+def _visible_blocks(kmin, kmax, qpos, *, causal, window, n_sink):
   """[nb] bool: key blocks that some valid query of `qpos` [B, C] may see (any row, head)."""
   big = jnp.int32(2 ** 30)
   qvalid = qpos >= 0
@@ -219,8 +225,8 @@ def _visible_blocks(kmin, kmax, qpos, *, causal, window, sink_tokens):
     vis &= kmin <= qmax
   if window is not None:
     near = kmax > qmin - window
-    if sink_tokens:
-      near |= kmin < sink_tokens
+    if n_sink:
+      near |= kmin < n_sink
     vis &= near
   return jnp.any(vis, axis=(0, 1))
 
@@ -260,7 +266,7 @@ def _load_block(x, layer, start, size):
   return blk.astype(jnp.float32)
 
 
-def _block_logits(qf, kb, qpos, kpos, *, causal, window, sink_tokens, softcap):
+def _block_logits(qf, kb, qpos, kpos, *, causal, window, n_sink, softcap):
   """qf [B,Hkv,M,D] (M = G*C, scaled) x kb [B,Hkv,Kb,D] -> masked logits [B,Hkv,M,Kb], mask.
 
   qpos [B, M] positions of the M query rows (-1 = padding)."""
@@ -270,16 +276,7 @@ def _block_logits(qf, kb, qpos, kpos, *, causal, window, sink_tokens, softcap):
     lg = jnp.einsum("bhmd,bhsd->bhms", qf, kb)
   if softcap is not None:
     lg = softcap * jnp.tanh(lg / softcap)
-  qp = qpos[:, None, :, None]
-  kp = kpos[:, :, None, :]
-  mask = (kp >= 0) & (qp >= 0)
-  if causal:
-    mask &= kp <= qp
-  if window is not None:
-    near = (qp - kp) < window
-    if sink_tokens:
-      near |= kp < sink_tokens
-    mask &= near
+  mask = _position_mask(qpos, kpos, causal=causal, window=window, n_sink=n_sink)
   return jnp.where(mask, lg, NEG_INF), mask
 
 
@@ -342,7 +339,7 @@ def _blocked_colsum(qf, qpos, qw, lse, keys: _Keys, order, count, *, mask_kw):
 
 def _block_order(kmin, kmax, qpos, mask_kw):
   vis = _visible_blocks(kmin, kmax, qpos, causal=mask_kw["causal"], window=mask_kw["window"],
-                        sink_tokens=mask_kw["sink_tokens"])
+                        n_sink=mask_kw["n_sink"])
   order = jnp.argsort(~vis, stable=True).astype(jnp.int32)  # visible blocks first
   return order, jnp.sum(vis).astype(jnp.int32)
 
@@ -382,7 +379,7 @@ def _blocked_forward(q, k, v, k_lengths, q_positions, k_positions, sink_logits, 
   dv = v.shape[-1]
   kb = min(k_block, s)
   scale = spec.scale if spec.scale is not None else d ** -0.5
-  mask_kw = dict(causal=spec.causal, window=spec.window, sink_tokens=spec.sink_tokens,
+  mask_kw = dict(causal=spec.causal, window=spec.window, n_sink=spec.n_sink,
                  softcap=spec.softcap)
   slot = jnp.arange(s, dtype=jnp.int32)
   kvalid = (slot[None, None, :] < k_lengths[:, :, None]) & (k_positions >= 0)
@@ -601,7 +598,7 @@ def kernel_backend(spec: AttentionSpec, q, *, layout: str = "dense", num_kv_head
       head_dim=q.shape[-1], head_dim_v=head_dim_v, dtype=jnp.dtype(q.dtype).name,
       num_q_heads=q.shape[1], num_kv_heads=num_kv_heads, num_queries=q.shape[2],
       scale=spec.scale, causal=spec.causal, window=spec.window,
-      sink_tokens=spec.sink_tokens, softcap=spec.softcap, return_colsum=return_colsum,
+      n_sink=spec.n_sink, softcap=spec.softcap, return_colsum=return_colsum,
       colsum_window=colsum_window if return_colsum else None))
   if verdict:
     return "pallas" if backend == "auto" else backend
@@ -614,7 +611,7 @@ def kernel_backend(spec: AttentionSpec, q, *, layout: str = "dense", num_kv_head
 
 def _mask_kwargs(spec: AttentionSpec):
   return dict(scale=spec.scale, causal=spec.causal, window=spec.window,
-              sink_tokens=spec.sink_tokens, softcap=spec.softcap)
+              n_sink=spec.n_sink, softcap=spec.softcap)
 
 
 def quantized_decode(q, codes, exact, *, q_positions, quant, spec: AttentionSpec,
