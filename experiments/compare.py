@@ -602,13 +602,21 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
   timing_done: set = set()
   bar = None
   mine = [p for k, p in enumerate(plan) if k % nproc == pid]
+  mine.sort(key=lambda p: p[0][1])   # one length after the other (see the cache clearing)
   if progress and pid == 0:
     from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm.tqdm(total=len(mine) * len(techniques), desc="compare (batch x technique)",
                     dynamic_ncols=True, file=sys.stderr)
   t_start = time.time()
   cdt = jnp.dtype(cache_dtype)
+  length_now = None
   for key, idxs in mine:
+    if length_now is not None and key[1] != length_now:
+      # Programs compiled for the last length are not run again. Every compiled program
+      # holds memory mappings, and a wide grid of techniques over several lengths otherwise
+      # reaches the kernel's map limit (vm.max_map_count, 65530 by default) and aborts.
+      jax.clear_caches()
+    length_now = key[1]
     batch = make_batch([samples[i] for i in idxs], idxs, tokenizer, mode, pad_id,
                        batch_size=batch_size, chat=chat)
     evaluate_batch(model, batch, techniques, built, groups, acc, length_key=key[1],
