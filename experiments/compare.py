@@ -42,6 +42,10 @@ frontier.png, needle_heatmap.png, throughput.png; the table goes to stdout.
 Pods: every process runs this same command; `jax.distributed.initialize()` is called when
 the environment is multi-host (or --distributed=true); batches are split over processes,
 scores are gathered, and process 0 alone prints and writes.
+
+One file on purpose (about 850 lines): the main job's flags, batching, evaluation loop and
+table are one protocol; the tasks (experiments/tasks/), tables (experiments/results.py) and
+plots (experiments/plots.py) live beside it.
 """
 
 from __future__ import annotations

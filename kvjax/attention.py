@@ -40,6 +40,10 @@ pool through `paged_decode` -- and `kernel_backend` decides, with one rule for a
 What a kernel supports is asked once, as a typed `pallas_kernels.KernelRequest` (layout,
 storage format, shapes, masking options, requested statistics), answered by a
 `pallas_kernels.Support` that names the reason when it is not.
+
+One file on purpose (about 700 lines): the reference, the blocked XLA path and the dispatch
+rule are one contract -- every kernel and every cache kind is tested against the functions
+here -- and the dispatch point is meant to be the only place a reader has to look.
 """
 
 from __future__ import annotations
