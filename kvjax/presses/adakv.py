@@ -16,6 +16,11 @@ slots; the cap is static (from S), never from data. The factor trades memory for
 1.5 (default) stores 0.75 S at compression_ratio 0.5 and lets a head take 1.5x its uniform
 share; 2.0 stores all S slots at ratio 0.5 (no saving there, 0.5 S at ratio 0.75);
 head_capacity_factor=H (kv heads) lets one head take everything.
+
+So the bytes are min(1, head_capacity_factor * (1 - compression_ratio)) of the dense
+cache's, not 1 - compression_ratio: `memory_fraction` is the exact figure and the repr
+quotes it. To compare AdaKV with a uniform press at equal bytes, give AdaKV the ratio r'
+with head_capacity_factor * (1 - r') = 1 - r.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from kvjax.presses import base, registry
 
 
 @registry.register("adakv", query_agnostic=True, wraps="snapkv")
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class AdaKVPress(base.ScorerWrapperPress):
   """Head-wise adaptive budget over any scorer.
 
@@ -51,6 +56,9 @@ class AdaKVPress(base.ScorerWrapperPress):
       raise ValueError(f"alpha_safeguard={self.alpha_safeguard}; must be in [0, 1]")
     if not self.head_capacity_factor >= 1:
       raise ValueError(f"head_capacity_factor={self.head_capacity_factor}; must be >= 1")
+
+  def __repr__(self) -> str:
+    return base.repr_with_memory(self)
 
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     uniform = int(self.press.keep_table(capacity, ctx).max())

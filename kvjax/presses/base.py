@@ -274,6 +274,20 @@ def is_identity(table: np.ndarray) -> bool:
   return bool(np.array_equal(table, np.arange(table.shape[0])))
 
 
+MEMORY_REPR_TOKENS = 4096  # the prompt length a press's repr quotes its real figure at
+
+
+def repr_with_memory(press, capacity: int = MEMORY_REPR_TOKENS, head_dim: int = 128,
+                     num_layers: Optional[int] = None) -> str:
+  """The dataclass repr plus the press's real kept-bytes figure (memory_fraction), for
+  presses whose bytes are not what their ratio alone says."""
+  fields = ", ".join(f"{f.name}={getattr(press, f.name)!r}" for f in dataclasses.fields(press)
+                     if f.repr)
+  frac = press.memory_fraction(capacity, num_layers=num_layers, head_dim=head_dim)
+  return (f"{type(press).__name__}({fields}; kv bytes kept {frac:.3g} of dense at {capacity} "
+          f"tokens, head_dim {head_dim})")
+
+
 # --------------------------------------------------------------------------------------
 # the protocol
 
@@ -306,6 +320,22 @@ class Press:
   def with_budget(self, budget: int) -> "Press":
     """The same press with an absolute per-head budget (used by decode-time policies)."""
     raise ValueError(f"{type(self).__name__} does not support an absolute budget")
+
+  def memory_fraction(self, capacity: int, *, num_layers: Optional[int] = None,
+                      head_dim: int = 128) -> float:
+    """The real figure: bytes per prompt token the compressed layers hold over the dense
+    cache's, at `capacity` prompt slots, averaged over `num_layers` layers (decode room
+    excluded; static padding included, since it is allocated).
+
+    For a slot press this is the kept capacity over `capacity`; it is at most
+    1 - compression_ratio (up to rounding) unless the press pads (head-wise budgets pad
+    every head to the largest one), and such a press says so in its repr.
+    """
+    del head_dim
+    n = num_layers or 1
+    kept = [self.layer_capacity(capacity, LayerContext(layer_idx=i, num_layers=n))
+            for i in range(n)]
+    return sum(kept) / (n * capacity)
 
   def validate(self, *, capacity: int, prompt_length: Optional[int] = None,
                num_layers: Optional[int] = None) -> None:

@@ -10,7 +10,10 @@ defaults).
 
 Memory: a layer's capacity pads to its largest head, so a layer saves memory only when all
 its kv heads are streaming heads (then its capacity is sink_size + recent_size); mixed
-layers keep capacity S with streaming heads holding fewer valid slots.
+layers keep capacity S with streaming heads holding fewer valid slots. The bytes are
+therefore not 1 - head_compression_ratio of the dense cache's but the mean over layers of
+(all-streaming ? min(S, sink + recent) : S) / S: `memory_fraction` is that exact figure and
+the repr quotes it.
 
 The profiler is a simple stand-in for the paper's gate training (and kvpress's
 on-the-fly scorer): for each kv head, the share of the last queries' attention mass that
@@ -66,7 +69,7 @@ def _duo_factory(cls, compression_ratio, **options):
 
 @registry.register("duo_attention", query_agnostic=True, needs=("head_scores",),
                    factory=_duo_factory)
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class DuoAttentionPress(base.Press):
   """Retrieval (full) heads vs streaming (sink + recent) heads.
 
@@ -109,6 +112,21 @@ class DuoAttentionPress(base.Press):
       order = np.argsort(scores, axis=None, kind="stable")[:n]
       mask[np.unravel_index(order, scores.shape)] = True
     return mask
+
+  def __repr__(self) -> str:
+    if self.head_scores is None:
+      return (f"DuoAttentionPress(head_compression_ratio={self.head_compression_ratio!r}, "
+              f"sink_size={self.sink_size}, recent_size={self.recent_size}, head_scores=None)")
+    return base.repr_with_memory(self)
+
+  def memory_fraction(self, capacity, *, num_layers=None, head_dim=128) -> float:
+    """Mean over the pattern's layers of kept capacity / capacity (see the module doc)."""
+    del head_dim
+    n = len(self.streaming_mask())
+    if num_layers is not None and num_layers != n:
+      raise ValueError(f"num_layers={num_layers}; head_scores has {n} layers")
+    return sum(self.layer_capacity(capacity, base.LayerContext(layer_idx=i, num_layers=n))
+               for i in range(n)) / (n * capacity)
 
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     mask = self.streaming_mask()[ctx.layer_idx]

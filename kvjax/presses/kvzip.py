@@ -107,7 +107,7 @@ def max_attention(queries, q_positions, k, k_positions, k_lengths,
     if spec.softcap is not None:
       logits = spec.softcap * jnp.tanh(logits / spec.softcap)
     mask = attn_lib.visibility_mask(pb, k_positions, k_lengths, causal=spec.causal,
-                                    window=spec.window, sink_tokens=spec.sink_tokens)
+                                    window=spec.window, n_sink=spec.n_sink)
     mask = mask[:, :, None]                                      # [B, Hkv, 1, w, S]
     if lse is not None:
       logp = jnp.where(mask, logits - lb[..., None], attn_lib.NEG_INF)

@@ -59,6 +59,10 @@ class LowRankPress(base.Press):
     v = capacity * r + head_dim * r if self.values else capacity * head_dim
     return (k + v) / (2 * capacity * head_dim)
 
+  def memory_fraction(self, capacity: int, *, num_layers=None, head_dim: int = 128) -> float:
+    del num_layers
+    return self.kv_fraction(capacity, head_dim)
+
   def layer_capacity(self, capacity: int, ctx: base.LayerContext = base.LayerContext()) -> int:
     del ctx
     return capacity

@@ -72,6 +72,10 @@ class ThinKPress(base.Press):
     """Fraction of the dense K + V bytes per token that the pruned cache keeps."""
     return (self.keep_channels(head_dim) + head_dim) / (2 * head_dim)
 
+  def memory_fraction(self, capacity: int, *, num_layers=None, head_dim: int = 128) -> float:
+    del capacity, num_layers
+    return self.kv_fraction(head_dim)
+
   def layer_capacity(self, capacity: int, ctx: base.LayerContext = base.LayerContext()) -> int:
     del ctx
     return capacity
