@@ -141,7 +141,7 @@ class WindowKVCache(cache_lib.KVCacheBase):
 
   def spec(self, **kw) -> attn_lib.AttentionSpec:
     """The AttentionSpec whose mask this ring holds exactly (extra fields: softcap, backend)."""
-    return attn_lib.AttentionSpec(window=self.span, sink_tokens=self.n_sink, **kw)
+    return attn_lib.AttentionSpec(window=self.span, n_sink=self.n_sink, **kw)
 
   def valid_mask(self) -> jax.Array:
     """[B, Hkv, S] bool: slot holds a token."""
@@ -162,8 +162,8 @@ class WindowKVCache(cache_lib.KVCacheBase):
                        f"{self.span} positions) but the layer's AttentionSpec.window="
                        f"{spec.window}; a ring cache needs a window <= its own (use a "
                        "DenseKVCache for full-attention layers)")
-    if spec.sink_tokens > self.n_sink:
-      raise ValueError(f"AttentionSpec.sink_tokens={spec.sink_tokens} > the cache's "
+    if spec.n_sink > self.n_sink:
+      raise ValueError(f"AttentionSpec.n_sink={spec.n_sink} > the cache's "
                        f"n_sink={self.n_sink} slots")
 
   def _kept(self, positions_new):

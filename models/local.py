@@ -96,7 +96,7 @@ class AttentionMixer(dec.Mixer):
     if self.window is None:
       return attn_lib.AttentionSpec(backend=backend)
     return attn_lib.AttentionSpec(window=self.window * self.dilation,
-                                  sink_tokens=self.n_sink, backend=backend)
+                                  n_sink=self.n_sink, backend=backend)
 
   def init(self, rand, config):
     dt = jnp.dtype(config.dtype)

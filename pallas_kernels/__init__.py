@@ -67,7 +67,7 @@ def resolve_platform(platform: str | None, interpret: Any) -> str:
 
 
 def attention(q, k, v, k_lengths, *, q_positions, k_positions, scale=None, window=None,
-              sink_tokens=0, softcap=None, return_lse=False, return_colsum=False,
+              n_sink=0, softcap=None, return_lse=False, return_colsum=False,
               colsum_window=None, platform=None, interpret=False, causal=True,
               sink_logits=None, block_q=None, block_k=None, num_splits=None):
   """Attention of q over a ragged KV set, with a Pallas kernel.
@@ -75,7 +75,7 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, scale=None, windo
   Args:
     q: [B, Hq, T, D]; k: [B, Hkv, S, D]; v: [B, Hkv, S, Dv].
     k_lengths: [B, Hkv] int32; q_positions: [B, T] int32; k_positions: [B, Hkv, S] int32.
-    scale, window, sink_tokens, softcap, causal: docs/CONVENTIONS.md.
+    scale, window, n_sink, softcap, causal: docs/CONVENTIONS.md.
     return_lse: return lse [B, Hq, T] float32 (else None).
     return_colsum: return colsum [B, Hkv, S] float32 (else None).
     colsum_window: count only the last `colsum_window` queries in colsum.
@@ -90,7 +90,7 @@ def attention(q, k, v, k_lengths, *, q_positions, k_positions, scale=None, windo
   kind = resolve_platform(platform, interpret)
   t = q.shape[2]
   common = dict(q_positions=q_positions, k_positions=k_positions, sink_logits=sink_logits,
-                scale=scale, causal=causal, window=window, sink_tokens=sink_tokens,
+                scale=scale, causal=causal, window=window, n_sink=n_sink,
                 softcap=softcap, return_colsum=return_colsum, colsum_window=colsum_window,
                 block_k=block_k, platform=kind, interpret=interpret)
   if t <= DECODE_MAX_QUERIES:
@@ -160,7 +160,7 @@ class KernelRequest:
       by a kernel.
     head_dim, head_dim_v, dtype, num_q_heads, num_kv_heads, num_queries: the call's
       shapes (None = not checked).
-    scale, causal, window, sink_tokens, softcap, return_colsum, colsum_window:
+    scale, causal, window, n_sink, softcap, return_colsum, colsum_window:
       docs/CONVENTIONS.md.
   """
   layout: str = "dense"
@@ -183,7 +183,7 @@ class KernelRequest:
   scale: Optional[float] = None
   causal: bool = True
   window: Optional[int] = None
-  sink_tokens: int = 0
+  n_sink: int = 0
   softcap: Optional[float] = None
   return_colsum: bool = False
   colsum_window: Optional[int] = None
@@ -215,7 +215,7 @@ def _unsupported(r: KernelRequest) -> str:
   if r.num_queries is not None and r.num_queries < 1:
     return f"num_queries={r.num_queries} (need at least one)"
   try:
-    _common.check_static(window=r.window, sink_tokens=r.sink_tokens, softcap=r.softcap,
+    _common.check_static(window=r.window, n_sink=r.n_sink, softcap=r.softcap,
                          scale=r.scale)
   except ValueError as e:
     return str(e)

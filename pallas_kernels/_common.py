@@ -35,7 +35,7 @@ class MaskSpec(NamedTuple):
   scale: float
   causal: bool = True
   window: int | None = None
-  sink_tokens: int = 0
+  n_sink: int = 0
   softcap: float | None = None
 
 
@@ -61,8 +61,8 @@ def visible(q_pos, k_pos, slot, length, spec: MaskSpec):
     vis = vis & (k_pos <= q_pos)
   if spec.window is not None:
     in_window = (q_pos - k_pos) < spec.window
-    if spec.sink_tokens > 0:
-      in_window = in_window | (k_pos < spec.sink_tokens)
+    if spec.n_sink > 0:
+      in_window = in_window | (k_pos < spec.n_sink)
     vis = vis & in_window
   return vis
 
@@ -192,8 +192,8 @@ def _block_predicates(qmin, qmax, kmin, kmax, spec: MaskSpec):
     # some slot with k_pos > q_pos - W for some query: kmax > qmin - W
     main = main & (kmax > qmin - spec.window)
   sink = None
-  if spec.window is not None and spec.sink_tokens > 0:
-    sink = base & (kmin < spec.sink_tokens)
+  if spec.window is not None and spec.n_sink > 0:
+    sink = base & (kmin < spec.n_sink)
   return main, sink
 
 
@@ -342,11 +342,11 @@ def check_head_dim(name: str, d: int):
     raise ValueError(f"{name}={d}; the kernels need a multiple of 8 in [8, 256]")
 
 
-def check_static(*, window, sink_tokens, softcap, scale=None):
+def check_static(*, window, n_sink, softcap, scale=None):
   if window is not None and (not isinstance(window, int) or window < 1):
     raise ValueError(f"window={window!r}; must be a positive int or None")
-  if not isinstance(sink_tokens, int) or sink_tokens < 0:
-    raise ValueError(f"sink_tokens={sink_tokens!r}; must be an int >= 0")
+  if not isinstance(n_sink, int) or n_sink < 0:
+    raise ValueError(f"n_sink={n_sink!r}; must be an int >= 0")
   if softcap is not None and not softcap > 0:
     raise ValueError(f"softcap={softcap!r}; must be > 0 or None")
   if scale is not None and not scale > 0:

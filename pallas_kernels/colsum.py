@@ -210,10 +210,10 @@ def resolve_block_q(platform: str, block_q: int | None, num_queries: int) -> tup
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "causal", "window", "sink_tokens", "softcap", "block_q",
+    static_argnames=("scale", "causal", "window", "n_sink", "softcap", "block_q",
                      "block_k", "platform", "interpret", "num_warps", "num_stages"))
 def attention_colsum(q, k, lse, k_lengths, *, q_positions, k_positions, scale: float,
-                     causal: bool = True, window: int | None = None, sink_tokens: int = 0,
+                     causal: bool = True, window: int | None = None, n_sink: int = 0,
                      softcap: float | None = None, block_q: int | None = None,
                      block_k: int | None = None, platform: str = "gpu",
                      interpret: Any = False, num_warps: int = 4, num_stages: int = 2):
@@ -225,7 +225,7 @@ def attention_colsum(q, k, lse, k_lengths, *, q_positions, k_positions, scale: f
     k_lengths: [B, Hkv] int32.
     q_positions: [B, Tq] int32; -1 for every query that must not count.
     k_positions: [B, Hkv, S] int32.
-    scale, causal, window, sink_tokens, softcap: as in the forward pass.
+    scale, causal, window, n_sink, softcap: as in the forward pass.
     block_q / block_k: query / slot block sizes (TPU: multiples of 8 / 128; GPU: powers
       of two >= 16). block_k defaults to the decode kernel's.
     platform, interpret, num_warps, num_stages: see `decode_attention`.
@@ -238,7 +238,7 @@ def attention_colsum(q, k, lse, k_lengths, *, q_positions, k_positions, scale: f
     raise ValueError(f"lse shape {lse.shape}; expected {(b, hq, tq)}")
   bk = dec.resolve_block_k(platform, block_k, s)
   bq, tq_pad = resolve_block_q(platform, block_q, tq)
-  spec = C.MaskSpec(scale=scale, causal=causal, window=window, sink_tokens=sink_tokens,
+  spec = C.MaskSpec(scale=scale, causal=causal, window=window, n_sink=n_sink,
                     softcap=softcap)
   q_positions = q_positions.astype(jnp.int32)
   k_positions = k_positions.astype(jnp.int32)

@@ -409,11 +409,11 @@ def resolve_block_k(platform: str, block_k: Optional[int], num_slots: int, *,
   return min(bk, max(16, C.next_pow2(num_slots)))
 
 
-def mask_spec(head_dim: int, *, scale, causal, window, sink_tokens, softcap) -> C.MaskSpec:
+def mask_spec(head_dim: int, *, scale, causal, window, n_sink, softcap) -> C.MaskSpec:
   """Validated static masking options (scale None = head_dim ** -0.5)."""
-  C.check_static(window=window, sink_tokens=sink_tokens, softcap=softcap, scale=scale)
+  C.check_static(window=window, n_sink=n_sink, softcap=softcap, scale=scale)
   return C.MaskSpec(scale=head_dim ** -0.5 if scale is None else float(scale),
-                    causal=causal, window=window, sink_tokens=sink_tokens, softcap=softcap)
+                    causal=causal, window=window, n_sink=n_sink, softcap=softcap)
 
 
 def check_queries(q, k_lengths, q_positions, k_positions, sink_logits, hkv: int, slots: int):
@@ -498,12 +498,12 @@ def decode(source, arrays, q, k_lengths, q_positions, *, k_positions=None, prefe
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "causal", "window", "sink_tokens", "softcap",
+    static_argnames=("scale", "causal", "window", "n_sink", "softcap",
                      "return_colsum", "colsum_window", "block_k", "num_splits",
                      "platform", "interpret", "num_warps", "num_stages"))
 def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=None,
                      scale: float | None = None, causal: bool = True,
-                     window: int | None = None, sink_tokens: int = 0,
+                     window: int | None = None, n_sink: int = 0,
                      softcap: float | None = None, return_colsum: bool = False,
                      colsum_window: int | None = None, block_k: int | None = None,
                      num_splits: int | None = None, platform: str = "gpu",
@@ -517,7 +517,7 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
     q_positions: [B, T] int32 (-1 = padding query).
     k_positions: [B, Hkv, S] int32 (-1 = empty slot).
     sink_logits: optional [Hq] learned sink logits (join the denominator only).
-    scale, causal, window, sink_tokens, softcap: docs/CONVENTIONS.md.
+    scale, causal, window, n_sink, softcap: docs/CONVENTIONS.md.
     return_colsum: also return colsum [B, Hkv, S] (second pass over K).
     colsum_window: only queries with q_pos > max(q_pos) - colsum_window count in colsum.
     block_k: slots per key block (TPU: multiple of 128, default 512; GPU: power of two
@@ -538,7 +538,7 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
     raise ValueError(f"colsum_window={colsum_window!r}; must be a positive int or None")
   b, _, _, d = q.shape
   _, hkv, s, dv = v.shape
-  spec = mask_spec(d, scale=scale, causal=causal, window=window, sink_tokens=sink_tokens,
+  spec = mask_spec(d, scale=scale, causal=causal, window=window, n_sink=n_sink,
                    softcap=softcap)
   bk = resolve_block_k(platform, block_k, s)
   splits = resolve_splits(platform, num_splits, b, hkv, C.cdiv(s, bk))
@@ -555,6 +555,6 @@ def decode_attention(q, k, v, k_lengths, *, q_positions, k_positions, sink_logit
     colsum = colsum_lib.attention_colsum(
         q, k, lse, k_lengths, q_positions=C.colsum_query_positions(q_positions, colsum_window),
         k_positions=k_positions, scale=spec.scale, causal=causal, window=window,
-        sink_tokens=sink_tokens, softcap=softcap, block_k=bk, platform=platform,
+        n_sink=n_sink, softcap=softcap, block_k=bk, platform=platform,
         interpret=interpret)
   return out, lse, colsum

@@ -306,12 +306,12 @@ def resolve_block_q(platform: str, block_q: int | None, num_queries: int) -> int
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "causal", "window", "sink_tokens", "softcap", "return_lse",
+    static_argnames=("scale", "causal", "window", "n_sink", "softcap", "return_lse",
                      "return_colsum", "colsum_window", "block_q", "block_k", "platform",
                      "interpret", "num_warps", "num_stages"))
 def flash_prefill(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=None,
                   scale: float | None = None, causal: bool = True, window: int | None = None,
-                  sink_tokens: int = 0, softcap: float | None = None,
+                  n_sink: int = 0, softcap: float | None = None,
                   return_lse: bool = False, return_colsum: bool = False,
                   colsum_window: int | None = None, block_q: int | None = None,
                   block_k: int | None = None, platform: str = "gpu",
@@ -324,7 +324,7 @@ def flash_prefill(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=N
       included); k_lengths: [B, Hkv] int32.
     q_positions: [B, T] int32 (-1 = padding); k_positions: [B, Hkv, S] int32 (-1 = empty).
     sink_logits: optional [Hq] learned sink logits.
-    scale, causal, window, sink_tokens, softcap: docs/CONVENTIONS.md.
+    scale, causal, window, n_sink, softcap: docs/CONVENTIONS.md.
     return_lse: also return lse [B, Hq, T] float32.
     return_colsum: also return colsum [B, Hkv, S] float32 (second pass over K).
     colsum_window: count only queries with q_pos > max(q_pos) - colsum_window (needs
@@ -339,7 +339,7 @@ def flash_prefill(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=N
   """
   dec.check_inputs(q, k, v, k_lengths, q_positions, k_positions, sink_logits)
   C.check_platform(platform)
-  C.check_static(window=window, sink_tokens=sink_tokens, softcap=softcap, scale=scale)
+  C.check_static(window=window, n_sink=n_sink, softcap=softcap, scale=scale)
   if colsum_window is not None and (not isinstance(colsum_window, int) or colsum_window < 1):
     raise ValueError(f"colsum_window={colsum_window!r}; must be a positive int or None")
   b, hq, t, d = q.shape
@@ -348,7 +348,7 @@ def flash_prefill(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=N
   bk_default = DEFAULT_BLOCK_K[platform] if block_k is None else block_k
   bk = dec.resolve_block_k(platform, bk_default, s)
   spec = C.MaskSpec(scale=d ** -0.5 if scale is None else float(scale), causal=causal,
-                    window=window, sink_tokens=sink_tokens, softcap=softcap)
+                    window=window, n_sink=n_sink, softcap=softcap)
   q_positions = q_positions.astype(jnp.int32)
   k_positions = k_positions.astype(jnp.int32)
   k_lengths = jnp.clip(k_lengths.astype(jnp.int32), 0, s)
@@ -375,6 +375,6 @@ def flash_prefill(q, k, v, k_lengths, *, q_positions, k_positions, sink_logits=N
       cq, clse, cpos = colsum_lib.select_last_queries(q, lse, q_positions, colsum_window)
     colsum = colsum_lib.attention_colsum(
         cq, k, clse, k_lengths, q_positions=cpos, k_positions=k_positions,
-        scale=spec.scale, causal=causal, window=window, sink_tokens=sink_tokens,
+        scale=spec.scale, causal=causal, window=window, n_sink=n_sink,
         softcap=softcap, block_k=bk, platform=platform, interpret=interpret)
   return out.astype(q.dtype), (lse if return_lse else None), colsum

@@ -218,7 +218,7 @@ def logical_positions(pos_pages, page_table, lengths, num_slots: int):
 
 
 _STATIC = ("fmt", "k_bits", "v_bits", "group_size", "scale", "causal", "window",
-           "sink_tokens", "softcap", "pages_per_block", "block_k", "num_splits", "platform",
+           "n_sink", "softcap", "pages_per_block", "block_k", "num_splits", "platform",
            "interpret", "num_warps", "num_stages")
 
 
@@ -250,7 +250,7 @@ def paged_decode_attention(
     res_positions=None, res_lengths=None, sink_logits=None, fmt: str = "float",
     k_bits: int = 8, v_bits: int = 8, group_size: Optional[int] = None,
     scale: Optional[float] = None, causal: bool = True, window: Optional[int] = None,
-    sink_tokens: int = 0, softcap: Optional[float] = None,
+    n_sink: int = 0, softcap: Optional[float] = None,
     pages_per_block: Optional[int] = None, block_k: Optional[int] = None,
     num_splits: Optional[int] = None, platform: str = "gpu", interpret: Any = False,
     num_warps: int = 4, num_stages: int = 2):
@@ -275,7 +275,7 @@ def paged_decode_attention(
     sink_logits: optional [Hq] learned sink logits.
     fmt: "float" (plain pool) | "int" | "fp8_e4m3" | "fp8_e5m2"; k_bits / v_bits for
       "int"; group_size: channels per scale (None = whole head).
-    scale, causal, window, sink_tokens, softcap: docs/CONVENTIONS.md.
+    scale, causal, window, n_sink, softcap: docs/CONVENTIONS.md.
     pages_per_block: TPU pages per grid step (default 8, fewer when M is smaller).
     block_k: GPU slots per loop step (power of two >= 16, default 64).
     num_splits: split-K parts (default 1 on TPU, enough programs to fill a GPU).
@@ -330,7 +330,7 @@ def paged_decode_attention(
     bk = dense.resolve_block_k(platform, block_k, slots, default=DEFAULT_BLOCK_K)
   splits = dense.resolve_splits(platform, num_splits, b, hkv, C.cdiv(slots, bk))
   spec = dense.mask_spec(d, scale=scale, causal=causal, window=window,
-                         sink_tokens=sink_tokens, softcap=softcap)
+                         n_sink=n_sink, softcap=softcap)
   q_positions = q_positions.astype(jnp.int32)
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, slots)
   page_table = page_table.astype(jnp.int32)
@@ -353,14 +353,14 @@ def paged_decode_attention(
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "k_bits", "v_bits", "group_size", "scale",
-                                             "causal", "window", "sink_tokens", "softcap"))
+                                             "causal", "window", "n_sink", "softcap"))
 def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, *, q_positions,
                            pos_pages=None, k_scale=None, k_zero=None, v_scale=None,
                            v_zero=None, layer=None, k_res=None, v_res=None,
                            res_positions=None, res_lengths=None, sink_logits=None,
                            fmt="float", k_bits=8,
                            v_bits=8, group_size=None, scale=None, causal=True, window=None,
-                           sink_tokens=0, softcap=None):
+                           n_sink=0, softcap=None):
   """Pure-jnp reference: gather the pages into a dense view, dequantize, attend."""
   if layer is not None:
     sl = lambda a: None if a is None else a[layer]
@@ -385,6 +385,6 @@ def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, *, q_positi
     lengths = jnp.full(lengths.shape, slots, jnp.int32)
   out, lse, _ = attention_reference(q, k, v, jnp.clip(lengths, 0, slots),
                                     q_positions=q_positions, k_positions=pos, scale=scale,
-                                    causal=causal, window=window, sink_tokens=sink_tokens,
+                                    causal=causal, window=window, n_sink=n_sink,
                                     softcap=softcap, sink_logits=sink_logits)
   return out, lse

@@ -65,7 +65,7 @@ def block_unit(formats) -> int:
 # ----------------------------------------------------------------------------------------
 
 _STATIC = ("fmt", "k_bits", "v_bits", "k_axis", "v_axis", "group_size", "scale", "causal",
-           "window", "sink_tokens", "softcap", "block_k", "num_splits", "platform",
+           "window", "n_sink", "softcap", "block_k", "num_splits", "platform",
            "interpret", "num_warps", "num_stages")
 
 
@@ -76,7 +76,7 @@ def quantized_decode_attention(
     sink_logits=None, fmt: str = "int", k_bits: int = 8, v_bits: int = 8,
     k_axis: str = "token", v_axis: str = "token", group_size: Optional[int] = None,
     scale: Optional[float] = None, causal: bool = True, window: Optional[int] = None,
-    sink_tokens: int = 0, softcap: Optional[float] = None, block_k: Optional[int] = None,
+    n_sink: int = 0, softcap: Optional[float] = None, block_k: Optional[int] = None,
     num_splits: Optional[int] = None, platform: str = "gpu", interpret: Any = False,
     num_warps: int = 4, num_stages: int = 2):
   """Ragged decode attention over a quantized cache (+ optional exact residual window).
@@ -93,7 +93,7 @@ def quantized_decode_attention(
     fmt: "int" | "fp8_e4m3" | "fp8_e5m2". k_bits / v_bits: 2, 4, 8 for "int".
     k_axis / v_axis: "token" | "channel"; group_size: channels per scale on a token axis
       (None = the whole head), tokens per scale on a channel axis (kvjax QuantSpec).
-    scale, causal, window, sink_tokens, softcap: docs/CONVENTIONS.md.
+    scale, causal, window, n_sink, softcap: docs/CONVENTIONS.md.
     block_k: slots per block (TPU: multiple of 128 and of 16 token groups for channel
       scales, default 512; GPU: power of two >= 16, default 64).
     num_splits: split-K parts (default 1 on TPU, enough programs to fill a GPU).
@@ -131,7 +131,7 @@ def quantized_decode_attention(
                        f"expected {(b, hkv, 'R', d)}, {(b, hkv, 'R', dv)}, "
                        f"{(b, hkv, 'R')}, {(b, hkv)}")
   spec = dense.mask_spec(d, scale=scale, causal=causal, window=window,
-                         sink_tokens=sink_tokens, softcap=softcap)
+                         n_sink=n_sink, softcap=softcap)
   bk = dense.resolve_block_k(platform, block_k, sq, default=DEFAULT_BLOCK_K[platform],
                              unit=block_unit((kf, vf)))
   splits = dense.resolve_splits(platform, num_splits, b, hkv, C.cdiv(sq, bk))
@@ -150,12 +150,12 @@ def quantized_decode_attention(
 
 @functools.partial(jax.jit, static_argnames=("fmt", "k_bits", "v_bits", "k_axis", "v_axis",
                                              "group_size", "scale", "causal", "window",
-                                             "sink_tokens", "softcap"))
+                                             "n_sink", "softcap"))
 def quantized_decode_reference(
     q, k_codes, k_scale, v_codes, v_scale, k_lengths, *, q_positions, k_positions,
     k_zero=None, v_zero=None, k_res=None, v_res=None, res_positions=None, res_lengths=None,
     sink_logits=None, fmt="int", k_bits=8, v_bits=8, k_axis="token", v_axis="token",
-    group_size=None, scale=None, causal=True, window=None, sink_tokens=0, softcap=None):
+    group_size=None, scale=None, causal=True, window=None, n_sink=0, softcap=None):
   """Pure-jnp reference: dequantize the whole cache, append the residual, attend.
 
   Same arguments as `quantized_decode_attention`; returns (out, lse).
@@ -178,6 +178,6 @@ def quantized_decode_reference(
   lengths = jnp.full(k_lengths.shape, k.shape[2], jnp.int32)
   out, lse, _ = attention_reference(q, k, v, lengths, q_positions=q_positions,
                                     k_positions=pos, scale=scale, causal=causal,
-                                    window=window, sink_tokens=sink_tokens, softcap=softcap,
+                                    window=window, n_sink=n_sink, softcap=softcap,
                                     sink_logits=sink_logits)
   return out, lse

@@ -18,7 +18,7 @@ NEG_INF = -1e30
 
 
 def visibility(q_positions, k_positions, k_lengths, *, causal=True, window=None,
-               sink_tokens=0):
+               n_sink=0):
   """[B, Hkv, T, S] bool: slot s visible to query t (docs/CONVENTIONS.md)."""
   s = k_positions.shape[-1]
   slot = jnp.arange(s, dtype=jnp.int32)
@@ -30,16 +30,16 @@ def visibility(q_positions, k_positions, k_lengths, *, causal=True, window=None,
     vis = vis & (kp <= qp)
   if window is not None:
     in_window = (qp - kp) < window
-    if sink_tokens:
-      in_window = in_window | (kp < sink_tokens)
+    if n_sink:
+      in_window = in_window | (kp < n_sink)
     vis = vis & in_window
   return vis
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "window", "sink_tokens",
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "window", "n_sink",
                                              "softcap", "colsum_window"))
 def attention_reference(q, k, v, k_lengths, *, q_positions, k_positions, scale=None,
-                        causal=True, window=None, sink_tokens=0, softcap=None,
+                        causal=True, window=None, n_sink=0, softcap=None,
                         sink_logits=None, colsum_window=None):
   """Reference attention.
 
@@ -47,7 +47,7 @@ def attention_reference(q, k, v, k_lengths, *, q_positions, k_positions, scale=N
     q: [B, Hq, T, D]; k: [B, Hkv, S, D]; v: [B, Hkv, S, Dv].
     k_lengths: [B, Hkv] int32; q_positions: [B, T] int32; k_positions: [B, Hkv, S] int32.
     scale: logit scale, default D ** -0.5.
-    causal, window, sink_tokens, softcap: masking/logit options (CONVENTIONS.md).
+    causal, window, n_sink, softcap: masking/logit options (CONVENTIONS.md).
     sink_logits: optional [Hq] learned sink logits (softmax denominator only).
     colsum_window: only queries with q_pos > max_t q_pos[b] - colsum_window count in colsum.
 
@@ -64,7 +64,7 @@ def attention_reference(q, k, v, k_lengths, *, q_positions, k_positions, scale=N
   if softcap is not None:
     s = softcap * jnp.tanh(s / softcap)
   vis = visibility(q_positions, k_positions, k_lengths, causal=causal, window=window,
-                   sink_tokens=sink_tokens)[:, :, None]          # [B, Hkv, 1, T, S]
+                   n_sink=n_sink)[:, :, None]          # [B, Hkv, 1, T, S]
   s = jnp.where(vis, s, NEG_INF)
   m = jnp.max(s, axis=-1, keepdims=True)
   if sink_logits is not None:

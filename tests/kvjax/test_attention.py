@@ -74,7 +74,7 @@ def test_matches_naive(hq, hkv, window, sinks, softcap):
   q, k, v, kl, qp, kp = make(hq=hq, hkv=hkv)
   qp[1, :2] = -1  # padding queries
   kp[0, 0, 3] = -1  # an empty slot in the middle
-  spec = A.AttentionSpec(window=window, sink_tokens=sinks, softcap=softcap, backend="xla")
+  spec = A.AttentionSpec(window=window, n_sink=sinks, softcap=softcap, backend="xla")
   res = A.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(kl),
                     q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), spec=spec,
                     return_lse=True, return_colsum=True)
@@ -182,7 +182,7 @@ def test_pallas_dispatch_matches_xla_in_interpret_mode(t):
   for causal in (True, False):
     kw = dict(q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), sink_logits=sl,
               return_lse=True, return_colsum=True)
-    spec = dict(window=5, sink_tokens=1, softcap=20.0, causal=causal)
+    spec = dict(window=5, n_sink=1, softcap=20.0, causal=causal)
     ref = A.attention(*args, spec=A.AttentionSpec(backend="xla", **spec), **kw)
     got = A.attention(*args, spec=A.AttentionSpec(backend="pallas", **spec), interpret=True, **kw)
     np.testing.assert_allclose(got.out, ref.out, atol=2e-5)
@@ -204,7 +204,7 @@ def test_blocked_matches_naive(hq, hkv, window, sinks, softcap, colsum_window,
   kp[0, 0, 3] = -1
   kl[0, 0] = 10
   sl = np.linspace(-1.0, 1.0, hq).astype(np.float32) if use_sink_logits else None
-  spec = A.AttentionSpec(window=window, sink_tokens=sinks, softcap=softcap, q_chunk=3,
+  spec = A.AttentionSpec(window=window, n_sink=sinks, softcap=softcap, q_chunk=3,
                          backend="xla")
   res = A.blocked_attention(*map(jnp.asarray, (q, k, v, kl)), q_positions=jnp.asarray(qp),
                             k_positions=jnp.asarray(kp), spec=spec,
@@ -242,7 +242,7 @@ def test_long_key_sets_dispatch_to_blocked_and_keep_reference_values_and_grads()
   kl[:] = s
   kl[1, 0] = s - 100
   args = dict(q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp),
-              spec=A.AttentionSpec(window=300, sink_tokens=4, backend="xla"))
+              spec=A.AttentionSpec(window=300, n_sink=4, backend="xla"))
   ref = A.reference_attention(*map(jnp.asarray, (q, k, v, kl)), **args, colsum_window=8)
   got = A.attention(*map(jnp.asarray, (q, k, v, kl)), **args, return_lse=True,
                     return_colsum=True, colsum_window=8)

@@ -43,7 +43,7 @@ STEPS = [(6, (6, 4), True), (1, (1, 1), False), (6, (3, 6), False), (1, (1, 0), 
 @pytest.mark.parametrize("window,sink", [(4, 0), (5, 2)])
 def test_ring_equals_dense_history(window, sink):
   rng = np.random.default_rng(window)
-  spec = A.AttentionSpec(window=window, sink_tokens=sink, backend="xla")
+  spec = A.AttentionSpec(window=window, n_sink=sink, backend="xla")
   ring = WindowKVCache.init(B, H, window, D, n_sink=sink)
   dense = DenseKVCache.init(B, H, 40, D)
   offset = np.zeros(B, np.int32)
@@ -121,8 +121,8 @@ def test_spec_that_needs_more_than_the_ring_raises():
     ring.attend(q, k, k, pos, A.AttentionSpec())
   with pytest.raises(ValueError, match="window=5"):
     ring.attend(q, k, k, pos, A.AttentionSpec(window=5))
-  with pytest.raises(ValueError, match="sink_tokens=2"):
-    ring.attend(q, k, k, pos, A.AttentionSpec(window=4, sink_tokens=2))
+  with pytest.raises(ValueError, match="n_sink=2"):
+    ring.attend(q, k, k, pos, A.AttentionSpec(window=4, n_sink=2))
   with pytest.raises(ValueError, match="window=0"):
     WindowKVCache.init(1, 1, 0, D)
 

@@ -62,7 +62,7 @@ def _ranges_and_visibility(qpos, kpos, lengths, spec):
 @hypothesis.settings(**_SETTINGS)
 @hypothesis.given(seed=st.integers(0, 2 ** 16),
                   spec=st.sampled_from([C.MaskSpec(1.0), C.MaskSpec(1.0, window=5),
-                                        C.MaskSpec(1.0, window=3, sink_tokens=2),
+                                        C.MaskSpec(1.0, window=3, n_sink=2),
                                         C.MaskSpec(1.0, causal=False)]))
 def test_key_ranges_cover_every_visible_pair(seed, spec):
   # Given shuffled slot positions with evictions, padding queries and ragged lengths

@@ -29,7 +29,7 @@ CASES = {
     "gpu-g8-d128-bf16-window": (
         "gpu", dict(batch=2, q_heads=8, kv_heads=1, queries=4, slots=70, head_dim=128,
                     dtype=BF16, lengths=[[70], [33]], pad_queries=1),
-        dict(block_k=16, num_splits=2, window=9, sink_tokens=3, softcap=15.0,
+        dict(block_k=16, num_splits=2, window=9, n_sink=3, softcap=15.0,
              colsum_window=2)),
     "gpu-g1-d64-f32-gaps-dv": (
         "gpu", dict(batch=2, q_heads=2, kv_heads=2, queries=2, slots=129, head_dim=64,
@@ -42,14 +42,14 @@ CASES = {
     "tpu-g8-d64-bf16-window": (
         "tpu", dict(batch=2, q_heads=8, kv_heads=1, queries=3, slots=200, head_dim=64,
                     dtype=BF16, lengths=[[200], [131]], pad_queries=1),
-        dict(block_k=128, window=40, sink_tokens=4, softcap=20.0, colsum_window=2)),
+        dict(block_k=128, window=40, n_sink=4, softcap=20.0, colsum_window=2)),
     "tpu-g1-d64-f32-smallS-gaps": (
         "tpu", dict(batch=2, q_heads=2, kv_heads=2, queries=2, slots=40, head_dim=64,
                     gaps=True, lengths=[[40, 1], [0, 17]]),
         dict(causal=False)),
 }
 
-_MASK_KEYS = ("scale", "causal", "window", "sink_tokens", "softcap", "colsum_window")
+_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap", "colsum_window")
 
 
 def _run(p, platform, sink_logits=None, **kw):
@@ -76,7 +76,7 @@ def test_matches_reference_interpret(name):
 @functools.lru_cache(maxsize=None)
 def _jitted_gpu_decode(window):
   return jax.jit(functools.partial(decode_attention, platform="gpu", interpret=True,
-                                   block_k=16, num_splits=3, window=window, sink_tokens=2,
+                                   block_k=16, num_splits=3, window=window, n_sink=2,
                                    return_colsum=True),
                  compiler_options=FAST_COMPILE if jax.default_backend() == "cpu" else None)
 
@@ -92,7 +92,7 @@ def test_ragged_property(lengths, seed, gaps, q_start):
               lengths=np.reshape(lengths, (2, 2)), seed=seed, gaps=gaps, q_start=q_start)
   result = _jitted_gpu_decode(12)(p["q"], p["k"], p["v"], p["k_lengths"],
                                   q_positions=p["q_positions"], k_positions=p["k_positions"])
-  check_against_reference(result, p, dtype=F32, window=12, sink_tokens=2)
+  check_against_reference(result, p, dtype=F32, window=12, n_sink=2)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -132,7 +132,7 @@ def test_native_lowering_on_cpu(platform, lowering):
   k = jax.ShapeDtypeStruct((b, hkv, s, d), BF16)
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   fn = jax.jit(functools.partial(decode_attention, platform=platform, window=256,
-                                 sink_tokens=4, softcap=30.0, return_colsum=True))
+                                 n_sink=4, softcap=30.0, return_colsum=True))
   text = lower_for(fn, (q, k, k, i32(b, hkv)),
                    dict(q_positions=i32(b, t), k_positions=i32(b, hkv, s)), lowering)
   assert "ragged_decode_attention" in text

@@ -59,7 +59,7 @@ def test_end_to_end_on_cpu_interpret():
 
 def test_support_of_dense_requests():
   ok = pallas_kernels.KernelRequest(head_dim=128, dtype="bfloat16", num_q_heads=32,
-                                    num_kv_heads=8, window=4096, sink_tokens=4,
+                                    num_kv_heads=8, window=4096, n_sink=4,
                                     softcap=50.0, return_colsum=True, colsum_window=64)
   assert pallas_kernels.support(ok)
   assert pallas_kernels.support(pallas_kernels.KernelRequest(causal=False))

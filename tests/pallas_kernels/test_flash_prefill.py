@@ -25,7 +25,7 @@ CASES = {
     "gpu-g8-d128-bf16-window": (
         "gpu", dict(batch=2, q_heads=8, kv_heads=1, queries=70, slots=70, head_dim=128,
                     dtype=BF16, lengths=[[70], [45]], pad_queries=3, q_start=0),
-        dict(block_q=16, block_k=16, window=13, sink_tokens=3, softcap=20.0,
+        dict(block_q=16, block_k=16, window=13, n_sink=3, softcap=20.0,
              colsum_window=9)),
     "gpu-g1-d64-f32-gaps": (
         "gpu", dict(batch=2, q_heads=2, kv_heads=2, queries=40, slots=90, head_dim=64,
@@ -39,11 +39,11 @@ CASES = {
     "tpu-g2-d64-bf16-window": (
         "tpu", dict(batch=1, q_heads=4, kv_heads=2, queries=150, slots=150, head_dim=64,
                     dtype=BF16, lengths=[[150, 97]], q_start=0),
-        dict(block_q=64, block_k=128, window=40, sink_tokens=4, softcap=20.0,
+        dict(block_q=64, block_k=128, window=40, n_sink=4, softcap=20.0,
              colsum_window=16)),
 }
 
-_MASK_KEYS = ("scale", "causal", "window", "sink_tokens", "softcap", "colsum_window")
+_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap", "colsum_window")
 
 
 def _run(p, platform, sink_logits=None, **kw):
@@ -83,7 +83,7 @@ def test_block_ranges_skip_invisible_blocks():
   np.testing.assert_array_equal(r.a2[0, 0], np.zeros(8))
   np.testing.assert_array_equal(r.n2[0, 0], np.arange(1, 9))
   # Window 20 + 2 sinks: block 0 (sinks) then the two blocks of the band.
-  spec = C.MaskSpec(scale=1.0, window=20, sink_tokens=2)
+  spec = C.MaskSpec(scale=1.0, window=20, n_sink=2)
   r = C.key_ranges(qpos, kpos, lengths, block_q=16, block_k=16, spec=spec)
   assert (int(r.a1[0, 0, 7]), int(r.n1[0, 0, 7])) == (0, 1)
   assert (int(r.a2[0, 0, 7]), int(r.n2[0, 0, 7])) == (5, 3)
@@ -99,7 +99,7 @@ def test_native_lowering_on_cpu(platform, lowering):
   q = jax.ShapeDtypeStruct((b, hq, t, d), BF16)
   k = jax.ShapeDtypeStruct((b, hkv, t, d), BF16)
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  fn = jax.jit(functools.partial(flash_prefill, platform=platform, window=256, sink_tokens=4,
+  fn = jax.jit(functools.partial(flash_prefill, platform=platform, window=256, n_sink=4,
                                  softcap=30.0, return_lse=True, return_colsum=True,
                                  colsum_window=64))
   text = lower_for(fn, (q, k, k, i32(b, hkv)),

@@ -21,7 +21,7 @@ from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, l
                                         require_backend)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-_MASK_KEYS = ("scale", "causal", "window", "sink_tokens", "softcap")
+_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap")
 
 
 @functools.partial(jax.jit, static_argnames=("kv_heads", "page_size", "num_pages",
@@ -116,7 +116,7 @@ def test_tpu_fp8_pool_from_kvjax_matches_reference_interpret():
                                      tokens=[70, 37], head_lengths=[[70, 1], [0, 37]])
   q, qpos = _queries(2, 2, 1, 64, F32, 69)
   _check("tpu", arrays, static, q, qpos,
-         dict(pages_per_block=2, num_splits=2, window=30, sink_tokens=2), F32)
+         dict(pages_per_block=2, num_splits=2, window=30, n_sink=2), F32)
 
 
 def test_tpu_bf16_pool_matches_reference_interpret():
@@ -162,7 +162,7 @@ def test_native_lowering_on_cpu(platform, lowering):
   pages, sc = sds((n, hkv, p, d // 2), jnp.uint8), sds((n, hkv, p, d // 32), jnp.float16)
   fn = jax.jit(functools.partial(pd.paged_decode_attention, platform=platform, fmt="int",
                                  k_bits=4, v_bits=4, group_size=32, window=256,
-                                 sink_tokens=4))
+                                 n_sink=4))
   text = lower_for(fn, (sds((b, hq, t, d), BF16), pages, pages, i32(b, m), i32(b, hkv)),
                    dict(q_positions=i32(b, t), pos_pages=i32(n, hkv, p), k_scale=sc,
                         k_zero=sc, v_scale=sc, v_zero=sc), lowering)
@@ -175,7 +175,7 @@ def _native(platform):
                                                                      [100, 5]],
                                 dtype=BF16, with_positions=True)
   q, qpos = _queries(3, 8, 2, 128, BF16, 191)
-  _check(platform, arrays, static, q, qpos, dict(window=64, sink_tokens=4), BF16,
+  _check(platform, arrays, static, q, qpos, dict(window=64, n_sink=4), BF16,
          interpret=False)
 
 
@@ -195,7 +195,7 @@ def test_support_of_paged_requests():
   import pallas_kernels  # pylint: disable=import-outside-toplevel
   ok = pallas_kernels.KernelRequest(layout="paged", head_dim=128, dtype="bfloat16",
                                     num_q_heads=32, num_kv_heads=8, num_queries=1,
-                                    window=4096, sink_tokens=4)
+                                    window=4096, n_sink=4)
   assert pallas_kernels.support(ok)
   for fmt in (dict(fmt="int", k_bits=4, v_bits=4, group_size=32), dict(fmt="fp8_e4m3")):
     assert pallas_kernels.support(dataclasses.replace(ok, **fmt))
@@ -238,7 +238,7 @@ def test_kvjax_attend_on_a_stacked_layer_dispatches_to_the_fused_kernel():
   opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
 
   def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
-    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, sink_tokens=3, softcap=20.0)
+    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, n_sink=3, softcap=20.0)
     step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, layer=1,
                                             sink_logits=sink_logits, return_lse=True)
     return jax.jit(step, compiler_options=opts)(stacked, q, k_new, v_new)

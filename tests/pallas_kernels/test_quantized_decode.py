@@ -86,7 +86,7 @@ CASES = {
     "gpu-int8-g8-d128-bf16-window": (
         "gpu", quant_spec.int8(),
         dict(batch=2, kv_heads=1, slots=70, head_dim=128, lengths=[[70], [33]]),
-        (8, 1), BF16, dict(block_k=16, num_splits=3, window=20, sink_tokens=2,
+        (8, 1), BF16, dict(block_k=16, num_splits=3, window=20, n_sink=2,
                            softcap=30.0)),
     "tpu-kivi-k2v4-g1-d64-f32-residual": (
         "tpu", quant_spec.kivi(bits=4, group_size=8, residual=8).replace(k_bits=2),
@@ -95,10 +95,10 @@ CASES = {
     "tpu-fp8-g4-d128-bf16-window": (
         "tpu", quant_spec.fp8("fp8_e5m2"),
         dict(batch=2, kv_heads=2, slots=200, head_dim=128, lengths=[[200, 0], [1, 131]]),
-        (8, 1), BF16, dict(block_k=128, window=50, sink_tokens=4)),
+        (8, 1), BF16, dict(block_k=128, window=50, n_sink=4)),
 }
 
-_MASK_KEYS = ("scale", "causal", "window", "sink_tokens", "softcap")
+_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap")
 
 
 def _queries(batch, q_heads, t, head_dim, dtype, start, seed=2):
@@ -214,7 +214,7 @@ def test_native_lowering_on_cpu(platform, lowering):
   ks, vs = sds((b, hkv, sq // g, d), jnp.float16), sds((b, hkv, sq, d // g), jnp.float16)
   fn = jax.jit(functools.partial(qd.quantized_decode_attention, platform=platform, fmt="int",
                                  k_bits=2, v_bits=4, k_axis="channel", v_axis="token",
-                                 group_size=g, window=512, sink_tokens=4, softcap=30.0))
+                                 group_size=g, window=512, n_sink=4, softcap=30.0))
   args = (sds((b, hq, t, d), BF16), sds((b, hkv, sq, d // 4), jnp.uint8), ks,
           sds((b, hkv, sq, d // 2), jnp.uint8), vs, i32(b, hkv))
   kwargs = dict(q_positions=i32(b, t), k_positions=i32(b, hkv, sq), k_zero=ks, v_zero=vs,
@@ -258,7 +258,7 @@ def test_support_of_quantized_requests():
   kivi = pallas_kernels.KernelRequest(
       layout="quantized", fmt="int", k_bits=4, v_bits=2, k_axis="channel", v_axis="token",
       group_size=32, residual=True, head_dim=128, head_dim_v=128, dtype="bfloat16",
-      num_q_heads=32, num_kv_heads=8, num_queries=1, window=4096, sink_tokens=4,
+      num_q_heads=32, num_kv_heads=8, num_queries=1, window=4096, n_sink=4,
       softcap=30.0)
   assert pallas_kernels.support(kivi)
   assert pallas_kernels.support(pallas_kernels.KernelRequest(layout="quantized",
@@ -303,7 +303,7 @@ def test_kvjax_attend_dispatches_to_the_fused_kernel():
   opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
 
   def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
-    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, sink_tokens=3, softcap=20.0)
+    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, n_sink=3, softcap=20.0)
     step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, sink_logits=sink_logits,
                                             return_lse=True)
     return jax.jit(step, compiler_options=opts)(c, q, k_new, v_new)

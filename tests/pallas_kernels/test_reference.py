@@ -45,8 +45,8 @@ def test_window_sees_exactly_w_tokens():
   np.testing.assert_array_equal(visible, [7, 8, 9, 10])
 
 
-def test_sink_tokens_stay_visible_with_window():
-  out, _, colsum = _run(_uniform(q_pos=(10,)), window=4, sink_tokens=2)
+def test_n_sink_stay_visible_with_window():
+  out, _, colsum = _run(_uniform(q_pos=(10,)), window=4, n_sink=2)
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(colsum[0, 0])), [0, 1, 7, 8, 9, 10])
   np.testing.assert_allclose(out[0, 0, 0, 0], np.mean([0, 1, 7, 8, 9, 10]), rtol=1e-6)
 
@@ -124,7 +124,7 @@ def test_matches_kvjax_reference():
   from tests.pallas_kernels._util import problem  # pylint: disable=import-outside-toplevel
   p = problem(batch=2, q_heads=4, kv_heads=2, queries=3, slots=20, head_dim=8, gaps=True,
               pad_queries=1, nan_garbage=False)
-  kw = dict(window=5, sink_tokens=2, softcap=10.0)
+  kw = dict(window=5, n_sink=2, softcap=10.0)
   ref = jax.jit(lambda q, k, v, n, qp, kp: tuple(attn.reference_attention(
       q, k, v, n, q_positions=qp, k_positions=kp, spec=attn.AttentionSpec(**kw),
       colsum_window=2)))
