@@ -128,3 +128,23 @@ def test_configs_load_and_user_files_switch_on(tmp_path):
   c.data.sources.files.weight = 0.0
   with pytest.raises(ValueError, match="no data source has a positive weight"):
     train_lib.active_sources(c)
+
+
+def test_recipe_merges_sections_replaces_sources_and_refuses_unknown_keys():
+  from train.configs import default  # pylint: disable=import-outside-toplevel
+  base = default.get_config()
+  c = default.recipe(steps=7, opt=dict(lr=0.5), model=dict(config=dict(num_layers=5)),
+                     sources=dict(m=dict(kind="mqar", weight=1.0)))
+  # Given keys change; every other key of a merged section keeps get_config()'s value
+  assert (c.steps, c.opt.lr, c.model.config.num_layers) == (7, 0.5, 5)
+  assert c.opt.warmup_steps == base.opt.warmup_steps
+  assert c.model.config.hidden_size == base.model.config.hidden_size
+  assert c.model.family == base.model.family
+  # data.sources and model.config are replaced whole, not merged
+  assert list(c.data.sources) == ["m"] and c.data.sources.m.kind == "mqar"
+  assert dict(default.recipe(model_config=dict(x=1)).model.config) == {"x": 1}
+  # The result stays open to overrides (train.main locks it when it loads the file)
+  c.extra = 1
+  for bad, key in ((dict(stepz=1), "stepz"), (dict(opt=dict(lrr=1.0)), "lrr")):
+    with pytest.raises(ValueError, match=f"lacks: Key \"{key}\" does not exist"):
+      default.recipe(**bad)

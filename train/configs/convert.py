@@ -61,29 +61,17 @@ def student_settings(student: str, teacher: str) -> tuple[str, dict]:
 
 
 def get_config(student: str = "gla") -> ml_collections.ConfigDict:
-  c = default.get_config()
   teacher = os.path.normpath(TEACHER)
   family, kw = student_settings(student, teacher)
-  c.model.family = family
-  c.model.config = ml_collections.ConfigDict(kw)
-  c.objective = "attention_transfer"
-  c.teacher = teacher
-  c.trainable = DEFAULT_TRAINABLE
-  c.steps = 300                    # stage 1 (attention transfer) steps
-  c.batch_size = 16
-  c.seq_len = 256
-  c.opt.lr = 3e-3
-  c.opt.warmup_steps = 30
-  c.data.sources = ml_collections.ConfigDict(dict(
-      stdlib=ml_collections.ConfigDict(dict(kind="stdlib", weight=3.0)),
-      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=8)),
-  ))
-  c.log_every = 25
-  c.eval_every = 0
-  c.eval_examples = 64
-  c.eval_batch_size = 16
-  c.checkpoint_every = 100
-  c.export = True
+  c = default.recipe(
+      model=dict(family=family), model_config=kw,
+      objective="attention_transfer", teacher=teacher, trainable=DEFAULT_TRAINABLE,
+      steps=300,                   # stage 1 (attention transfer) steps
+      batch_size=16, seq_len=256, opt=dict(lr=3e-3, warmup_steps=30),
+      sources=dict(stdlib=dict(kind="stdlib", weight=3.0),
+                   mqar=dict(kind="mqar", weight=1.0, num_pairs=8)),
+      log_every=25, eval_every=0, eval_examples=64, eval_batch_size=16, checkpoint_every=100,
+      export=True)
   # Stage 2 (LM fine-tuning of all weights), read by train.convert.
   c.convert = ml_collections.ConfigDict(dict(
       finetune_steps=300,          # optimizer steps of stage 2

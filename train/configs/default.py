@@ -85,3 +85,30 @@ def get_config() -> ml_collections.ConfigDict:
   c.peak_flops_per_device = 0.0    # for MFU where the device kind is unknown (e.g. CPU)
   c.compilation_cache_dir = ""     # persistent XLA compilation cache (speeds up restarts)
   return c
+
+
+def recipe(*, model_config=None, sources=None, **changes) -> ml_collections.ConfigDict:
+  """get_config() with a recipe's changes.
+
+  Args:
+    model_config: replaces model.config (a family's constructor settings), if given.
+    sources: replaces data.sources ({name: {"kind": ..., "weight": ..., ...}}), if given.
+    **changes: top-level keys; a dict merges into the section it names
+      (`opt=dict(lr=1e-3)`, `model=dict(config=dict(num_layers=4))`). Each key must
+      already exist in get_config(), so a misspelt one fails at once.
+
+  Returns:
+    The config, unlocked (train.main locks it when it loads the file).
+  """
+  c = get_config()
+  c.lock()
+  try:
+    c.update(changes)
+  except KeyError as e:
+    raise ValueError(f"recipe changes a key get_config() lacks: {e.args[0]}") from None
+  c.unlock()
+  if model_config is not None:
+    c.model.config = ml_collections.ConfigDict(model_config)
+  if sources is not None:
+    c.data.sources = ml_collections.ConfigDict(sources)
+  return c

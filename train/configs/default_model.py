@@ -21,13 +21,14 @@ import ml_collections
 
 from train.configs import default
 
+
 def model_config() -> ml_collections.ConfigDict:
-  """models.ModelConfig settings of the default model."""
-  return ml_collections.ConfigDict(dict(
-      vocab_size=260, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
-      num_kv_heads=2, head_dim=32, max_position_embeddings=8192, rope_theta=500000.0,
-      tie_word_embeddings=False, dtype="float32", bos_token_id=256, eos_token_id=257,
-      pad_token_id=258))
+  """models.ModelConfig settings of the default model: default.llama_tiny() (byte
+  vocabulary, GQA 4 query / 2 KV heads), wider, deeper and with a longer RoPE."""
+  c = default.llama_tiny()
+  c.update(hidden_size=128, intermediate_size=256, num_layers=3, head_dim=32,
+           max_position_embeddings=8192, rope_theta=500000.0)
+  return c
 
 
 def sources() -> ml_collections.ConfigDict:
@@ -85,23 +86,13 @@ STAGES = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
-  c.seed = 0
-  c.model.config = model_config()
-  c.data.sources = sources()
   s = STAGES[0]
+  c = default.recipe(
+      model_config=model_config(), sources=sources(), seed=0,
+      seq_len=s["seq_len"], steps=s["steps"], batch_size=s["batch_size"],
+      opt=dict(lr=s["lr"], warmup_steps=50, weight_decay=0.1),
+      log_every=10, eval_every=100, eval_examples=32, eval_batch_size=8, checkpoint_every=100,
+      keep_checkpoints=1, export=True, tensorboard=False, progress_bar=False)
   for name, w in s["weights"].items():
     c.data.sources[name].weight = w
-  c.seq_len, c.steps, c.batch_size, c.opt.lr = s["seq_len"], s["steps"], s["batch_size"], s["lr"]
-  c.opt.warmup_steps = 50
-  c.opt.weight_decay = 0.1
-  c.log_every = 10
-  c.eval_every = 100
-  c.eval_examples = 32
-  c.eval_batch_size = 8
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 1
-  c.export = True
-  c.tensorboard = False
-  c.progress_bar = False
   return c

@@ -74,28 +74,13 @@ def default_paths() -> str:
 
 
 def get_config(checkpoint: str = DEFAULT_CHECKPOINT) -> ml_collections.ConfigDict:
-  c = default.get_config()
   path = resolve(checkpoint or DEFAULT_CHECKPOINT)
   settings = model_settings(path)
-  c.model.family = "llama"
-  c.model.config = ml_collections.ConfigDict(settings)
-  c.model.param_dtype = settings["dtype"]
-  c.init_from = path
-  c.steps = 10
-  c.batch_size = 4
-  c.seq_len = 128
-  c.opt.lr = 1e-5
-  c.opt.warmup_steps = 2
-  c.opt.weight_decay = 0.0
-  c.data.sources = ml_collections.ConfigDict(dict(
-      text=ml_collections.ConfigDict(dict(kind="files", weight=1.0, paths=default_paths(),
-                                          eval_paths="", jsonl_field="text",
-                                          tokenizer=path)),
-  ))
-  c.log_every = 1
-  c.eval_every = 0
-  c.eval_examples = 8
-  c.eval_batch_size = 4
-  c.checkpoint_every = -1
-  c.export = False
-  return c
+  return default.recipe(
+      model=dict(family="llama", param_dtype=settings["dtype"]), model_config=settings,
+      init_from=path, steps=10, batch_size=4, seq_len=128,
+      opt=dict(lr=1e-5, warmup_steps=2, weight_decay=0.0),
+      sources=dict(text=dict(kind="files", weight=1.0, paths=default_paths(), eval_paths="",
+                             jsonl_field="text", tokenizer=path)),
+      log_every=1, eval_every=0, eval_examples=8, eval_batch_size=4, checkpoint_every=-1,
+      export=False)

@@ -22,29 +22,12 @@ from train.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
-  c.steps = 1000
-  c.batch_size = 32
-  c.seq_len = 32
-  c.model.config.hidden_size = 64
-  c.model.config.intermediate_size = 128
-  c.model.config.num_layers = 2
-  c.model.config.num_heads = 4
-  c.model.config.num_kv_heads = 4
-  c.model.config.head_dim = 16
-  c.model.config.max_position_embeddings = 128
-  c.opt.lr = 3e-3
-  c.opt.warmup_steps = 100
-  c.opt.weight_decay = 0.1
-  c.data.sources = ml_collections.ConfigDict(dict(
-      mqar=ml_collections.ConfigDict(dict(kind="mqar", weight=1.0, num_pairs=4,
-                                          key_vocab=128, value_vocab=128, num_queries=12,
-                                          query_replacement=True)),
-  ))
-  c.log_every = 50
-  c.eval_every = 250
-  c.eval_examples = 512
-  c.eval_batch_size = 128
-  c.checkpoint_every = 500
-  c.export = True
-  return c
+  return default.recipe(
+      steps=1000, batch_size=32, seq_len=32,
+      model=dict(config=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=4, head_dim=16, max_position_embeddings=128)),
+      opt=dict(lr=3e-3, warmup_steps=100, weight_decay=0.1),
+      sources=dict(mqar=dict(kind="mqar", weight=1.0, num_pairs=4, key_vocab=128,
+                             value_vocab=128, num_queries=12, query_replacement=True)),
+      log_every=50, eval_every=250, eval_examples=512, eval_batch_size=128,
+      checkpoint_every=500, export=True)

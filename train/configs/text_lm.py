@@ -17,24 +17,12 @@ from train.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
-  c.steps = 2000
-  c.batch_size = 16
-  c.seq_len = 256
-  c.model.config.hidden_size = 128
-  c.model.config.intermediate_size = 384
-  c.model.config.num_layers = 4
-  c.model.config.num_heads = 4
-  c.model.config.num_kv_heads = 2
-  c.model.config.head_dim = 32
-  c.opt.lr = 2e-3
-  c.data.sources = ml_collections.ConfigDict(dict(
-      stdlib=ml_collections.ConfigDict(dict(kind="stdlib", weight=1.0, heldout_percent=2)),
-      files=ml_collections.ConfigDict(dict(kind="files", weight=0.0, paths="",
-                                           eval_paths="", jsonl_field="text")),
-  ))
-  c.eval_every = 500
-  c.eval_examples = 64
-  c.eval_batch_size = 16
-  c.checkpoint_every = 500
-  return c
+  return default.recipe(
+      steps=2000, batch_size=16, seq_len=256,
+      model=dict(config=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                             num_kv_heads=2, head_dim=32)),
+      opt=dict(lr=2e-3),
+      sources=dict(
+          stdlib=dict(kind="stdlib", weight=1.0, heldout_percent=2),
+          files=dict(kind="files", weight=0.0, paths="", eval_paths="", jsonl_field="text")),
+      eval_every=500, eval_examples=64, eval_batch_size=16, checkpoint_every=500)
