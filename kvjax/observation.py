@@ -8,7 +8,11 @@ press: {"colsum": [B, Hkv, S] (aligned with the layer's cache slots),
         "reconstruction": [B, Hkv, S] max attention each slot receives while the model
                           re-reads its context (KVzip; models.prefill runs that extra
                           forward in chunks of `reconstruction` tokens),
-        "o_proj": [Hq * D, H] the layer's attention output projection (CriticalKV)}.
+        "o_proj": [Hq * D, H] the layer's attention output projection (CriticalKV),
+        "query_count" [B], "query_sum" [B, Hq, D], "query_outer" [B, Hq, D, D]: sums over
+                          every prompt query at positions >= `query_moments` of the
+                          pre-RoPE queries and their outer products (ExpectedAttention's
+                          statistics; sums, so a chunked prefill adds its chunks up)}.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Observe:
     reconstruction_suffix: token ids fed between the instruction and the chunk (in chat
       form, the end of the user turn and the start of the assistant's).
     o_proj: report each layer's attention output projection weight.
+    query_moments: None, or report the first and second moments (as sums, with their
+      count) of the pre-RoPE queries at positions >= this value (see `query_moments`).
   """
 
   colsum: bool = False
@@ -54,6 +60,7 @@ class Observe:
   reconstruction_overlap: int = 0
   reconstruction_suffix: tuple = ()
   o_proj: bool = False
+  query_moments: Optional[int] = None
 
   def reconstruction_prompt(self) -> tuple:
     """(prefix, continue, overlap, suffix): what frames each reconstruction chunk."""
@@ -68,6 +75,9 @@ class Observe:
         self.reconstruction_prompt() != other.reconstruction_prompt()):
       raise ValueError(f"conflicting reconstruction prompt requests: "
                        f"{self.reconstruction_prompt()} vs {other.reconstruction_prompt()}")
+    moments = {m for m in (self.query_moments, other.query_moments) if m is not None}
+    if len(moments) > 1:
+      raise ValueError(f"conflicting query_moments requests: {sorted(moments)}")
     chunks = [c for c in (self.reconstruction, other.reconstruction) if c]
     rec = self if self.reconstruction else other
     return Observe(colsum=self.colsum or other.colsum,
@@ -79,12 +89,51 @@ class Observe:
                    reconstruction_continue=tuple(rec.reconstruction_continue),
                    reconstruction_overlap=rec.reconstruction_overlap,
                    reconstruction_suffix=tuple(rec.reconstruction_suffix),
-                   o_proj=self.o_proj or other.o_proj)
+                   o_proj=self.o_proj or other.o_proj,
+                   query_moments=min(moments) if moments else None)
 
   def forward_part(self) -> "Observe":
     """What one forward pass computes (the reconstruction pass and weights come after)."""
     return Observe(colsum=self.colsum, colsum_window=self.colsum_window, queries=self.queries,
-                   lse=self.lse)
+                   lse=self.lse, query_moments=self.query_moments)
+
+
+MOMENT_KEYS = ("query_count", "query_sum", "query_outer")
+
+
+def query_moments(q, positions, start: int, rope=None) -> dict:
+  """Moment sums of the pre-RoPE queries at positions >= start (ExpectedAttention).
+
+  Args:
+    q: [B, Hq, T, D] queries as attention reads them (RoPE applied when `rope` is given).
+    positions: [B, T] their positions (-1: padding, never counted).
+    start: first position counted (ExpectedAttention leaves its sinks out).
+    rope: the layer's kvjax.rope.RopeConfig, used to undo the rotation; None: q is
+      already pre-RoPE.
+
+  Returns: {"query_count": [B], "query_sum": [B, Hq, D], "query_outer": [B, Hq, D, D]},
+  float32 sums, so the moments of a prompt fed in chunks are the sums of its chunks'.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from kvjax import rope as rope_lib  # pylint: disable=import-outside-toplevel
+  qf = q.astype(jnp.float32)
+  if rope is not None:
+    pos = jnp.broadcast_to(positions[:, None, :], qf.shape[:3])
+    qf = rope_lib.rerotate(qf, pos, jnp.zeros_like(pos), rope)
+  w = (positions >= max(0, start)).astype(jnp.float32)              # [B, T]
+  qw = qf * w[:, None, :, None]
+  return {"query_count": jnp.sum(w, -1), "query_sum": jnp.sum(qw, 2),
+          "query_outer": jnp.einsum("bhti,bhtj->bhij", qw, qf)}
+
+
+def add_moments(totals, obs_list):
+  """Per-layer observations with the moment sums of `totals` (a previous chunk's, or None)
+  added in; returns (new totals, obs_list with the running sums)."""
+  if totals is None:
+    totals = [{k: o[k] for k in MOMENT_KEYS} for o in obs_list]
+  else:
+    totals = [{k: t[k] + o[k] for k in MOMENT_KEYS} for t, o in zip(totals, obs_list)]
+  return totals, [dict(o, **t) for o, t in zip(obs_list, totals)]
 
 
 def colsum_by_position(colsum, positions, length: int):

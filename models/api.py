@@ -166,10 +166,12 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
                                  isinstance(chunk_size, bool) or chunk_size < 1):
     raise ValueError(f"chunk_size={chunk_size!r}; must be an int >= 1 (or None)")
   chunked = chunk_size is not None and int(chunk_size) < t
-  if chunked and observe is not None and observe != tfm.Observe(colsum=True):
+  if chunked and observe is not None and tfm.Observe(
+      colsum=observe.colsum, query_moments=observe.query_moments) != observe:
     raise ValueError(f"observe={observe} with chunk_size < prompt length: only "
-                     "Observe(colsum=True) (attention mass summed over every prompt query, "
-                     "added up across chunks) is supported; other statistics are per chunk")
+                     "Observe(colsum=True) (attention mass summed over every prompt query) "
+                     "and query_moments (moment sums), which add up across chunks, are "
+                     "supported; other statistics are per chunk")
   capacity, room = protocol.press_room(press, cache, capacity, decode_room, t)
   attention_mask = protocol.prompt_mask(attention_mask, prompt_lengths, t)
   if offload is not None:
@@ -275,6 +277,7 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
   # position, so the press after chunk i scores with all queries so far, not chunk i's.
   cumulative = need.colsum and need.colsum_window is None
   totals, span = None, int(np.asarray(positions).max(initial=0)) + 1
+  moments = None
   for i in range(n):
     sl = slice(i * c, (i + 1) * c)
     if press is not None:
@@ -284,6 +287,8 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
     if cumulative:
       totals, obs = _accumulate_colsum(totals, obs, [l.positions for l in cache.layers()],
                                        length=span)
+    if need.query_moments is not None:   # moment sums add up over the chunks
+      moments, obs = observation.add_moments(moments, obs)
     if need.o_proj:
       obs = press_inputs.add_o_proj(model, obs)
     if press is not None:
@@ -302,6 +307,8 @@ def _prefill_chunks(model, tokens, positions, cache, *, chunk_size, press, room,
   if cumulative:  # the totals, read back at the returned cache's slots
     obs = [{} if tot is None else {"colsum": observation.colsum_at_slots(tot, l.positions)}
            for tot, l in zip(totals, cache.layers())]
+  if moments is not None:
+    obs = [dict(o, **m) for o, m in zip(obs or [{} for _ in moments], moments)]
   return out, cache, obs
 
 

@@ -31,6 +31,7 @@ from flax import nnx
 
 from kvjax import attention as attn_lib
 from kvjax import cache as cache_lib
+from kvjax import observation
 from kvjax import rope as rope_lib
 from kvjax.observation import Observe
 from models import protocol
@@ -305,6 +306,8 @@ def _layer(p, x, positions, layer_cache, spec: LayerSpec, config: ModelConfig,
     obs["queries"] = _last_queries(q, positions, w)
     if observe.lse and res.lse is not None:
       obs["lse"] = _last_queries(res.lse[..., None], positions, w)[..., 0]
+  if observe.query_moments is not None:
+    obs.update(observation.query_moments(q, positions, observe.query_moments, spec.rope))
   return x, new_cache, obs
 
 

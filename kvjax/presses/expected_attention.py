@@ -2,7 +2,10 @@
 (Devoto et al., 2025, "Expected Attention: KV Cache Compression by Estimating Attention
 from Future Queries Distribution", arXiv:2510.00636; kvpress's ExpectedAttentionPress).
 
-1. Mean mu and covariance Sigma of the pre-RoPE queries (sink positions excluded).
+1. Mean mu and covariance Sigma of the pre-RoPE queries of every prompt position from
+   `n_sink` on (the paper's and kvpress's estimate from the prompt's hidden states; the
+   forward reports them as moment sums, `Observe(query_moments=n_sink)`, so a chunked
+   prefill gives the same statistics).
 2. Average RoPE rotation R over the next `n_future_positions` positions; apply it:
    mu <- R mu, Sigma <- R Sigma R^T.
 3. For a Gaussian query, E[exp(q.k / sqrt(d))] = exp(k.mu / sqrt(d) + k^T Sigma k / (2 d));
@@ -10,11 +13,13 @@ from Future Queries Distribution", arXiv:2510.00636; kvpress's ExpectedAttention
 4. Rescale by the value norm: (score + epsilon) * ||v||.
 The first `n_sink` slots are protected.
 
-Differences from kvpress: kvpress takes statistics over every prompt query; the forward
-pass here reports only the last `query_window` queries (post-RoPE; `Observe.queries`), so
-statistics come from those, de-rotated to pre-RoPE with `kvjax.rope.rerotate`. Needs the
-model's RoPE config (compress_model passes config.rope); rope_type="dynamic" is not
-supported (its rotation depends on the sequence length).
+Where the moments are not observed (decode-time compression, whose DecodingPress keeps
+only the last queries; model families that report only `Observe.queries`), the statistics
+come from the last `query_window` queries, de-rotated to pre-RoPE with
+`kvjax.rope.rerotate`. kvpress computes mu from the projection of the mean hidden state,
+so a query bias (Qwen2) is left out of its mean; here it is part of the query, as
+attention sees it. Needs the model's RoPE config (compress_model passes config.rope);
+rope_type="dynamic" is not supported (its rotation depends on the sequence length).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ class ExpectedAttentionPress(base.ScorerPress):
     use_covariance: include the query covariance term. True.
     use_vnorm: multiply by ||v||. True.
     epsilon: added to scores before the value-norm rescale. 0.
-    query_window: last queries the statistics come from (kvjax-specific). 128.
+    query_window: without the prompt's moments (decode time), the last queries the
+      statistics come from. 128.
   """
 
   n_future_positions: int = 512
@@ -75,13 +81,23 @@ class ExpectedAttentionPress(base.ScorerPress):
 
   @property
   def observe(self) -> Observe:
-    return Observe(queries=self.query_window)
+    return Observe(queries=self.query_window, query_moments=self.n_sink)
 
   def protected(self):
-    return max(self.protect_sinks, self.n_sink), self.protect_recent
+    return self.n_sink, self.protect_recent
 
-  def query_statistics(self, queries, next_position, rope):
-    """mu [B, Hq, D], cov [B, Hq, D, D] | None of pre-RoPE queries, RoPE-averaged."""
+  def query_statistics(self, obs, next_position, rope):
+    """mu [B, Hq, D], cov [B, Hq, D, D] | None of pre-RoPE queries, RoPE-averaged: from the
+    prompt's moment sums when obs has them, else from the last `query_window` queries."""
+    if obs.get("query_sum") is not None:
+      n = jnp.maximum(obs["query_count"].astype(jnp.float32), 1.0)[:, None, None]
+      mu = obs["query_sum"].astype(jnp.float32) / n
+      cov = None
+      if self.use_covariance:
+        cov = (obs["query_outer"].astype(jnp.float32) / n[..., None]
+               - mu[..., :, None] * mu[..., None, :])
+      return self._rotate(mu, cov, next_position, rope)
+    queries = obs["queries"]
     w = self.query_window
     q = queries[:, :, -w:].astype(jnp.float32)
     b, hq, _, d = q.shape
@@ -92,14 +108,19 @@ class ExpectedAttentionPress(base.ScorerPress):
     q_pre = rope_lib.rerotate(q, qpos_b, jnp.zeros_like(qpos_b), rope)
     n = jnp.maximum(jnp.sum(valid, axis=2), 1.0)  # [B, 1, 1]
     mu = jnp.sum(q_pre * valid, axis=2) / n
-    a = average_rope_matrix(rope, next_position, self.n_future_positions, d)
     cov = None
     if self.use_covariance:
       centered = (q_pre - mu[:, :, None]) * valid
       cov = jnp.einsum("bhwi,bhwj->bhij", centered, centered) / n[..., None]
+    return self._rotate(mu, cov, next_position, rope)
+
+  def _rotate(self, mu, cov, next_position, rope):
+    """mu <- R mu, cov <- R cov R^T with R the RoPE rotation averaged over the next
+    n_future_positions positions."""
+    a = average_rope_matrix(rope, next_position, self.n_future_positions, mu.shape[-1])
+    if cov is not None:
       cov = jnp.einsum("bij,bhjk,blk->bhil", a, cov, a)
-    mu = jnp.einsum("bij,bhj->bhi", a, mu)
-    return mu, cov
+    return jnp.einsum("bij,bhj->bhi", a, mu), cov
 
   def score(self, cache, obs, ctx):
     if ctx.rope is None:
@@ -107,7 +128,7 @@ class ExpectedAttentionPress(base.ScorerPress):
                        "rope=config.rope, or use compress_model(..., config)")
     k = cache.k.astype(jnp.float32)
     b, hkv, s, d = k.shape
-    mu, cov = self.query_statistics(obs["queries"], base.next_positions(cache, obs), ctx.rope)
+    mu, cov = self.query_statistics(obs, base.next_positions(cache, obs), ctx.rope)
     g = mu.shape[1] // hkv
     mu = mu.reshape(b, hkv, g, d)
     logits = jnp.einsum("bhsd,bhgd->bhgs", k, mu) / jnp.sqrt(d)
