@@ -48,52 +48,49 @@ def _float_ok(v, lo, hi, lo_open, hi_open) -> bool:
   return hi is None or v < hi or (not hi_open and v == hi)
 
 
+def _register(names, check, flag_values) -> None:
+  """Registers `check(value, name)` on each flag of `names`; it raises through _fail."""
+  for name in names:
+    flags.register_validator(name, lambda v, name=name: check(v, name) or True,
+                             flag_values=flag_values)
+
+
 def ints(*names: str, lo: int = 1, hi: Optional[int] = None, allow_none: bool = True,
          flag_values=FLAGS) -> None:
   """Each integer flag in `names` must be in [lo, hi] (None passes when allow_none)."""
-  for name in names:
-    def check(v, name=name):
-      if v is None and allow_none:
-        return True
-      if not _int_ok(v, lo, hi):
-        _fail(name, v, f"an int {_range_words(lo, hi)}")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+  def check(v, name):
+    if not (v is None and allow_none) and not _int_ok(v, lo, hi):
+      _fail(name, v, f"an int {_range_words(lo, hi)}")
+  _register(names, check, flag_values)
 
 
 def floats(*names: str, lo: float = -math.inf, hi: Optional[float] = None,
            lo_open: bool = False, hi_open: bool = False, allow_none: bool = True,
            flag_values=FLAGS) -> None:
   """Each float flag in `names` must be finite and in the range (NaN and inf fail)."""
-  for name in names:
-    def check(v, name=name):
-      if v is None and allow_none:
-        return True
-      if not _float_ok(v, lo, hi, lo_open, hi_open):
-        _fail(name, v, f"a finite number {_range_words(lo, hi, lo_open, hi_open)}")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+  def check(v, name):
+    if not (v is None and allow_none) and not _float_ok(v, lo, hi, lo_open, hi_open):
+      _fail(name, v, f"a finite number {_range_words(lo, hi, lo_open, hi_open)}")
+  _register(names, check, flag_values)
 
 
 def int_lists(*names: str, lo: int = 1, hi: Optional[int] = None, nonempty: bool = True,
               flag_values=FLAGS) -> None:
   """Each list flag in `names` must hold ints in [lo, hi] (and at least one, if nonempty)."""
-  for name in names:
-    def check(v, name=name):
-      items = list(v or [])
-      if nonempty and not items:
-        _fail(name, v, "a non-empty comma-separated list of ints")
-      for s in items:
-        try:
-          x = int(str(s).strip())
-        except ValueError:
-          _fail(name, ",".join(map(str, items)), f"comma-separated ints {_range_words(lo, hi)}"
-                f" ({s!r} is not an int)")
-        if not _int_ok(x, lo, hi):
-          _fail(name, ",".join(map(str, items)),
-                f"comma-separated ints {_range_words(lo, hi)} ({x} is not)")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+  def check(v, name):
+    items = list(v or [])
+    if nonempty and not items:
+      _fail(name, v, "a non-empty comma-separated list of ints")
+    for s in items:
+      try:
+        x = int(str(s).strip())
+      except ValueError:
+        _fail(name, ",".join(map(str, items)), f"comma-separated ints {_range_words(lo, hi)}"
+              f" ({s!r} is not an int)")
+      if not _int_ok(x, lo, hi):
+        _fail(name, ",".join(map(str, items)),
+              f"comma-separated ints {_range_words(lo, hi)} ({x} is not)")
+  _register(names, check, flag_values)
 
 
 def float_lists(*names: str, lo: float = -math.inf, hi: Optional[float] = None,
@@ -101,22 +98,20 @@ def float_lists(*names: str, lo: float = -math.inf, hi: Optional[float] = None,
                 flag_values=FLAGS) -> None:
   """Each list flag in `names` must hold finite floats in the range."""
   words = _range_words(lo, hi, lo_open, hi_open)
-  for name in names:
-    def check(v, name=name):
-      items = list(v or [])
-      if nonempty and not items:
-        _fail(name, v, "a non-empty comma-separated list of numbers")
-      for s in items:
-        try:
-          x = float(str(s).strip())
-        except ValueError:
-          _fail(name, ",".join(map(str, items)), f"comma-separated numbers {words} ({s!r} "
-                "is not a number)")
-        if not _float_ok(x, lo, hi, lo_open, hi_open):
-          _fail(name, ",".join(map(str, items)), f"comma-separated finite numbers {words} "
-                f"({s} is not)")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+  def check(v, name):
+    items = list(v or [])
+    if nonempty and not items:
+      _fail(name, v, "a non-empty comma-separated list of numbers")
+    for s in items:
+      try:
+        x = float(str(s).strip())
+      except ValueError:
+        _fail(name, ",".join(map(str, items)), f"comma-separated numbers {words} ({s!r} "
+              "is not a number)")
+      if not _float_ok(x, lo, hi, lo_open, hi_open):
+        _fail(name, ",".join(map(str, items)), f"comma-separated finite numbers {words} "
+              f"({s} is not)")
+  _register(names, check, flag_values)
 
 
 def check_writable_dir(path: str) -> Optional[str]:
@@ -130,44 +125,38 @@ def writable_dir(*names: str, allow_empty: bool = True, flag_values=FLAGS) -> No
 
   An empty or None value passes when allow_empty (the launcher's own default applies).
   """
-  for name in names:
-    def check(v, name=name):
-      if not v:
-        if allow_empty:
-          return True
+  def check(v, name):
+    if not v:
+      if not allow_empty:
         _fail(name, v, "a directory path")
-      why = check_writable_dir(v)
-      if why:
-        _fail(name, v, f"a writable directory ({why})")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+      return
+    why = check_writable_dir(v)
+    if why:
+      _fail(name, v, f"a writable directory ({why})")
+  _register(names, check, flag_values)
 
 
 def writable_file(*names: str, flag_values=FLAGS) -> None:
   """Each output-file flag in `names` (empty/None passes) must be creatable."""
-  for name in names:
-    def check(v, name=name):
-      if not v:
-        return True
-      if os.path.isdir(os.path.expanduser(v)):
-        _fail(name, v, "a file path (it is a directory)")
-      why = check_writable_dir(os.path.dirname(os.path.abspath(os.path.expanduser(v))))
-      if why:
-        _fail(name, v, f"a path in a writable directory ({why})")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+  def check(v, name):
+    if not v:
+      return
+    if os.path.isdir(os.path.expanduser(v)):
+      _fail(name, v, "a file path (it is a directory)")
+    why = check_writable_dir(os.path.dirname(os.path.abspath(os.path.expanduser(v))))
+    if why:
+      _fail(name, v, f"a path in a writable directory ({why})")
+  _register(names, check, flag_values)
 
 
 def existing_file(*names: str, flag_values=FLAGS) -> None:
   """Each input-file flag in `names` (empty/None passes) must name a readable file."""
-  for name in names:
-    def check(v, name=name):
-      if not v:
-        return True
-      p = os.path.expanduser(v)
-      if not os.path.isfile(p):
-        _fail(name, v, "an existing file")
-      if not os.access(p, os.R_OK):
-        _fail(name, v, "a readable file")
-      return True
-    flags.register_validator(name, check, flag_values=flag_values)
+  def check(v, name):
+    if not v:
+      return
+    p = os.path.expanduser(v)
+    if not os.path.isfile(p):
+      _fail(name, v, "an existing file")
+    if not os.access(p, os.R_OK):
+      _fail(name, v, "a readable file")
+  _register(names, check, flag_values)
