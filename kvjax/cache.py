@@ -266,18 +266,19 @@ class KVView(NamedTuple):
 class LayerCache(Protocol):
   """The protocol of every KV layer cache kind (see the module docstring for shapes).
 
-  | member | meaning |
-  |---|---|
-  | `append(k_new, v_new, positions, *, layer=None)` | write new tokens after each row's length |
-  | `attend(q, k_new, v_new, q_positions, spec, *, sink_logits, return_colsum, colsum_window, return_lse, layer=None)` | one attention step over past + new tokens: `(AttentionOutput, cache')` |
-  | `check_room(positions)` | ValueError if appending would overflow (concrete values) |
-  | `materialize()` | `KVView` of what attention reads |
-  | `to_dense(capacity=None, dtype=None)` | a DenseKVCache of the same tokens |
-  | `nbytes` | exact bytes of every array held (scales, indices, residuals included) |
-  | `capacity` | static slot count |
-  | `length` | valid slots per (batch, kv head), `[B, Hkv]` int32 |
-  | `head_dims` | (D, Dv): key and value head dims attention reads (decompressed) |
-  | `CAPS` | the kind's `Capabilities` |
+  append(k_new, v_new, positions, *, layer=None)
+      write new tokens after each row's length; returns the new cache.
+  attend(q, k_new, v_new, q_positions, spec, *, sink_logits, return_colsum, colsum_window,
+         return_lse, layer=None)
+      one attention step over past + new tokens: (AttentionOutput, cache').
+  check_room(positions)   ValueError if appending would overflow (concrete values).
+  materialize()           `KVView` of what attention reads.
+  to_dense(capacity=None, dtype=None)   a DenseKVCache of the same tokens.
+  nbytes                  exact bytes of every array held (scales, indices, residuals).
+  capacity                static slot count.
+  length                  valid slots per (batch, kv head), [B, Hkv] int32.
+  head_dims               (D, Dv): key and value head dims attention reads (decompressed).
+  CAPS                    the kind's `Capabilities` (a class attribute).
   """
 
   CAPS: ClassVar[Capabilities]

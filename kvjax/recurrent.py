@@ -10,12 +10,20 @@ Recurrent states follow their own written protocol, `RecurrentState`:
   never runs out of room) and CAPS (`fixed_size`, `recurrent`), shared with the KV kinds
   (kvjax.cache), so both ride in one `ModelCache` and one generate loop serves them all.
 
-| kind | state (memory O(1) in sequence length) | scan inputs -> outputs |
-|---|---|---|
-| `LinearAttentionState` | S [B, H, Dk, Dv] of gated linear attention (GLA, Yang et al., 2023, arXiv:2312.06635; RetNet, Sun et al., 2023, arXiv:2307.08621; Mamba-2 SSD, Dao & Gu, 2024, arXiv:2405.21060 -- the SSD recurrence is linear attention with a scalar decay, q = C, k = B, v = dt * x) | (q, k [B,H,T,Dk], v [B,H,T,Dv], log_decay [B,H,T(,Dk)]), spec= -> o [B,H,T,Dv] |
-| `DiagonalState` | h [B, W] of a diagonal linear recurrence (Griffin's RG-LRU, De et al., 2024, arXiv:2402.19427) | (a, x [B,T,W]) -> h [B,T,W] |
-| `ConvState` | the last K - 1 inputs [B, K-1, C] of a causal depthwise conv1d | (x [B,T,C],), w=, b= -> y [B,T,C] |
-| `ConvRecurrentState` | a ConvState + a recurrent state (Mamba-2 / Griffin blocks); the block scans `conv`, then `rec` | -- |
+Kinds (memory O(1) in the sequence length), with their scan inputs -> outputs:
+
+  LinearAttentionState  S [B, H, Dk, Dv] of gated linear attention (GLA, Yang et al., 2023,
+                        arXiv:2312.06635; RetNet, Sun et al., 2023, arXiv:2307.08621;
+                        Mamba-2 SSD, Dao & Gu, 2024, arXiv:2405.21060 -- the SSD recurrence
+                        is linear attention with a scalar decay, q = C, k = B, v = dt * x).
+                        (q, k [B,H,T,Dk], v [B,H,T,Dv], log_decay [B,H,T(,Dk)]), spec=
+                        -> o [B,H,T,Dv]
+  DiagonalState         h [B, W] of a diagonal linear recurrence (Griffin's RG-LRU, De et
+                        al., 2024, arXiv:2402.19427). (a, x [B,T,W]) -> h [B,T,W]
+  ConvState             the last K - 1 inputs [B, K-1, C] of a causal depthwise conv1d.
+                        (x [B,T,C],), w=, b= -> y [B,T,C]
+  ConvRecurrentState    a ConvState + a recurrent state (Mamba-2 / Griffin blocks); the
+                        block scans `conv`, then `rec`.
 
 Recurrent states are float32 whatever the model dtype (as in recurrentgemma).
 

@@ -42,7 +42,7 @@ class ValueNormPress(base.ScorerPress):
   n_sink: int = 4
 
   def protected(self):
-    return max(self.protect_sinks, self.n_sink), self.protect_recent
+    return self.n_sink, self.protect_recent
 
   def score(self, cache, obs, ctx):
     del obs, ctx                      # needs no attention statistics

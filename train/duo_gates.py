@@ -6,7 +6,7 @@ alpha in [0, 1] and mixes, per head,
 
     attn = alpha * full_causal_attention + (1 - alpha) * streaming_attention
 
-where streaming attention sees only the first `sink` tokens and the last `recent` ones.
+where streaming attention sees only the first `n_sink` tokens and the last `recent` ones.
 The model's weights stay frozen; the gates are optimised on synthetic pass-key data to
 keep the final hidden states of the answer region close to the full model's, with an L1
 penalty pushing gates to 0 (streaming):
@@ -20,7 +20,7 @@ then keeps the full cache only for them (kvjax/presses/duo_attention.py).
         --out=models/smollm2_135m/duo_gates.json
 
 Differences from the paper: shorter contexts (CPU budget; the paper trains on 32K-token
-multi-pass-key sequences with sink 64 / recent 256), sink and recent scaled down with them,
+multi-pass-key sequences with sink 64 / recent 256), n_sink and recent scaled down with them,
 and the loss over the last `n_tail` positions (question and answer) rather than the
 paper's pass-key spans.
 """
@@ -48,7 +48,7 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 @dataclasses.dataclass(frozen=True)
 class GateConfig:
   """Static settings of the gate optimisation."""
-  sink: int = 16
+  n_sink: int = 16
   recent: int = 64
   length: int = 384          # tokens per training sequence
   batch: int = 2
@@ -59,14 +59,14 @@ class GateConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("sink", "recent", "length", "batch", "n_tail"):
+    for name in ("n_sink", "recent", "length", "batch", "n_tail"):
       v = getattr(self, name)
       if not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"GateConfig.{name}={v!r}; must be an int >= 1")
     if not isinstance(self.steps, (int, np.integer)) or self.steps < 0:
       raise ValueError(f"GateConfig.steps={self.steps!r}; must be an int >= 0")
-    if self.sink + self.recent >= self.length:
-      raise ValueError(f"GateConfig: sink + recent = {self.sink + self.recent} must be below "
+    if self.n_sink + self.recent >= self.length:
+      raise ValueError(f"GateConfig: n_sink + recent = {self.n_sink + self.recent} must be below "
                        f"length={self.length}, or every head sees everything")
     if self.n_tail >= self.length:
       raise ValueError(f"GateConfig.n_tail={self.n_tail} must be below length={self.length}")
@@ -77,12 +77,12 @@ class GateConfig:
                          + (" (or = 0)" if name == "lam" else ""))
 
 
-def gated_attention(q, k, v, alpha, *, sink: int, recent: int, scale: float):
+def gated_attention(q, k, v, alpha, *, n_sink: int, recent: int, scale: float):
   """alpha-mixed full / streaming causal attention over one contiguous sequence.
 
   Args:
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (RoPE applied); alpha: [Hkv] in [0, 1].
-    sink, recent: streaming heads see key j from query i when j < sink or i - j < recent.
+    n_sink, recent: streaming heads see key j from query i when j < n_sink or i - j < recent.
     scale: logit scale.
 
   Returns: [B, Hq, T, D] float32.
@@ -95,7 +95,7 @@ def gated_attention(q, k, v, alpha, *, sink: int, recent: int, scale: float):
   i = jnp.arange(t)[:, None]
   j = jnp.arange(t)[None, :]
   causal = j <= i
-  stream = causal & ((j < sink) | (i - j < recent))
+  stream = causal & ((j < n_sink) | (i - j < recent))
   neg = jnp.finfo(jnp.float32).min
   vf = v.astype(jnp.float32)
   full = jnp.einsum("bhgqk,bhkd->bhgqd", jax.nn.softmax(jnp.where(causal, s, neg), -1), vf)
@@ -128,7 +128,7 @@ def hidden_states(model, tokens, alphas, gc: GateConfig):
   def body(x, layer):
     p, alpha = layer
     q, k, v = tf_lib.layer_qkv(p, x, positions, spec, c)
-    o = gated_attention(q, k, v, alpha, sink=gc.sink, recent=gc.recent, scale=scale)
+    o = gated_attention(q, k, v, alpha, n_sink=gc.n_sink, recent=gc.recent, scale=scale)
     return tf_lib.layer_finish(p, x, o.astype(x.dtype), c), None
 
   x, _ = jax.lax.scan(body, x, (params, alphas))

@@ -18,8 +18,8 @@ left-padded batches, whose rows have fewer valid slots than capacity, behave exa
 each prompt alone. The kept capacity K is computed from the *static* capacity S only
 (K = keep[S]), so one compile serves every input of a shape and `nbytes` really shrinks.
 
-Protected slots (`protect_sinks` first slots, `protect_recent` last valid slots, plus a
-press's own sinks/window, e.g. StreamingLLM's `n_sink`, SnapKV's `window_size`) are a
+Protected slots (the `n_sink` first slots -- attention sinks, kvpress's name --, the
+`protect_recent` last valid slots, plus a press's own window, e.g. SnapKV's `window_size`) are a
 budget-rule option every scorer has. The budget is a hard limit: protected slots take
 priority over scored ones, sinks before the recent window, so they are all kept whenever
 the row's budget holds them.
@@ -523,7 +523,7 @@ class ScorerPress(Press):
     compression_ratio: fraction of each row's valid slots to remove, in [0, 1) (kvpress).
     budget: absolute alternative: keep min(L, budget) slots per (row, kv head). Exclusive
       with a nonzero compression_ratio.
-    protect_sinks: always keep the first this-many slots (attention sinks).
+    n_sink: always keep the first this-many slots (attention sinks).
     protect_recent: always keep the last this-many valid slots.
     merge: None | "cam" | "d2o": merge evicted tokens into kept ones (see merging.py).
     merge_threshold: "d2o" only: minimum key cosine similarity for a merge.
@@ -532,7 +532,7 @@ class ScorerPress(Press):
 
   compression_ratio: float = 0.0
   budget: Optional[int] = None
-  protect_sinks: int = 0
+  n_sink: int = 0
   protect_recent: int = 0
   merge: Optional[str] = None
   merge_threshold: float = 0.5
@@ -547,7 +547,7 @@ class ScorerPress(Press):
       if self.compression_ratio:
         raise ValueError(f"pass either compression_ratio ({self.compression_ratio}) or "
                          f"budget ({self.budget}), not both")
-    check_nonneg_int("protect_sinks", self.protect_sinks)
+    check_nonneg_int("n_sink", self.n_sink)
     check_nonneg_int("protect_recent", self.protect_recent)
     if self.merge not in MERGE_MODES:
       raise ValueError(f"merge={self.merge!r}; allowed: {MERGE_MODES}")
@@ -565,7 +565,7 @@ class ScorerPress(Press):
 
   def protected(self) -> tuple[int, int]:
     """(sinks, recent) slots this press always keeps (budget permitting)."""
-    return self.protect_sinks, self.protect_recent
+    return self.n_sink, self.protect_recent
 
   def keep_table(self, capacity: int, ctx: LayerContext) -> np.ndarray:
     """Budget rule: keep[L] for L = 0..capacity (static numpy int32 [capacity + 1])."""

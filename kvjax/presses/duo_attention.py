@@ -9,7 +9,7 @@ and defaults follow kvpress's DuoAttentionPress (sink 128 / recent 256 are its o
 defaults).
 
 Memory: a layer's capacity pads to its largest head, so a layer saves memory only when all
-its kv heads are streaming heads (then its capacity is sink_size + recent_size); mixed
+its kv heads are streaming heads (then its capacity is n_sink + recent_size); mixed
 layers keep capacity S with streaming heads holding fewer valid slots. The bytes are
 therefore not 1 - head_compression_ratio of the dense cache's but the mean over layers of
 (all-streaming ? min(S, sink + recent) : S) / S: `memory_fraction` is that exact figure and
@@ -32,7 +32,7 @@ import numpy as np
 from kvjax.presses import base, registry
 
 
-def profile_head_scores(obs_list: Sequence[dict], lengths, *, sink_size: int,
+def profile_head_scores(obs_list: Sequence[dict], lengths, *, n_sink: int,
                         recent_size: int) -> np.ndarray:
   """Per-(layer, kv head) retrieval scores [L, Hkv] from calibration observations.
 
@@ -40,7 +40,7 @@ def profile_head_scores(obs_list: Sequence[dict], lengths, *, sink_size: int,
     obs_list: per-layer observations with "colsum" [B, Hkv, S] from a calibration prefill
       (models.prefill(..., observe=Observe(colsum=True, colsum_window=W))).
     lengths: [B] (or [B, Hkv]) valid slots per row (e.g. cache.length[0]).
-    sink_size, recent_size: the streaming region (slots < sink or within the last recent).
+    n_sink, recent_size: the streaming region (slots < sink or within the last recent).
 
   Returns: float64 [L, Hkv]: mean fraction of attention mass outside the streaming region.
   """
@@ -55,7 +55,7 @@ def profile_head_scores(obs_list: Sequence[dict], lengths, *, sink_size: int,
     ln = lengths if lengths.ndim == 2 else np.broadcast_to(lengths[:, None], (b, h))
     slot = np.arange(s)
     valid = slot[None, None] < ln[..., None]
-    stream = (slot[None, None] < sink_size) | (slot[None, None] >= ln[..., None] - recent_size)
+    stream = (slot[None, None] < n_sink) | (slot[None, None] >= ln[..., None] - recent_size)
     total = np.maximum((col * valid).sum(-1), 1e-30)
     outside = (col * (valid & ~stream)).sum(-1)
     out.append((outside / total).mean(0))
@@ -75,14 +75,14 @@ class DuoAttentionPress(base.Press):
 
   Attributes:
     head_compression_ratio: fraction of (layer, kv head) pairs that become streaming heads.
-    sink_size: first slots a streaming head keeps. 128.
+    n_sink: first slots a streaming head keeps. 128.
     recent_size: last slots a streaming head keeps. 256.
     head_scores: [num_layers][num_kv_heads] retrieval scores (tuple of tuples, or any
       array-like; stored as nested tuples so the press stays hashable).
   """
 
   head_compression_ratio: float = 0.0
-  sink_size: int = 128
+  n_sink: int = 128
   recent_size: int = 256
   head_scores: Optional[tuple] = None
 
@@ -91,7 +91,7 @@ class DuoAttentionPress(base.Press):
         0 <= self.head_compression_ratio <= 1):
       raise ValueError(f"head_compression_ratio={self.head_compression_ratio!r}; must be in "
                        "[0, 1]")
-    base.check_nonneg_int("sink_size", self.sink_size)
+    base.check_nonneg_int("n_sink", self.n_sink)
     base.check_nonneg_int("recent_size", self.recent_size)
     if self.head_scores is not None:
       arr = np.asarray(self.head_scores, np.float64)
@@ -116,7 +116,7 @@ class DuoAttentionPress(base.Press):
   def __repr__(self) -> str:
     if self.head_scores is None:
       return (f"DuoAttentionPress(head_compression_ratio={self.head_compression_ratio!r}, "
-              f"sink_size={self.sink_size}, recent_size={self.recent_size}, head_scores=None)")
+              f"n_sink={self.n_sink}, recent_size={self.recent_size}, head_scores=None)")
     return base.repr_with_memory(self)
 
   def memory_fraction(self, capacity, *, num_layers=None, head_dim=128) -> float:
@@ -131,7 +131,7 @@ class DuoAttentionPress(base.Press):
   def layer_capacity(self, capacity, ctx=base.LayerContext()):
     mask = self.streaming_mask()[ctx.layer_idx]
     if mask.all():
-      return max(1, min(capacity, self.sink_size + self.recent_size))
+      return max(1, min(capacity, self.n_sink + self.recent_size))
     return capacity
 
   def validate(self, *, capacity: int, prompt_length: Optional[int] = None,
@@ -154,13 +154,13 @@ class DuoAttentionPress(base.Press):
     if mask.shape[0] != cache.positions.shape[1]:
       raise ValueError(f"head_scores has {mask.shape[0]} kv heads in layer {ctx.layer_idx}; "
                        f"the cache has {cache.positions.shape[1]}")
-    window = self.sink_size + self.recent_size
+    window = self.n_sink + self.recent_size
     if not mask.any() or window >= s:
       return base.pad_room(cache, ctx.room), base.pad_obs_room(obs, ctx.room)
     streaming = jnp.asarray(mask)[None, :]
     keep = jnp.where(streaming, jnp.minimum(cache.lengths, window), cache.lengths)
     recency = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), cache.positions.shape)
     order = base.rank_slots(recency, base.valid_slots(cache),
-                            base.protection_tiers(cache.lengths, s, self.sink_size, 0))
+                            base.protection_tiers(cache.lengths, s, self.n_sink, 0))
     idx = base.take_kept(order, keep, self.layer_capacity(s, ctx), s)
     return base.finish(self, cache, obs, ctx, idx, keep)

@@ -239,7 +239,7 @@ class KVzipPress(base.ScorerPress):
                    reconstruction_suffix=self.answer_ids)
 
   def protected(self):
-    return max(self.protect_sinks, self.n_sink), self.protect_recent
+    return self.n_sink, self.protect_recent
 
   def score(self, cache, obs, ctx):
     del ctx

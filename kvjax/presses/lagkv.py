@@ -55,7 +55,7 @@ class LagKVPress(base.ScorerPress):
     base.check_nonneg_int("lag_size", self.lag_size, 2)
 
   def protected(self):
-    return max(self.protect_sinks, self.n_sink), self.protect_recent
+    return self.n_sink, self.protect_recent
 
   def score(self, cache, obs, ctx):
     del obs, ctx

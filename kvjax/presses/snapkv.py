@@ -65,7 +65,7 @@ class SnapKVPress(base.ScorerPress):
     return Observe(colsum=True, colsum_window=self.window_size)
 
   def protected(self):
-    return self.protect_sinks, max(self.protect_recent, self.window_size)
+    return self.n_sink, max(self.protect_recent, self.window_size)
 
   def validate(self, *, capacity: int, prompt_length: Optional[int] = None,
                num_layers: Optional[int] = None) -> None:

@@ -37,7 +37,7 @@ class StreamingLLMPress(base.ScorerPress):
     base.check_nonneg_int("n_sink", self.n_sink)
 
   def protected(self):
-    return max(self.protect_sinks, self.n_sink), self.protect_recent
+    return self.n_sink, self.protect_recent
 
   def score(self, cache, obs, ctx):
     del obs, ctx

@@ -27,7 +27,7 @@ class TOVAPress(base.ScorerPress):
     return Observe(colsum=True, colsum_window=1)
 
   def protected(self):
-    return self.protect_sinks, max(self.protect_recent, 1)
+    return self.n_sink, max(self.protect_recent, 1)
 
   def score(self, cache, obs, ctx):
     del ctx

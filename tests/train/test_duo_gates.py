@@ -35,7 +35,7 @@ def test_gated_attention_mixes_full_and_streaming_per_kv_head():
   stream = _np_attention(q, k, v, (j <= i) & ((j < 2) | (i - j < 3)), 0.3)
   alpha = np.array([1.0, 0.25], np.float32)
   got = np.asarray(duo_gates.gated_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                             jnp.asarray(alpha), sink=2, recent=3, scale=0.3))
+                                             jnp.asarray(alpha), n_sink=2, recent=3, scale=0.3))
   a = np.repeat(alpha, hq // hkv)[None, :, None, None]
   np.testing.assert_allclose(got, a * full + (1 - a) * stream, rtol=1e-5, atol=1e-5)
 
@@ -43,13 +43,13 @@ def test_gated_attention_mixes_full_and_streaming_per_kv_head():
 def test_all_gates_open_reproduce_the_model():
   model = Transformer(presets.PRESETS["tiny"], rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 40)), jnp.int32)
-  gc = duo_gates.GateConfig(sink=2, recent=4, length=40, n_tail=4)
+  gc = duo_gates.GateConfig(n_sink=2, recent=4, length=40, n_tail=4)
   alphas = jnp.ones((model.config.num_layers, model.config.num_kv_heads))
   h = duo_gates.hidden_states(model, tokens, alphas, gc)
   w = model.embed.value.T if model.config.tie_word_embeddings else model.lm_head.value
   logits = np.asarray(jnp.einsum("bth,hv->btv", h, w))
   np.testing.assert_allclose(logits, np.asarray(model(tokens)), rtol=2e-4, atol=2e-4)
-  # closed gates differ once the context is longer than sink + recent
+  # closed gates differ once the context is longer than n_sink + recent
   h0 = duo_gates.hidden_states(model, tokens, jnp.zeros_like(alphas), gc)
   assert float(jnp.abs(h0 - h)[:, -1].max()) > 1e-4
 
@@ -57,7 +57,7 @@ def test_all_gates_open_reproduce_the_model():
 def test_training_moves_only_the_gates_and_respects_the_range(tmp_path):
   model = Transformer(presets.PRESETS["tiny"], rngs=nnx.Rngs(0))
   before = {k: np.asarray(v) for k, v in model.layer_params().items()}
-  gc = duo_gates.GateConfig(sink=2, recent=8, length=160, batch=2, steps=6, lr=0.05,
+  gc = duo_gates.GateConfig(n_sink=2, recent=8, length=160, batch=2, steps=6, lr=0.05,
                             lam=0.5, n_tail=8)
   gates, hist = duo_gates.train_gates(model, tok_lib.ByteTokenizer(), gc)
   assert gates.shape == (2, 2) and (gates >= 0).all() and (gates <= 1).all()
@@ -80,8 +80,8 @@ def test_bad_gate_files_and_configs(tmp_path):
   p.write_text("{not json")
   with pytest.raises(ValueError, match="not JSON"):
     duo_gates.load_gates(str(p))
-  with pytest.raises(ValueError, match="sink \\+ recent"):
-    duo_gates.GateConfig(sink=100, recent=300, length=384)
+  with pytest.raises(ValueError, match="n_sink \\+ recent"):
+    duo_gates.GateConfig(n_sink=100, recent=300, length=384)
   with pytest.raises(ValueError, match="lr"):
     duo_gates.GateConfig(lr=float("nan"))
 

@@ -81,11 +81,11 @@ def test_budget_and_protection_are_options_of_any_scorer():
   k[0, 0, :, 0] = norms
   cache = _cache_from(k=k)
   # budget=3 with the first slot and the last two protected: 0, 6, 7 (norms ignored)
-  out = helpers.run(P.KnormPress(budget=3, protect_sinks=1, protect_recent=2), cache)
+  out = helpers.run(P.KnormPress(budget=3, n_sink=1, protect_recent=2), cache)
   assert helpers.kept_positions(out) == [[[0, 6, 7]]]
   # budget=2 < protected (3): sinks first, then the most recent protected slot wins? no:
   # the recent window is one tier; within it the scorer decides (norm 6 < 7 -> slot 6)
-  out = helpers.run(P.KnormPress(budget=2, protect_sinks=1, protect_recent=2), cache)
+  out = helpers.run(P.KnormPress(budget=2, n_sink=1, protect_recent=2), cache)
   assert helpers.kept_positions(out) == [[[0, 6]]]
 
 
@@ -115,12 +115,12 @@ def test_adakv_moves_budget_to_the_head_that_needs_it():
 
 def test_duo_attention_streaming_heads_keep_sink_and_recent():
   cache = _cache_from(b=1, h=2, s=10)
-  press = P.DuoAttentionPress(head_compression_ratio=0.5, sink_size=1, recent_size=2,
+  press = P.DuoAttentionPress(head_compression_ratio=0.5, n_sink=1, recent_size=2,
                               head_scores=[[0.9, 0.1]])
   out = helpers.run(press, cache)
   assert helpers.kept_positions(out) == [[list(range(10)), [0, 8, 9]]]
   # A layer with only streaming heads really shrinks.
-  all_streaming = P.DuoAttentionPress(head_compression_ratio=1.0, sink_size=1, recent_size=2,
+  all_streaming = P.DuoAttentionPress(head_compression_ratio=1.0, n_sink=1, recent_size=2,
                                       head_scores=[[0.9, 0.1]])
   assert helpers.run(all_streaming, cache).capacity == 3
 

@@ -21,7 +21,7 @@ from tests.kvjax.presses import helpers
 S, ROOM, B = 80, 4, 2          # S > SnapKV's default 64-token window
 RATIOS = (0.5, 0.75)
 # DuoAttention's pattern: layer 1's heads stream first, then layer 0's second head
-DUO = dict(head_scores=((3.0, 2.0), (0.0, 1.0)), sink_size=4, recent_size=12)
+DUO = dict(head_scores=((3.0, 2.0), (0.0, 1.0)), n_sink=4, recent_size=12)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ PRESSES = {
     "random": P.RandomPress(compression_ratio=0.5, seed=1),
     "adakv": P.AdaKVPress(P.SnapKVPress(compression_ratio=0.5, window_size=1),
                           head_capacity_factor=2.0),  # capacity 20: shares decode compiles
-    "duo_attention": P.DuoAttentionPress(head_compression_ratio=0.5, sink_size=2,
+    "duo_attention": P.DuoAttentionPress(head_compression_ratio=0.5, n_sink=2,
                                          recent_size=4, head_scores=DUO_SCORES),
     # (0.25, 0.75) keeps 15 and 5 of 20 slots, the same layer capacities as pyramidkv above
     "per_layer_ratios": P.PerLayerCompressionPress(P.KnormPress(), (0.25, 0.75)),
@@ -187,9 +187,9 @@ def test_duo_attention_profiled_on_calibration_data(model, batch):
   tok, mask, _ = batch
   _, cache, obs = models.prefill(model, tok, attention_mask=mask, observe=WINDOWED,
                                  logits="last")
-  scores = P.profile_head_scores(obs, np.asarray(cache.length[0]), sink_size=2, recent_size=4)
+  scores = P.profile_head_scores(obs, np.asarray(cache.length[0]), n_sink=2, recent_size=4)
   assert scores.shape == (2, 2) and ((scores >= 0) & (scores <= 1)).all()
-  press = P.DuoAttentionPress(head_compression_ratio=0.5, sink_size=2, recent_size=4,
+  press = P.DuoAttentionPress(head_compression_ratio=0.5, n_sink=2, recent_size=4,
                               head_scores=scores)
   _, pressed = models.prefill(model, tok, attention_mask=mask, press=press, logits="last")
   mask_ = press.streaming_mask()
@@ -205,7 +205,7 @@ def test_profile_head_scores_ranks_a_sink_head_as_streaming():
   col = np.zeros((1, 2, 10), np.float32)
   col[0, 0, [0, 9]] = 1.0   # head 0: all mass on the sink and the last slot
   col[0, 1, 5] = 1.0        # head 1: mass in the middle (a retrieval head)
-  scores = P.profile_head_scores([{"colsum": col}], [10], sink_size=1, recent_size=2)
+  scores = P.profile_head_scores([{"colsum": col}], [10], n_sink=1, recent_size=2)
   np.testing.assert_allclose(scores, [[0.0, 1.0]])
   press = P.DuoAttentionPress(head_compression_ratio=0.5, head_scores=scores)
   np.testing.assert_array_equal(press.streaming_mask(), [[True, False]])
