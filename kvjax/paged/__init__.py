@@ -35,7 +35,7 @@ R residual window, G KIVI token group:
   num_free    [] int32         free pages, all partitions
   overflow    [] bool          sticky: some append found no free pages and was dropped
   part_free   [S] int32        free pages per partition (None when S = 1)
-  k_res, v_res [B, Hkv, R, D|Dv], res_pos [B, Hkv, R], res_lengths [B, Hkv]
+  k_res, v_res [B, Hkv, R, D|Dv], res_positions [B, Hkv, R], res_lengths [B, Hkv]
                                the residual window (None when R = 0): row b's newest
                                res_lengths tokens, exact, logically after its paged ones
 

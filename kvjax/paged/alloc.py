@@ -297,7 +297,7 @@ def _write_residual(cache: PagedKVCache, layer, k_new, v_new, pos_h) -> PagedKVC
 
   ck = buffer(get("k_res"), k_new, 0, dt)
   cv = buffer(get("v_res"), v_new, 0, dt)
-  cpos = buffer(get("res_pos"), pos_h, -1, jnp.int32)
+  cpos = buffer(get("res_positions"), pos_h, -1, jnp.int32)
   kb, vb = cache._bits()  # pylint: disable=protected-access
   ka, va = cache._axes()  # pylint: disable=protected-access
   kc, ks, kz = _encode(ck, cache.quant, kb, dt, ka)
@@ -321,7 +321,7 @@ def _write_residual(cache: PagedKVCache, layer, k_new, v_new, pos_h) -> PagedKVC
   ok = plan.ok
   res = {"k_res": jnp.where(keep[..., None], quant_base.gather_slots(ck, ridx), 0).astype(dt),
          "v_res": jnp.where(keep[..., None], quant_base.gather_slots(cv, ridx), 0).astype(dt),
-         "res_pos": jnp.where(keep, quant_base.gather_slots(cpos, ridx), -1)}
+         "res_positions": jnp.where(keep, quant_base.gather_slots(cpos, ridx), -1)}
   for f_, val in res.items():
     val = jnp.where(ok, val, get(f_))
     upd[f_] = val if layer is None else getattr(cache, f_).at[layer].set(val)

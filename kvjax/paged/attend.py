@@ -36,13 +36,13 @@ def _attend_residual(cache, layer, q, k_new, v_new, q_positions, pos_h, spec, *,
     # chunk] in one concatenation, without placing the window after each row's pages.
     k, v, pos, _ = _pages_view(cache, layer)
     get = lambda f: cache._get(f, layer)  # noqa: E731  pylint: disable=protected-access
-    res_pos = jnp.where(jnp.arange(cache.residual)[None, None] < get("res_lengths")[..., None],
-                        get("res_pos"), -1)
+    held = jnp.arange(cache.residual)[None, None] < get("res_lengths")[..., None]
+    res_positions = jnp.where(held, get("res_positions"), -1)
     new, _ = _write(cache, layer, k_new, v_new, pos_h)
     dt = k.dtype
     kk = jnp.concatenate([k, get("k_res").astype(dt), k_new.astype(dt)], axis=2)
     vv = jnp.concatenate([v, get("v_res").astype(dt), v_new.astype(dt)], axis=2)
-    pp = jnp.concatenate([pos, res_pos, pos_h], axis=-1)
+    pp = jnp.concatenate([pos, res_positions, pos_h], axis=-1)
     res = attn_lib.attention(q, kk, vv, jnp.full((b, h), pp.shape[-1], jnp.int32),
                              q_positions=q_positions, k_positions=pp, spec=spec, **kw)
     return res, new
@@ -151,5 +151,5 @@ def dense_view(cache: PagedKVCache, layer=None):
     get = lambda f: cache._get(f, layer)  # noqa: E731  pylint: disable=protected-access
     k = cache_lib.scatter_slots(pad(k, 0), ridx, get("k_res"))
     v = cache_lib.scatter_slots(pad(v, 0), ridx, get("v_res"))
-    pos = cache_lib.scatter_slots(pad(pos, -1), ridx, get("res_pos"))
+    pos = cache_lib.scatter_slots(pad(pos, -1), ridx, get("res_positions"))
   return k, v, pos, lengths

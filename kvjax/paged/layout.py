@@ -12,7 +12,7 @@ from typing import Optional
 POOL_FIELDS = ("k_pages", "k_scale", "k_zero", "v_pages", "v_scale", "v_zero", "pos_pages")
 META_FIELDS = ("page_table", "lengths", "refcount", "free_stack", "num_free", "overflow",
                "part_free", "res_lengths")
-ROW_FIELDS = ("k_res", "v_res", "res_pos")   # the full-precision residual window (KIVI)
+ROW_FIELDS = ("k_res", "v_res", "res_positions")   # the full-precision residual window (KIVI)
 
 
 class OutOfPages(ValueError):

@@ -50,7 +50,7 @@ class PagedKVCache(cache_lib.KVCacheBase):
   part_free: Optional[jax.Array] = None
   k_res: Optional[jax.Array] = None
   v_res: Optional[jax.Array] = None
-  res_pos: Optional[jax.Array] = None
+  res_positions: Optional[jax.Array] = None
   res_lengths: Optional[jax.Array] = None
   head_dim: int = _static()
   v_head_dim: int = _static()
@@ -67,7 +67,7 @@ class PagedKVCache(cache_lib.KVCacheBase):
       "k_zero": "zeros", "v_zero": "zeros", "pos_pages": "index", "page_table": "index",
       "lengths": "index", "refcount": "index", "free_stack": "index", "num_free": "index",
       "overflow": "index", "part_free": "index", "k_res": "residual", "v_res": "residual",
-      "res_pos": "residual", "res_lengths": "index"}
+      "res_positions": "residual", "res_lengths": "index"}
 
   def partition_axes(self, mesh=None) -> dict:
     """Mesh axes of each leaf's dims (kvjax.sharding; no leading layer axis).
@@ -87,7 +87,7 @@ class PagedKVCache(cache_lib.KVCacheBase):
         "page_table": ("data", None), "lengths": ("data", "model"), "refcount": (pages,),
         "free_stack": (pages,), "num_free": (), "overflow": (), "part_free": (pages,),
         "k_res": ("data", "model", None, None), "v_res": ("data", "model", None, None),
-        "res_pos": ("data", "model", None), "res_lengths": ("data", "model")}
+        "res_positions": ("data", "model", None), "res_lengths": ("data", "model")}
 
   @classmethod
   def init(cls, batch: int, kv_heads: int, head_dim: int, *, num_pages: int, page_size: int,
@@ -150,7 +150,7 @@ class PagedKVCache(cache_lib.KVCacheBase):
     if r:
       res = dict(k_res=jnp.zeros((batch, h, r, head_dim), dt),
                  v_res=jnp.zeros((batch, h, r, dv), dt),
-                 res_pos=jnp.full((batch, h, r), -1, jnp.int32),
+                 res_positions=jnp.full((batch, h, r), -1, jnp.int32),
                  res_lengths=jnp.zeros((batch, h), jnp.int32))
     # Each partition's stack holds its own (global) page ids; pages pop from the top, so
     # partition s hands out page s * N/S first.

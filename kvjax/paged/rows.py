@@ -108,7 +108,7 @@ def _fork(cache: PagedKVCache, src, dst, n_tokens) -> PagedKVCache:
     k, v, pos, _ = dense_view(cache)
     ridx = paged_len[..., None] + jnp.arange(r_cap, dtype=jnp.int32)
     keep = ridx < new_len[..., None]
-    for f, x, fill in (("k_res", k, 0), ("v_res", v, 0), ("res_pos", pos, -1)):
+    for f, x, fill in (("k_res", k, 0), ("v_res", v, 0), ("res_positions", pos, -1)):
       val = quant_base.gather_slots(x[src], ridx)
       val = jnp.where(keep[..., None] if val.ndim == 4 else keep, val, fill)
       upd[f] = getattr(cache, f).at[dst].set(val.astype(getattr(cache, f).dtype))

@@ -409,3 +409,24 @@ def test_capabilities_are_declared_on_the_class_and_hold(name):
   # quantized kinds hold fewer bytes per token than the same tokens dense
   if want.quantized:
     assert new.nbytes < new.to_dense().nbytes
+
+
+def test_offloaded_model_caches_declare_how_a_step_runs():
+  # Given a one-layer model cache holding 4 tokens, offloaded both ways
+  from kvjax import offload  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(6)
+  k, v, pos = chunk(rng, T_APPEND, [4, 4], np.zeros(B, np.int32), left=False)
+  layer = append(DenseKVCache.init(B, H, 8, D), k, v, pos)
+  mc = ModelCache.from_layers([layer], jnp.array([4, 4], jnp.int32))
+  host = offload.HostCache.from_model_cache(mc)
+  quest = offload.QuestCache.from_model_cache(mc, page_size=2, room=2, top_k=1)
+  # Then they say so by capability and mode (models.decode reads these, not their types)
+  assert not caps(mc).offloaded
+  assert caps(host).offloaded and host.offload_mode == offload.STREAM
+  assert caps(quest).offloaded and quest.offload_mode == offload.QUEST
+  # and answer what the API asks of a ModelCache
+  for c in (host, quest):
+    assert (c.batch, c.num_layers) == (B, 1)
+    np.testing.assert_array_equal(np.asarray(c.next_position), [4, 4])
+    with pytest.raises(ValueError, match="overflow"):
+      c.check_room(jnp.asarray(np.tile(np.arange(4, 14, dtype=np.int32), (B, 1))))
