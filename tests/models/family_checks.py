@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from models import decoder as dec
+from models import hybrid
 from models import registry
 
 VOCAB = 64
@@ -23,6 +24,14 @@ BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64)
 
 def build(cfg, seed=0):
   return dec.Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_hybrid():
+  """A Decoder built once per process: RG-LRU, RG-LRU, then global attention (window=None,
+  a dense KV cache beside the recurrent state), hidden 32, VOCAB ids."""
+  return build(hybrid.HybridConfig(**BASE, num_layers=3, num_heads=2, num_kv_heads=1,
+                                   head_dim=16, window=None, rglru_blocks=2))
 
 
 def build_abstract(cfg):

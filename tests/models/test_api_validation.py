@@ -17,8 +17,7 @@ import kvjax
 import models
 from kvjax import paged
 from kvjax import presses
-from models import decoder as dec
-from models import hybrid
+from tests.models import family_checks
 
 CFG = models.ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2)  # vocab 256
 
@@ -28,12 +27,7 @@ def _model():
   return models.Transformer(CFG, rngs=nnx.Rngs(0))
 
 
-@functools.lru_cache(maxsize=None)
-def _decoder():
-  cfg = hybrid.HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
-                            num_heads=2, num_kv_heads=1, head_dim=16, window=None,
-                            rglru_blocks=2)
-  return dec.Decoder(cfg, rngs=nnx.Rngs(0))
+_decoder = family_checks.tiny_hybrid
 
 
 def _toks(b=2, t=6, vocab=256):

@@ -16,9 +16,8 @@ from flax import nnx
 import kvjax
 from kvjax import presses
 import models
-from models import decoder as dec
-from models import hybrid
 from models import protocol
+from tests.models import family_checks
 
 CFG = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2)
@@ -29,12 +28,7 @@ def _transformer():
   return models.Transformer(CFG, rngs=nnx.Rngs(0))
 
 
-@functools.lru_cache(maxsize=None)
-def _decoder():
-  cfg = hybrid.HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
-                            num_heads=2, num_kv_heads=1, head_dim=16, window=None,
-                            rglru_blocks=2)
-  return dec.Decoder(cfg, rngs=nnx.Rngs(0))
+_decoder = family_checks.tiny_hybrid
 
 
 MODELS = {"transformer": _transformer, "decoder": _decoder}
