@@ -57,9 +57,49 @@ def problem(*, batch=2, q_heads=4, kv_heads=2, queries=1, slots=100, head_dim=64
               k_positions=jnp.asarray(kpos))
 
 
+# The masking arguments a kernel shares with its reference (the rest are tiling choices).
+MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap", "colsum_window")
+
+
+def mask_kwargs(kernel_kwargs):
+  """The entries of `kernel_kwargs` that the reference takes too (MASK_KEYS)."""
+  return {k: v for k, v in kernel_kwargs.items() if k in MASK_KEYS}
+
+
+def queries(batch, q_heads, t, head_dim, dtype, start, seed=2):
+  """Random queries at positions start..start+t-1; with t > 1 the last row's last is padding."""
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((batch, q_heads, t, head_dim)), dtype)
+  qpos = np.broadcast_to(start + np.arange(t, dtype=np.int32), (batch, t)).copy()
+  if t > 1:
+    qpos[-1, -1] = -1
+  return q, jnp.asarray(qpos)
+
+
 def reference(p, **kw):
   return attention_reference(p["q"], p["k"], p["v"], p["k_lengths"],
                              q_positions=p["q_positions"], k_positions=p["k_positions"], **kw)
+
+
+def run_on_problem(kernel, p, platform, sink_logits=None, **static):
+  """A dense-layout kernel (decode_attention, flash_prefill) on problem `p` under one jit."""
+  return call_fast(kernel, p["q"], p["k"], p["v"], p["k_lengths"],
+                   q_positions=p["q_positions"], k_positions=p["k_positions"],
+                   sink_logits=sink_logits, static=dict(platform=platform, **static))
+
+
+def check_native_cases(kernel, cases, platform, **static):
+  """Every case of `cases` ({name: (platform, problem kwargs, kernel kwargs)}) meant for
+  `platform`, compiled for the real device, against the reference."""
+  for plat, pkw, kkw in cases.values():
+    if plat != platform:
+      continue
+    p = problem(**pkw)
+    result = run_on_problem(kernel, p, platform, **static, **kkw)
+    # Native f32 matmuls may run at reduced precision (TPU default); compare f32 cases
+    # with bf16 tolerances there.
+    dtype = pkw.get("dtype", jnp.float32) if platform == "gpu" else jnp.bfloat16
+    check_against_reference(result, p, dtype=dtype, **mask_kwargs(kkw))
 
 
 def assert_close(name, got, want, dtype, scale=1.0):
@@ -89,9 +129,39 @@ def require_backend(name):
     pytest.skip(f"needs a {name.upper()} (default backend is {jax.default_backend()})")
 
 
+
 # Interpret-mode kernels are big while-loops; XLA's backend optimisations only slow their
 # compile down on CPU, and the tests' wall time is mostly compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def check_backends_agree(cache, qpos, *, q_heads, head_dim, **attend_kw):
+  """kvjax's dispatch reads the real layout: a step attended with backend="interpret" (the
+  Pallas kernel in interpret mode; a request it could not serve raises, never falls back)
+  equals backend="xla" -- outputs, lse and the updated cache.
+
+  The step: random queries at `qpos` [B, T] and as many new K/V tokens, learned sink
+  logits, window 40 with 3 sinks and soft-cap 20; `attend_kw` goes to attend (layer=).
+  """
+  from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
+  (b, t), kv_heads = qpos.shape, cache.lengths.shape[-1]
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.standard_normal((b, q_heads, t, head_dim)), jnp.float32)
+  k_new = jnp.asarray(rng.standard_normal((b, kv_heads, t, head_dim)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((b, kv_heads, t, head_dim)), jnp.float32)
+  sink_logits = jnp.linspace(-1.0, 1.0, q_heads)
+  opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
+
+  def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
+    spec = attn_lib.AttentionSpec(backend=backend, window=40, n_sink=3, softcap=20.0)
+    step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec, sink_logits=sink_logits,
+                                            return_lse=True, **attend_kw)
+    return jax.jit(step, compiler_options=opts)(cache, q, k_new, v_new)
+  (got, got_cache), (want, want_cache) = run("interpret"), run("xla")
+  np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_array_equal(a, b)
 
 
 def call_fast(fn, *arrays, static=None, **array_kwargs):

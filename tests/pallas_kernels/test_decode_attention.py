@@ -13,8 +13,9 @@ from pallas_kernels import _common as C
 from pallas_kernels import decode_attention as decode_mod
 from pallas_kernels import kv_source as S
 from pallas_kernels.decode_attention import decode_attention
-from tests.pallas_kernels._util import (FAST_COMPILE, call_fast, check_against_reference,
-                                        lower_for, problem, require_backend)
+from tests.pallas_kernels._util import (FAST_COMPILE, check_against_reference,
+                                        check_native_cases, lower_for, mask_kwargs, problem,
+                                        run_on_problem)
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -49,13 +50,7 @@ CASES = {
         dict(causal=False)),
 }
 
-_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap", "colsum_window")
-
-
-def _run(p, platform, sink_logits=None, **kw):
-  return call_fast(decode_attention, p["q"], p["k"], p["v"], p["k_lengths"],
-                   q_positions=p["q_positions"], k_positions=p["k_positions"],
-                   sink_logits=sink_logits, static=dict(platform=platform, **kw))
+_run = functools.partial(run_on_problem, decode_attention)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -68,9 +63,8 @@ def test_matches_reference_interpret(name):
   with_colsum = "gaps" not in name  # keeps the compile count down; colsum is tested above
   result = _run(p, platform, interpret=True, return_colsum=with_colsum,
                 sink_logits=sink_logits, **kkw)
-  ref_kw = {k: v for k, v in kkw.items() if k in _MASK_KEYS}
   check_against_reference(result, p, dtype=pkw.get("dtype", F32), sink_logits=sink_logits,
-                          colsum=with_colsum, **ref_kw)
+                          colsum=with_colsum, **mask_kwargs(kkw))
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,29 +132,8 @@ def test_native_lowering_on_cpu(platform, lowering):
   assert "ragged_decode_attention" in text
 
 
-def _native(platform):
-  for name, (plat, pkw, kkw) in CASES.items():
-    if plat != platform:
-      continue
-    p = problem(**pkw)
-    result = _run(p, platform, return_colsum=True, **kkw)
-    ref_kw = {k: v for k, v in kkw.items() if k in _MASK_KEYS}
-    # Native f32 matmuls may run at reduced precision (TPU default); compare f32 cases
-    # with bf16 tolerances there.
-    dtype = pkw.get("dtype", F32) if platform == "gpu" else BF16
-    check_against_reference(result, p, dtype=dtype, **ref_kw)
-
-
-@pytest.mark.gpu
-def test_native_gpu():
-  require_backend("gpu")
-  _native("gpu")
-
-
-@pytest.mark.tpu
-def test_native_tpu():
-  require_backend("tpu")
-  _native("tpu")
+def test_native(native_platform):
+  check_native_cases(decode_attention, CASES, native_platform, return_colsum=True)
 
 
 def test_quantized_source_reuses_the_pipeline():

@@ -9,8 +9,8 @@ import pytest
 
 from pallas_kernels import _common as C
 from pallas_kernels.flash_prefill import flash_prefill
-from tests.pallas_kernels._util import (call_fast, check_against_reference, lower_for, problem,
-                                        require_backend)
+from tests.pallas_kernels._util import (check_against_reference, check_native_cases, lower_for,
+                                        mask_kwargs, problem, run_on_problem)
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -43,13 +43,7 @@ CASES = {
              colsum_window=16)),
 }
 
-_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap", "colsum_window")
-
-
-def _run(p, platform, sink_logits=None, **kw):
-  return call_fast(flash_prefill, p["q"], p["k"], p["v"], p["k_lengths"],
-                   q_positions=p["q_positions"], k_positions=p["k_positions"],
-                   sink_logits=sink_logits, static=dict(platform=platform, **kw))
+_run = functools.partial(run_on_problem, flash_prefill)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -60,9 +54,8 @@ def test_matches_reference_interpret(name):
   with_colsum = "gaps" not in name
   result = _run(p, platform, interpret=True, return_lse=True, return_colsum=with_colsum,
                 sink_logits=sink_logits, **kkw)
-  ref_kw = {k: v for k, v in kkw.items() if k in _MASK_KEYS}
   check_against_reference(result, p, dtype=pkw.get("dtype", F32), colsum=with_colsum,
-                          sink_logits=sink_logits, **ref_kw)
+                          sink_logits=sink_logits, **mask_kwargs(kkw))
 
 
 def test_lse_and_colsum_are_optional():
@@ -107,24 +100,6 @@ def test_native_lowering_on_cpu(platform, lowering):
   assert "flash_prefill" in text and "attention_colsum" in text
 
 
-def _native(platform):
-  for name, (plat, pkw, kkw) in CASES.items():
-    if plat != platform:
-      continue
-    p = problem(**pkw)
-    result = _run(p, platform, return_lse=True, return_colsum=True, **kkw)
-    ref_kw = {k: v for k, v in kkw.items() if k in _MASK_KEYS}
-    dtype = pkw.get("dtype", F32) if platform == "gpu" else BF16
-    check_against_reference(result, p, dtype=dtype, **ref_kw)
-
-
-@pytest.mark.gpu
-def test_native_gpu():
-  require_backend("gpu")
-  _native("gpu")
-
-
-@pytest.mark.tpu
-def test_native_tpu():
-  require_backend("tpu")
-  _native("tpu")
+def test_native(native_platform):
+  check_native_cases(flash_prefill, CASES, native_platform, return_lse=True,
+                     return_colsum=True)

@@ -17,11 +17,10 @@ import pytest
 from kvjax import paged as paged_lib
 from kvjax.quant import spec as quant_spec
 from pallas_kernels import paged_decode as pd
-from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, lower_for,
-                                        require_backend)
+from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast,
+                                        check_backends_agree, lower_for, mask_kwargs, queries)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap")
 
 
 @functools.partial(jax.jit, static_argnames=("kv_heads", "page_size", "num_pages",
@@ -77,15 +76,6 @@ def _raw_problem(*, batch, kv_heads, head_dim, page_size, num_pages, max_pages, 
   return arrays, dict(fmt="float")
 
 
-def _queries(batch, q_heads, t, head_dim, dtype, start, seed=2):
-  rng = np.random.default_rng(seed)
-  q = jnp.asarray(rng.standard_normal((batch, q_heads, t, head_dim)), dtype)
-  qpos = np.broadcast_to(start + np.arange(t, dtype=np.int32), (batch, t)).copy()
-  if t > 1:
-    qpos[-1, -1] = -1          # a padding query
-  return q, jnp.asarray(qpos)
-
-
 def _split(arrays):
   pos = tuple(arrays[k] for k in ("k_pages", "v_pages", "page_table", "lengths"))
   kw = {k: v for k, v in arrays.items() if k not in ("k_pages", "v_pages", "page_table",
@@ -98,7 +88,7 @@ def _check(platform, arrays, static, q, qpos, kkw, dtype, sink_logits=None, inte
   out, lse = call_fast(pd.paged_decode_attention, q, *pos, q_positions=qpos,
                        sink_logits=sink_logits, **kw,
                        static=dict(platform=platform, interpret=interpret, **static, **kkw))
-  mask_kw = {k: v for k, v in kkw.items() if k in _MASK_KEYS}
+  mask_kw = mask_kwargs(kkw)
   ref_out, ref_lse = pd.paged_decode_reference(q.astype(F32), *pos, q_positions=qpos,
                                                sink_logits=sink_logits, **kw, **static,
                                                **mask_kw)
@@ -114,7 +104,7 @@ def test_tpu_fp8_pool_from_kvjax_matches_reference_interpret():
   _, arrays, static = _kvjax_problem(quant=quant, batch=2, kv_heads=2, head_dim=64,
                                      page_size=16, num_pages=12, max_pages=5,
                                      tokens=[70, 37], head_lengths=[[70, 1], [0, 37]])
-  q, qpos = _queries(2, 2, 1, 64, F32, 69)
+  q, qpos = queries(2, 2, 1, 64, F32, 69)
   _check("tpu", arrays, static, q, qpos,
          dict(pages_per_block=2, num_splits=2, window=30, n_sink=2), F32)
 
@@ -125,7 +115,7 @@ def test_tpu_bf16_pool_matches_reference_interpret():
   arrays, static = _raw_problem(batch=3, kv_heads=1, head_dim=128, page_size=16,
                                 num_pages=16, max_pages=5, lengths=[[0], [1], [70]],
                                 dtype=BF16, with_positions=False)
-  q, qpos = _queries(3, 8, 1, 128, BF16, 69)
+  q, qpos = queries(3, 8, 1, 128, BF16, 69)
   _check("tpu", arrays, static, q, qpos, dict(pages_per_block=2), BF16)
 
 
@@ -133,7 +123,7 @@ def _small(**over):
   arrays, static = _raw_problem(batch=1, kv_heads=1, head_dim=16, page_size=8, num_pages=4,
                                 max_pages=2, lengths=[[10]], dtype=F32, with_positions=True)
   arrays.update(over)
-  q, qpos = _queries(1, 2, 1, 16, F32, 10)
+  q, qpos = queries(1, 2, 1, 16, F32, 10)
   pos, kw = _split(arrays)
   return q, pos, dict(kw, q_positions=qpos), static
 
@@ -169,26 +159,14 @@ def test_native_lowering_on_cpu(platform, lowering):
   assert "paged_decode_attention" in text
 
 
-def _native(platform):
+def test_native(native_platform):
   arrays, static = _raw_problem(batch=3, kv_heads=2, head_dim=128, page_size=16,
                                 num_pages=40, max_pages=12, lengths=[[0, 1], [70, 191],
                                                                      [100, 5]],
                                 dtype=BF16, with_positions=True)
-  q, qpos = _queries(3, 8, 2, 128, BF16, 191)
-  _check(platform, arrays, static, q, qpos, dict(window=64, n_sink=4), BF16,
+  q, qpos = queries(3, 8, 2, 128, BF16, 191)
+  _check(native_platform, arrays, static, q, qpos, dict(window=64, n_sink=4), BF16,
          interpret=False)
-
-
-@pytest.mark.gpu
-def test_native_gpu():
-  require_backend("gpu")
-  _native("gpu")
-
-
-@pytest.mark.tpu
-def test_native_tpu():
-  require_backend("tpu")
-  _native("tpu")
 
 
 def test_support_of_paged_requests():
@@ -221,30 +199,13 @@ def test_kvjax_attend_on_a_stacked_layer_dispatches_to_the_fused_kernel():
   # Given a two-layer stacked pool (a ModelCache segment) of per-token INT4 codes
   # (asymmetric, channel groups of 16) written by kvjax.paged, one row holding 1 token,
   # head-wise lengths 1 / 0 / 90 / 57, GQA 4
-  from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
   quant = quant_spec.per_token(4, group_size=16)
   layers = [_kvjax_problem(quant=quant, batch=2, kv_heads=2, head_dim=64, page_size=16,
                            num_pages=14, max_pages=6, tokens=[1, 90],
                            head_lengths=[[1, 0], [90, 57]], seed=i)[0] for i in range(2)]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *layers)
-  rng = np.random.default_rng(5)
-  q = jnp.asarray(rng.standard_normal((2, 8, 2, 64)), F32)
-  k_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
-  v_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
-  qpos = jnp.asarray([[1, 2], [90, -1]], jnp.int32)
-  sink_logits = jnp.linspace(-1.0, 1.0, 8)
-  # When layer 1 attends with backend="interpret" (the paged kernel gathers pages in
-  # Pallas interpret mode; a request it could not serve would raise) and with "xla"
-  opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
-
-  def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
-    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, n_sink=3, softcap=20.0)
-    step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, layer=1,
-                                            sink_logits=sink_logits, return_lse=True)
-    return jax.jit(step, compiler_options=opts)(stacked, q, k_new, v_new)
-  (got, got_cache), (want, want_cache) = run("interpret"), run("xla")
+  # When layer 1 attends a two-token step (one padding query) with backend="interpret"
+  # (the paged kernel gathers pages in Pallas interpret mode) and with "xla"
   # Then they agree (the step's own tokens are attended exactly on both paths)
-  np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
-  np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    np.testing.assert_array_equal(a, b)
+  check_backends_agree(stacked, jnp.asarray([[1, 2], [90, -1]], jnp.int32), q_heads=8,
+                       head_dim=64, layer=1)

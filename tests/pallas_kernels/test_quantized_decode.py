@@ -19,8 +19,8 @@ from kvjax.quant import spec as quant_spec
 from pallas_kernels import kv_source as S
 from pallas_kernels import quantized_decode as qd
 from pallas_kernels.reference import attention_reference
-from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast, lower_for,
-                                        require_backend)
+from tests.pallas_kernels._util import (FAST_COMPILE, assert_close, call_fast,
+                                        check_backends_agree, lower_for, mask_kwargs, queries)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -98,24 +98,12 @@ CASES = {
         (8, 1), BF16, dict(block_k=128, window=50, n_sink=4)),
 }
 
-_MASK_KEYS = ("scale", "causal", "window", "n_sink", "softcap")
-
-
-def _queries(batch, q_heads, t, head_dim, dtype, start, seed=2):
-  rng = np.random.default_rng(seed)
-  q = jnp.asarray(rng.standard_normal((batch, q_heads, t, head_dim)), dtype)
-  qpos = np.broadcast_to(start + np.arange(t, dtype=np.int32), (batch, t)).copy()
-  if t > 1:
-    qpos[1, -1] = -1          # a padding query
-  return q, jnp.asarray(qpos)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_interpret(name):
   platform, spec, ckw, (q_heads, t), dtype, kkw = CASES[name]
   # Given a kvjax quantized cache with garbage past every length
   c = _cache(spec, **ckw)
-  q, qpos = _queries(ckw["batch"], q_heads, t, ckw["head_dim"], dtype, ckw["slots"] - 1)
+  q, qpos = queries(ckw["batch"], q_heads, t, ckw["head_dim"], dtype, ckw["slots"] - 1)
   pos, kw = _kernel_args(c)
   sink_logits = jnp.linspace(-1.0, 1.0, q_heads) if "residual" in name else None
   # When the fused kernel runs in interpret mode
@@ -124,7 +112,7 @@ def test_matches_reference_interpret(name):
                        static=dict(platform=platform, interpret=True, **_spec_kwargs(spec),
                                    **kkw))
   # Then it matches dequantize + reference attention (float32 math on the same inputs)
-  mask_kw = {k: v for k, v in kkw.items() if k in _MASK_KEYS}
+  mask_kw = mask_kwargs(kkw)
   ref_out, ref_lse = qd.quantized_decode_reference(
       q.astype(F32), *pos, q_positions=qpos, sink_logits=sink_logits, **kw,
       **_spec_kwargs(spec), **mask_kw)
@@ -163,7 +151,7 @@ def _small(slots=16, d=16):
   """Raw arrays of a tiny per-token asymmetric INT4 cache (validation tests only)."""
   codes = jnp.zeros((1, 1, slots, d // 2), jnp.uint8)
   scale = jnp.ones((1, 1, slots, 1), jnp.float16)
-  q, qpos = _queries(1, 2, 1, d, F32, slots)
+  q, qpos = queries(1, 2, 1, d, F32, slots)
   kw = dict(q_positions=qpos, k_positions=jnp.zeros((1, 1, slots), jnp.int32),
             k_zero=scale, v_zero=scale)
   pos = (codes, scale, codes, scale, jnp.full((1, 1), slots, jnp.int32))
@@ -224,34 +212,22 @@ def test_native_lowering_on_cpu(platform, lowering):
   assert "quantized_decode_attention" in text
 
 
-def _native(platform):
-  for name, (plat, spec, ckw, (q_heads, t), dtype, kkw) in CASES.items():
-    if plat != platform:
+def test_native(native_platform):
+  for plat, spec, ckw, (q_heads, t), dtype, kkw in CASES.values():
+    if plat != native_platform:
       continue
     c = _cache(spec, **ckw)
-    q, qpos = _queries(ckw["batch"], q_heads, t, ckw["head_dim"], dtype, ckw["slots"] - 1)
+    q, qpos = queries(ckw["batch"], q_heads, t, ckw["head_dim"], dtype, ckw["slots"] - 1)
     pos, kw = _kernel_args(c)
     out, lse = qd.quantized_decode_attention(q, *pos, q_positions=qpos, **kw,
-                                             platform=platform, **_spec_kwargs(spec), **kkw)
+                                             platform=native_platform, **_spec_kwargs(spec),
+                                             **kkw)
     ref_out, ref_lse = qd.quantized_decode_reference(
         q, *pos, q_positions=qpos, **kw, **_spec_kwargs(spec),
-        **{k: v for k, v in kkw.items() if k in _MASK_KEYS})
+        **mask_kwargs(kkw))
     # Native float32 matmuls may run at reduced precision: bf16 tolerances.
     assert_close("out", out, ref_out, BF16)
     assert_close("lse", lse, ref_lse, BF16)
-
-
-@pytest.mark.gpu
-def test_native_gpu():
-  require_backend("gpu")
-  _native("gpu")
-
-
-@pytest.mark.tpu
-def test_native_tpu():
-  require_backend("tpu")
-  _native("tpu")
-
 
 def test_support_of_quantized_requests():
   import pallas_kernels  # pylint: disable=import-outside-toplevel
@@ -289,27 +265,10 @@ def test_entry_point_resolves_platform(monkeypatch):
 def test_kvjax_attend_dispatches_to_the_fused_kernel():
   # Given a KIVI cache (K 4-bit per channel, V 2-bit per token in groups of 8, residual
   # window) with ragged lengths 0 / 1 / 57 / 90 and a two-token step (one padding query)
-  from kvjax import attention as attn_lib  # pylint: disable=import-outside-toplevel
   spec = quant_spec.kivi(bits=4, group_size=8, residual=16).replace(v_bits=2)
   c = _cache(spec, batch=2, kv_heads=2, slots=92, head_dim=64, lengths=[[0, 1], [90, 57]])
-  rng = np.random.default_rng(5)
-  q = jnp.asarray(rng.standard_normal((2, 8, 2, 64)), F32)
-  k_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
-  v_new = jnp.asarray(rng.standard_normal((2, 2, 2, 64)), F32)
-  qpos = jnp.asarray([[90, 91], [90, -1]], jnp.int32)
-  sink_logits = jnp.linspace(-1.0, 1.0, 8)
-  # When attend runs with backend="interpret" (the fused kernel in Pallas interpret mode;
-  # a request it could not serve would raise, never fall back) and with "xla"
-  opts = FAST_COMPILE if jax.default_backend() == "cpu" else None
-
-  def run(backend):  # jitted: eager op-by-op dispatch is several times slower on CPU
-    spec_ = attn_lib.AttentionSpec(backend=backend, window=40, n_sink=3, softcap=20.0)
-    step = lambda c_, q_, k_, v_: c_.attend(q_, k_, v_, qpos, spec_, sink_logits=sink_logits,
-                                            return_lse=True)
-    return jax.jit(step, compiler_options=opts)(c, q, k_new, v_new)
-  (got, got_cache), (want, want_cache) = run("interpret"), run("xla")
+  # When attend runs with backend="interpret" (the fused kernel in Pallas interpret mode)
+  # and with "xla"
   # Then outputs and the updated cache agree
-  np.testing.assert_allclose(got.out, want.out, atol=1e-4, rtol=1e-4)
-  np.testing.assert_allclose(got.lse, want.lse, atol=1e-4, rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    np.testing.assert_array_equal(a, b)
+  check_backends_agree(c, jnp.asarray([[90, 91], [90, -1]], jnp.int32), q_heads=8,
+                       head_dim=64)
