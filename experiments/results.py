@@ -233,6 +233,21 @@ def table(rows: Iterable[Mapping], length: Optional[int] = None, title: str = ""
   return "\n".join(out)
 
 
+def _largest_passing_factor(summ: Sequence[Mapping], passes) -> dict:
+  """{family: (largest kv_factor, its technique)} over the compressed rows of `summ` for
+  which passes(row) holds; (None, None) for a family where none does."""
+  best: dict = {}
+  for s in summ:
+    if s["technique"] == "full":
+      continue
+    fam = _family_key(s["technique"])
+    best.setdefault(fam, (None, None))
+    if s["kv_factor"] is not None and passes(s):
+      if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
+        best[fam] = (s["kv_factor"], s["technique"])
+  return best
+
+
 def frontier_verdict(rows: Iterable[Mapping], tolerance: float = 0.01,
                      tasks: Optional[Sequence[str]] = None) -> dict:
   """Per family (press name, quant kind, combination): the largest compression factor whose
@@ -247,19 +262,11 @@ def frontier_verdict(rows: Iterable[Mapping], tolerance: float = 0.01,
   if not acc_tasks:
     return {}
   ref = sum(full["scores"][t] for t in acc_tasks) / len(acc_tasks)
-  best: dict = {}
-  for s in summ:
-    if s["technique"] == "full":
-      continue
-    fam = _family_key(s["technique"])
-    best.setdefault(fam, (None, None))
-    if any(t not in s["scores"] for t in acc_tasks):
-      continue
-    acc = sum(s["scores"][t] for t in acc_tasks) / len(acc_tasks)
-    if acc >= ref - tolerance and s["kv_factor"] is not None:
-      if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
-        best[fam] = (s["kv_factor"], s["technique"])
-  return best
+
+  def passes(s):
+    return (all(t in s["scores"] for t in acc_tasks) and
+            sum(s["scores"][t] for t in acc_tasks) / len(acc_tasks) >= ref - tolerance)
+  return _largest_passing_factor(summ, passes)
 
 
 def perplexity_verdict(rows: Iterable[Mapping], tolerance: float = 0.01) -> dict:
@@ -272,17 +279,9 @@ def perplexity_verdict(rows: Iterable[Mapping], tolerance: float = 0.01) -> dict
   if task is None:
     return {}
   ref = full["scores"][task]
-  best: dict = {}
-  for s in summ:
-    if s["technique"] == "full":
-      continue
-    fam = _family_key(s["technique"])
-    best.setdefault(fam, (None, None))
-    ppl = s["scores"].get(task)
-    if ppl is not None and ppl <= ref * (1 + tolerance) and s["kv_factor"] is not None:
-      if best[fam][0] is None or s["kv_factor"] > best[fam][0]:
-        best[fam] = (s["kv_factor"], s["technique"])
-  return best
+  return _largest_passing_factor(
+      summ, lambda s: s["scores"].get(task) is not None and
+      s["scores"][task] <= ref * (1 + tolerance))
 
 
 def overall_verdict(rows: Iterable[Mapping], acc_tolerance: float = 0.01,
