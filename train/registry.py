@@ -81,16 +81,22 @@ def names() -> list[str]:
   return sorted(_FAMILIES)
 
 
+def _make_config(config_cls, kw: dict):
+  """config_cls(**kw), lists as tuples (a ConfigDict holds lists); a key the class lacks
+  raises a ValueError naming the known ones."""
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+  fields = {f.name for f in dataclasses.fields(config_cls)}
+  bad = sorted(set(kw) - fields)
+  if bad:
+    raise ValueError(f"model.config has key(s) {bad} that {config_cls.__name__} does not "
+                     f"know; known: {sorted(fields)}")
+  return config_cls(**kw)
+
+
 # --- the Llama family (models.Transformer) ----------------------------------------------
 def _llama_config(kw: dict):
   from models.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  bad = sorted(set(kw) - fields)
-  if bad:
-    raise ValueError(f"model.config has key(s) {bad} that ModelConfig does not know; "
-                     f"known: {sorted(fields)}")
-  return ModelConfig(**kw)
+  return _make_config(ModelConfig, kw)
 
 
 def _llama_build(kw: dict, *, rngs: nnx.Rngs):
@@ -139,13 +145,7 @@ def decoder_family(config_class: str, **extras) -> Family:
     except (ImportError, AttributeError) as e:
       raise ValueError(f"model family needs {config_class} and models.decoder.Decoder: {e}"
                        ) from e
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    bad = sorted(set(kw) - fields)
-    if bad:
-      raise ValueError(f"model.config has key(s) {bad} that {cls} does not know; known: "
-                       f"{sorted(fields)}")
-    return decoder(config_cls(**kw), rngs=rngs)
+    return decoder(_make_config(config_cls, kw), rngs=rngs)
   extras.setdefault("vocab_size", lambda m: m.config.vocab_size)
   extras.setdefault("export", _decoder_export)
   return Family(build=build, **extras)

@@ -66,3 +66,12 @@ def test_registry_errors_and_registration():
     registry.get("tests.train.toy_family:missing")
   fam = registry.register("toy_test", lambda kw, *, rngs: None)
   assert registry.get("toy_test") is fam and "llama" in registry.names()
+
+
+@pytest.mark.parametrize("family,cls", [("llama", "ModelConfig"), ("gla", "GLAConfig")])
+def test_unknown_model_config_key_is_named_before_any_build(family, cls):
+  # The Llama family and a Decoder family refuse a key their config class lacks, naming it
+  # and the class (nothing is built: the error comes first).
+  with pytest.raises(ValueError, match=rf"key\(s\) \['hiden_size'\] that {cls} does not know; "
+                     r"known: \[.*'hidden_size'"):
+    registry.get(family).build({"hiden_size": 32}, rngs=None)
