@@ -205,8 +205,11 @@ def quality_drop(scores: dict, full: dict) -> float:
 
 def harness_verify(model, tokenizer, samples, *, batch_size=8, cache_dtype="bfloat16",
                    backend="auto", model_name=""):
-  """fn(pipeline) -> {"quality_drop", "kv_factor", per-task scores}: the pipeline against the
-  full cache on `samples`, through experiments.compare (the full cache is run once)."""
+  """fn(plan) -> {"quality_drop", "kv_factor", per-task scores}: a kvjax.policy.Plan (or a
+  bare pipeline) against the full cache on `samples`, through experiments.compare (the
+  full cache is run once). The plan runs whole: its pipeline compresses, an offloaded plan
+  decodes from host memory (kv_factor: the bf16 full cache over the bytes the device holds
+  during a step), and "runtime_policy" records the serving policy it comes with."""
   from experiments import results  # pylint: disable=import-outside-toplevel
   memo = {}
 
@@ -216,12 +219,14 @@ def harness_verify(model, tokenizer, samples, *, batch_size=8, cache_dtype="bflo
                           progress=False, model_name=model_name)
     return results.summary(rows)[0]
 
-  def verify(pipeline):
+  def verify(plan):
     if "full" not in memo:
       memo["full"] = scores_of(compare.Technique("full", "full"))
-    s = scores_of(compare.Technique(pipeline.label, "adaptive", custom=pipeline))
+    s = scores_of(compare.Technique(plan.label, "adaptive", custom=plan))
     out = {"quality_drop": quality_drop(s["scores"], memo["full"]["scores"]),
            "kv_factor": s["kv_factor"]}
+    if getattr(plan, "runtime_policy", None) is not None:
+      out["runtime_policy"] = plan.runtime_policy
     out.update({f"{t}": v for t, v in s["scores"].items()})
     out.update({f"full_{t}": v for t, v in memo["full"]["scores"].items()})
     return out

@@ -383,7 +383,7 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import models  # pylint: disable=import-outside-toplevel
-  from kvjax import memory  # pylint: disable=import-outside-toplevel
+  from kvjax import cache as cache_lib  # pylint: disable=import-outside-toplevel
   from kvjax.presses import base as press_base  # pylint: disable=import-outside-toplevel
   from experiments.tasks import metrics  # pylint: disable=import-outside-toplevel
 
@@ -411,11 +411,11 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
       acc.compress_s.setdefault((label, length_key, shape), []).append(
           time.perf_counter() - t0)
       if (label, length_key) not in acc.kv:
-        rep = memory.report(c, tokens=[tc + room] * b)
-        acc.kv[(label, length_key)] = (rep.total / b, rep.factor)
+        acc.kv[(label, length_key)] = kv_measure(c, cfg, b, tc + room)
       # decode donates its cache; a technique may pass arrays of the shared prefill cache
-      # through (e.g. next_position), so it gets its own copy.
-      c = jax.tree.map(jnp.copy, c)
+      # through (e.g. next_position), so it gets its own copy (an offloaded cache is new).
+      if not cache_lib.caps(c).offloaded:
+        c = jax.tree.map(jnp.copy, c)
       logits, c = models.decode(model, jnp.asarray(batch.chunk), c,
                                 attention_mask=jnp.asarray(batch.chunk_mask), backend=backend,
                                 check_capacity=False)
@@ -472,6 +472,28 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
       del c
       if bar is not None:
         bar.update(1)
+
+
+def kv_measure(cache, config, batch: int, tokens: int) -> tuple:
+  """(KV bytes per row, compression factor vs the bf16 full cache of `tokens` tokens).
+
+  A cache streamed from host memory (kvjax.offload.HostCache) counts what the device holds
+  during a step: the largest prefetch + 1 consecutive layers.
+  """
+  from kvjax import cache as cache_lib  # pylint: disable=import-outside-toplevel
+  from kvjax import memory  # pylint: disable=import-outside-toplevel
+  if not cache_lib.caps(cache).offloaded:
+    rep = memory.report(cache, tokens=[tokens] * batch)
+    return rep.total / batch, rep.factor
+  if getattr(cache, "offload_mode", None) != "stream":
+    raise ValueError(f"{type(cache).__name__}: compare measures streamed caches "
+                     "(OffloadSpec(mode='stream')) only")
+  per = [layer.nbytes for layer in cache.layers]
+  k = min(len(per), cache.prefetch + 1)
+  held = max(sum(per[i:i + k]) for i in range(len(per) - k + 1))
+  full = config.num_layers * memory.dense_bf16_bytes(batch, config.num_kv_heads, tokens,
+                                                     config.head_dim, config.head_dim)
+  return held / batch, full / held
 
 
 def timing_tokens(tokenizer, ctx) -> "np.ndarray":

@@ -111,8 +111,9 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
       press's budget + chunk_size).
     offload: a kvjax.offload.OffloadSpec passed to model.prefill(offload=...): the cache
       lives in host memory (mode "stream": layers streamed in with prefetch; "quest": the
-      prompt paged out, top-k pages per step, spec.room >= max_new_tokens). Not combined
-      with press or decode_press.
+      prompt paged out, top-k pages per step, spec.room >= max_new_tokens). A `press`
+      combines with mode "stream" (the prompt is compressed on the device, then the
+      compressed layers move to the host); decode_press does not combine with offload.
   """
   _validate(max_new_tokens, temperature, top_p, top_k, seed, eos_id, pad_id)
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -140,8 +141,11 @@ def generate(model, tokens, *, max_new_tokens: int = 32, temperature: float = 0.
   if chunk_size is not None:
     kw["chunk_size"] = checks.require_int("chunk_size", chunk_size, 1)
   if offload is not None:
-    if press is not None or decode_press is not None:
-      raise ValueError("offload= does not combine with press / decode_press")
+    if decode_press is not None or (press is not None and
+                                    getattr(offload, "mode", None) != "stream"):
+      raise ValueError(f"offload={offload} does not combine with "
+                       f"{'decode_press' if decode_press is not None else 'press'} (a press "
+                       "combines with mode='stream')")
     kw["offload"] = offload
     if getattr(offload, "mode", None) == "quest":
       del kw["capacity"]           # the prompt is paged exactly; decoding uses spec.room

@@ -153,8 +153,11 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     offload: a kvjax.offload.OffloadSpec: the cache is built in host memory and the layers
       are streamed through the device (mode="stream": returns a kvjax.offload.HostCache),
       or the prompt is paged to the host for top-k page retrieval (mode="quest": returns a
-      QuestCache); models.decode takes either (see models/offload.py). Not combined with
-      press, cache, observe or chunk_size.
+      QuestCache); models.decode takes either (see models/offload.py). With a press
+      (stream mode), the prompt is compressed on the device (`chunk_size` bounds what the
+      device holds meanwhile) and the compressed layers move to the host: the HostCache
+      holds the press's budget + room. Not combined with cache or observe, nor quest mode
+      with a press or chunk_size.
   """
   tokens = checks.token_ids(tokens, model.config.vocab_size)
   protocol.check_logits(logits)
@@ -172,6 +175,15 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
                      "Observe(colsum=True) (attention mass summed over every prompt query) "
                      "and query_moments (moment sums), which add up across chunks, are "
                      "supported; other statistics are per chunk")
+  streamed_press = (offload is not None and press is not None and cache is None and
+                    observe is None and getattr(offload, "mode", None) == offload_lib.STREAM)
+  if streamed_press:
+    out, dev = prefill(model, tokens, capacity=capacity, attention_mask=attention_mask,
+                       prompt_lengths=prompt_lengths, cache_dtype=cache_dtype, press=press,
+                       decode_room=decode_room, logits=logits, backend=backend,
+                       window_cache=window_cache, chunk_size=chunk_size)
+    return out, offload_lib.HostCache.from_model_cache(
+        dev, compress=offload.compress, prefetch=offload.prefetch, kind=offload.kind)
   capacity, room = protocol.press_room(press, cache, capacity, decode_room, t)
   attention_mask = protocol.prompt_mask(attention_mask, prompt_lengths, t)
   if offload is not None:
@@ -179,7 +191,8 @@ def prefill(model: tfm.Transformer, tokens, *, capacity: Optional[int | Sequence
     given = [n for n, v in (("press", press), ("cache", cache), ("observe", observe),
                             ("chunk_size", chunk_size)) if v is not None]
     if given:
-      raise ValueError(f"offload= does not combine with {', '.join(given)}")
+      raise ValueError(f"offload={offload} does not combine with {', '.join(given)} (a press "
+                       "combines with mode='stream', without cache or observe)")
     positions = tfm.positions_from_mask(tokens, attention_mask)
     return model_offload.prefill(model, tokens, positions, offload, capacity=capacity,
                                  cache_dtype=cache_dtype, window_cache=window_cache,

@@ -40,7 +40,8 @@ from kvjax.policy.pressure import CompressOnPressure, SwapOnPressure
 from kvjax.policy import calibrate
 from kvjax.policy.calibrate import Profile, choose, plan, profile
 from kvjax.policy.pipeline import AdaptivePipeline, Stage, single_at_budget
-from kvjax.policy.recommend import SCENARIOS, Recommendation, Scenario, recommend, scenario_stages
+from kvjax.policy.recommend import (SCENARIOS, Plan, Recommendation, Scenario, recommend,
+                                    scenario_stages)
 
 NAMES = ("none", "swap", "swap_int8", "compress", "length")
 
@@ -94,4 +95,4 @@ __all__ = ["Action", "Compress", "SwapOut", "Policy", "PoolView", "RowView", "Ti
            "SwapOnPressure", "CompressOnPressure", "LengthAdaptive", "from_name",
            "make_press", "press_names", "NAMES", "PRESSES", "calibrate", "Profile", "profile",
            "plan", "choose", "AdaptivePipeline", "Stage", "single_at_budget", "SCENARIOS", "Scenario",
-           "Recommendation", "recommend", "scenario_stages"]
+           "Plan", "Recommendation", "recommend", "scenario_stages"]

@@ -28,6 +28,13 @@ scenario's families (calibrate.choose). With `verify` (a callable running the us
 through an evaluation harness, e.g. experiments.bench_policy.harness_verify) every
 candidate is checked in order of preference until one loses no more than the scenario's
 tolerance; the recommendation carries the measurements and whether it passed.
+
+What is verified is the whole plan (`Plan`: the pipeline, the cache's placement and the
+runtime policy), and a plan runs as it is verified: it is press-like (the pipeline, then
+the compressed layers moved to host memory where the scenario streams them), and
+`generate_kwargs()` / `prefill_kwargs()` hand it to kvjax.generate / models.prefill.
+With `tokens`, a family whose press cannot run on a prompt of that length (SnapKV's
+window as long as the prompt) is not a candidate.
 """
 
 from __future__ import annotations
@@ -96,6 +103,67 @@ SCENARIOS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One candidate plan: a pipeline, where its cache lives, and the serving policy.
+
+  Press-like (`observe`, `validate`, `compress_model`), so an evaluation harness runs the
+  whole plan where it runs a press: the pipeline compresses, then, with `offload` in
+  stream mode, the layers move to host memory (a kvjax.offload.HostCache that
+  models.decode streams through the device).
+
+  Attributes:
+    pipeline: the AdaptivePipeline.
+    offload: kvjax.offload.OffloadSpec (mode "stream") or None (on device).
+    runtime_policy: kvjax.policy.from_name name for the serving engine.
+  """
+
+  pipeline: AdaptivePipeline
+  offload: Any = None
+  runtime_policy: str = "none"
+
+  @property
+  def label(self) -> str:
+    extra = [f"offload={self.offload.mode}"] if self.offload is not None else []
+    if self.runtime_policy != "none":
+      extra.append(f"runtime={self.runtime_policy}")
+    return self.pipeline.label + (f" [{', '.join(extra)}]" if extra else "")
+
+  @property
+  def observe(self):
+    return self.pipeline.observe
+
+  def validate(self, **kw) -> None:
+    self.pipeline.validate(**kw)
+
+  def compress_model(self, model_cache, obs_list=None, config=None, *, room: int = 0,
+                     prompt_length: Optional[int] = None):
+    from kvjax import offload as offload_lib  # pylint: disable=import-outside-toplevel
+    cache = self.pipeline.compress_model(model_cache, obs_list, config, room=room,
+                                         prompt_length=prompt_length)
+    if self.offload is None:
+      return cache
+    return offload_lib.HostCache.from_model_cache(cache, compress=self.offload.compress,
+                                                  prefetch=self.offload.prefetch,
+                                                  kind=self.offload.kind)
+
+  def prefill_kwargs(self) -> dict:
+    """models.prefill(model, tokens, **plan.prefill_kwargs(), ...)."""
+    out = {"press": self.pipeline}
+    if self.offload is not None:
+      out["offload"] = self.offload
+    return out
+
+  def generate_kwargs(self) -> dict:
+    """kvjax.generate(model, tokens, **plan.generate_kwargs(), ...)."""
+    return self.prefill_kwargs()
+
+  def runtime(self, **kw):
+    """The runtime policy object (kvjax.policy.from_name(runtime_policy, **kw))."""
+    from kvjax import policy  # pylint: disable=import-outside-toplevel
+    return policy.from_name(self.runtime_policy, **kw)
+
+
 @dataclasses.dataclass
 class Recommendation:
   """What recommend returns.
@@ -109,6 +177,8 @@ class Recommendation:
     tried: [(pipeline label, verification dict or None)] in the order tried.
     verification: the chosen pipeline's verification (None without verify).
     passed: verification within the scenario's tolerance (None without verify).
+
+  `plan` is the whole recommendation as one Plan (what verify measured).
   """
 
   scenario: str
@@ -120,6 +190,10 @@ class Recommendation:
   tried: list
   verification: Optional[dict] = None
   passed: Optional[bool] = None
+
+  @property
+  def plan(self) -> Plan:
+    return Plan(self.pipeline, self.offload, self.runtime_policy)
 
   def __str__(self) -> str:
     s = SCENARIOS[self.scenario]
@@ -148,13 +222,26 @@ def _sized(family, memory_budget, head_dim, tokens):
     raise
 
 
+def _runs_at(stage, tokens) -> bool:
+  """The stage's press accepts a prompt of `tokens` tokens (None: any length)."""
+  press = stage.build_press()
+  if press is None or tokens is None:
+    return True
+  try:
+    press.validate(capacity=tokens, prompt_length=tokens)
+  except ValueError:
+    return False
+  return True
+
+
 def _candidates(scenario: Scenario, memory_budget: float, num_layers: int, head_dim: int,
                 profile: Optional[calibrate.Profile], evaluate, tokens) -> list:
   """[(pipeline, why)] in order of preference."""
   singles = []
   for fam in scenario.families:
     st = _sized(fam, memory_budget, head_dim, tokens)
-    if st is not None and all(st.label != s.label for s, _ in singles):
+    if st is not None and _runs_at(st, tokens) and all(st.label != s.label
+                                                       for s, _ in singles):
       singles.append((st, fam))
   out = []
   if profile is not None:
@@ -194,7 +281,8 @@ def recommend(scenario: str, memory_budget: float, *, num_layers: int, head_dim:
     profile: a calibrate.Profile of the user's model (its candidates should include the
       scenario's families at this budget; see scenario_stages).
     evaluate: fn(pipeline) -> calibration KL, to pick among plans by measurement.
-    verify: fn(pipeline) -> dict with "quality_drop" (and anything else to report).
+    verify: fn(plan) -> dict with "quality_drop" (and anything else to report); `plan` is
+      a Plan (pipeline, offload, runtime policy), press-like, so the harness runs all of it.
     max_tries: candidates verified at most, in order of preference.
     tokens: typical context length: single techniques are sized by exact bytes at that
       length (pipeline.single_at_budget), else by marginal bytes per token.
@@ -221,9 +309,9 @@ def recommend(scenario: str, memory_budget: float, *, num_layers: int, head_dim:
                           f"{sc.strategy}: {why}", [(pipe.label, None)])
   best = None
   for pipe, why in cands[:max_tries]:
-    v = dict(verify(pipe))
+    v = dict(verify(Plan(pipe, off, sc.runtime)))
     if "quality_drop" not in v:
-      raise ValueError("verify(pipeline) must return a dict with 'quality_drop'")
+      raise ValueError("verify(plan) must return a dict with 'quality_drop'")
     tried.append((pipe.label, v))
     ok = v["quality_drop"] <= sc.tolerance
     if best is None or v["quality_drop"] < best[2]["quality_drop"]:

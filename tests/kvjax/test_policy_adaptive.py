@@ -215,8 +215,9 @@ def test_recommend_covers_the_seven_scenarios_and_verifies_in_order():
   assert tiny.pipeline.stages[0].label == "streaming_llm@0.99"
   seen = []
 
-  def verify(pipe):           # the first candidate loses 20%, the second 0.5%
-    seen.append(pipe.label)
+  def verify(plan):           # the first candidate loses 20%, the second 0.5%
+    seen.append(plan.pipeline.label)
+    assert plan.offload is not None and plan.runtime_policy == "swap"   # the whole plan
     return {"quality_drop": 0.2 if len(seen) == 1 else 0.005}
 
   rec = policy.recommend("accuracy_critical", 0.5, num_layers=2, head_dim=32, verify=verify)

@@ -197,9 +197,10 @@ def test_offload_errors_name_the_argument():
     offload.OffloadSpec(prefetch=-1)
   with pytest.raises(ValueError, match=r"top_k=0; must be an int >= 1"):
     offload.OffloadSpec(mode="quest", top_k=0)
-  with pytest.raises(ValueError, match="offload= does not combine with press"):
+  with pytest.raises(ValueError, match=r"offload=OffloadSpec\(mode='quest'.* does not combine "
+                                       r"with press"):
     from kvjax import presses
-    models.prefill(m, tok, offload=offload.OffloadSpec(),
+    models.prefill(m, tok, offload=offload.OffloadSpec(mode="quest"),
                    press=presses.KnormPress(compression_ratio=0.5))
   with pytest.raises(ValueError, match=r"capacity=4; with offload it must be an int >= the "
                                        r"longest prompt \(8 tokens\)"):
