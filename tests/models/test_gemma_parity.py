@@ -17,16 +17,9 @@ from flax import nnx
 import models
 from kvjax import memory
 from models import transformer as tfm
+from tests.models.hf_fixtures import FIXTURES, TOL, check_full_forward, check_left_padded, load
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 CASES = ["gemma2_local_global", "gemma3_text"]
-TOL = 1e-4
-
-
-def load(case):
-  path = os.path.join(FIXTURES, case)
-  return (models.from_pretrained(path, dtype="float32"),
-          dict(np.load(os.path.join(path, "expected.npz"))))
 
 
 def hf_config(case):
@@ -38,13 +31,8 @@ def hf_config(case):
 def test_full_forward_and_left_padded_batch(case):
   model, exp = load(case)
   assert exp["input_ids"].shape[1] > model.config.sliding_window
-  logits = model(jnp.asarray(exp["input_ids"], jnp.int32))
-  np.testing.assert_allclose(logits, exp["logits"], atol=TOL, rtol=0)
-  mask = exp["attention_mask"]
-  padded = np.asarray(model(jnp.asarray(exp["input_ids_leftpad"], jnp.int32),
-                            attention_mask=jnp.asarray(mask)))
-  sel = mask.astype(bool)
-  np.testing.assert_allclose(padded[sel], exp["logits_leftpad"][sel], atol=TOL, rtol=0)
+  check_full_forward(model, exp)
+  check_left_padded(model, exp)
 
 
 @pytest.mark.parametrize("case", CASES)

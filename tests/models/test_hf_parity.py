@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 
 import models
+from tests.models.hf_fixtures import FIXTURES, TOL, check_full_forward, check_left_padded, load
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf")
 LLAMA_FAMILY = ["llama_gqa2_llama3rope_tied", "llama_mha_untied", "llama_linear_rope",
                 "llama_dynamic_rope", "qwen2_bias_gqa4", "mistral_sliding", "llama_sharded"]
-TOL = 1e-4
-
-
-def load(case):
-  path = os.path.join(FIXTURES, case)
-  assert os.path.exists(os.path.join(path, "expected.npz")), f"fixture {case} missing"
-  return models.from_pretrained(path, dtype="float32"), dict(np.load(os.path.join(path, "expected.npz")))
 
 
 def test_fixture_set_is_complete():
@@ -34,19 +27,12 @@ def test_fixture_set_is_complete():
 
 @pytest.mark.parametrize("case", LLAMA_FAMILY)
 def test_full_forward(case):
-  model, exp = load(case)
-  logits = model(jnp.asarray(exp["input_ids"], jnp.int32))
-  np.testing.assert_allclose(logits, exp["logits"], atol=TOL, rtol=0)
+  check_full_forward(*load(case))
 
 
 @pytest.mark.parametrize("case", LLAMA_FAMILY)
 def test_left_padded_batch(case):
-  model, exp = load(case)
-  mask = exp["attention_mask"]
-  logits = np.asarray(model(jnp.asarray(exp["input_ids_leftpad"], jnp.int32),
-                            attention_mask=jnp.asarray(mask)))
-  sel = mask.astype(bool)
-  np.testing.assert_allclose(logits[sel], exp["logits_leftpad"][sel], atol=TOL, rtol=0)
+  check_left_padded(*load(case))
 
 
 # Dynamic-NTK picks its base from the longest position of each call (as transformers does):
