@@ -36,6 +36,10 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+try:
+  from jax.experimental import mesh_utils
+except ImportError:  # pragma: no cover - moved in some jax versions
+  mesh_utils = None
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,7 +49,11 @@ AXES = ("data", "model")
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-  """A (data, model) mesh over `devices` (default all); data=-1 takes what model leaves."""
+  """A (data, model) mesh over `devices` (default all); data=-1 takes what model leaves.
+
+  Devices are placed by the platform's topology where jax knows it
+  (`mesh_utils.create_device_mesh`), else in the order given.
+  """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   if model < 1 or n % model:
@@ -53,8 +61,13 @@ def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None
   if data == -1:
     data = n // model
   if data < 1 or data * model != n:
-    raise ValueError(f"data={data} x model={model} = {data * model} devices; {n} available")
-  return Mesh(np.asarray(devices).reshape(data, model), AXES)
+    raise ValueError(f"data={data} x model={model} = {data * model} devices; {n} are "
+                     "available (use data=-1 to fill)")
+  try:
+    arr = mesh_utils.create_device_mesh((data, model), devices=devices)
+  except (AttributeError, ValueError, AssertionError, NotImplementedError):
+    arr = np.asarray(devices).reshape(data, model)
+  return Mesh(arr, AXES)
 
 
 def _fit(spec: Sequence[Optional[str]], shape, mesh: Mesh, strict: bool, what: str) -> P:

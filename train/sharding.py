@@ -11,37 +11,15 @@ Optimizer moments take their parameter's placement (`optax.tree_map_params`).
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 import optax
-try:
-  from jax.experimental import mesh_utils
-except ImportError:  # pragma: no cover - moved in some jax versions
-  mesh_utils = None
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "model")
-
-
-def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-  """A (data, model) mesh over `devices` (default: all); data=-1 takes what model leaves."""
-  devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
-  if model < 1 or n % model:
-    raise ValueError(f"mesh.model={model} must be >= 1 and divide the device count {n}")
-  if data == -1:
-    data = n // model
-  if data < 1 or data * model != n:
-    raise ValueError(f"mesh data={data} x model={model} = {data * model} devices; "
-                     f"{n} are available (use data=-1 to fill)")
-  try:
-    arr = mesh_utils.create_device_mesh((data, model), devices=devices)
-  except (AttributeError, ValueError, AssertionError, NotImplementedError):
-    arr = np.asarray(devices).reshape(data, model)
-  return Mesh(arr, AXES)
+from kvjax.sharding import make_mesh  # pylint: disable=unused-import  (train's API)
 
 
 def path_str(path) -> str:
