@@ -3,9 +3,6 @@ run on the tiny preset whose JSON is checked for internal consistency and for th
 exact bytes (counted by hand here). The CLI runs in a subprocess (absl flags are global)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 from flax import nnx
@@ -13,18 +10,14 @@ from flax import nnx
 from experiments import bench_cpu
 from models.config import ModelConfig
 from models.transformer import Transformer
+from tests.experiments.helpers import run_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=2)
 
 
 def _run(args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "experiments.bench_cpu"] + args,
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-                        check=False)
+  return run_module("experiments.bench_cpu", args, timeout=600)
 
 
 def test_flops_match_a_hand_count():

@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from flax import nnx
 
 import models
 from experiments import bench_policy
 from experiments import compare
 from kvjax.policy.pipeline import AdaptivePipeline, Stage
 from models.config import ModelConfig
-from models.tokenizer import ByteTokenizer
+from tests.experiments.helpers import save_tiny_model
 
 CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=1024,
@@ -50,10 +49,7 @@ def test_verdicts_and_frontier_gaps_by_hand():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny_policy_model"))
-  models.save_pretrained(models.Transformer(CFG, rngs=nnx.Rngs(4)), path)
-  ByteTokenizer().save(path)
-  return path
+  return save_tiny_model(str(tmp_path_factory.mktemp("tiny_policy_model")), CFG, seed=4)
 
 
 def _hand_perplexity(model, tok, samples, pipe):

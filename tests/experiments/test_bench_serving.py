@@ -6,38 +6,27 @@ and other experiment modules define flags of the same names)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from flax import nnx
 
 import models
 from kvjax import cache as cache_lib
 from kvjax import paged, quant
 from models.config import ModelConfig
-from models.tokenizer import ByteTokenizer
+from tests.experiments.helpers import run_module, save_tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=1024,
                   rope_theta=10000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258)
 
 
 def _run(args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "experiments.bench_serving"] + args,
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-                        check=False)
+  return run_module("experiments.bench_serving", args, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny_serving_model"))
-  models.save_pretrained(models.Transformer(CFG, rngs=nnx.Rngs(3)), path)
-  ByteTokenizer().save(path)
-  return path
+  return save_tiny_model(str(tmp_path_factory.mktemp("tiny_serving_model")), CFG, seed=3)
 
 
 def test_cli_same_budget_same_work_and_exact_bytes(model_dir, tmp_path):

@@ -1,16 +1,12 @@
 """Launcher flags are validated at parse time (experiments/flagcheck.py), before any work."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 from absl import flags
 
 from experiments import flagcheck
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.experiments.helpers import run_module
 
 def _fv():
   fv = flags.FlagValues()
@@ -73,12 +69,6 @@ def test_unwritable_out_dir():
     _fv()(["prog", "--out_dir=/proc/kvjax_results/run1"])
 
 
-def _run(module, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("module,args,match", [
     ("experiments.generate", ["--max_new_tokens=-1"], "--max_new_tokens=-1; must be an int >= 1"),
     ("experiments.generate", ["--batch=0"], "--batch=0; must be an int >= 1"),
@@ -87,7 +77,7 @@ def _run(module, *args):
     ("experiments.bench_compression", ["--decode_steps=-1"], "--decode_steps=-1"),
 ])
 def test_launchers_refuse_bad_flags_before_work(module, args, match):
-  r = _run(module, *args)
+  r = run_module(module, args, timeout=120)
   assert r.returncode != 0
   assert match in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
