@@ -7,6 +7,7 @@ reproducing it pays it, chunk by chunk as the paper scores; the head-wise budget
 layer's best scores across heads; and models.prefill(press=KVzipPress(...)) shrinks nbytes.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,15 +148,14 @@ def test_reconstruction_scores_match_numpy_chunk_by_chunk(model, batch, chunk):
   _, cache, obs = models.prefill(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
                                  observe=p.observe)
   got = [np.asarray(o["reconstruction"]) for o in obs]
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
+  chex.assert_shape(got, (2, CFG.num_kv_heads, T))
+  chex.assert_trees_all_close(got, want, rtol=2e-4, atol=1e-6)
   # every valid context slot got a score from the chunk that reproduces it
   for g in got:
     assert (g[0] > 0).all() and (g[1][:, :T - PAD] > 0).all()
   # the prefilled cache is the plain prefill's: the reconstruction ran on a copy
   _, plain = models.prefill(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cache)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(plain, cache)
 
 
 def test_headwise_budget_keeps_the_layer_best_scores_across_heads():
