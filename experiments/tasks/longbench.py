@@ -2,9 +2,9 @@
 
 LongBench: "LongBench: A Bilingual, Multitask Benchmark for Long Context Understanding"
 (Bai et al., 2023, arXiv 2308.14508). Its reference runner formats every record with a
-per-dataset template (`config/dataset2prompt.json` of github.com/THUDM/LongBench, MIT
-licence), generates at most `config/dataset2maxlen.json` tokens greedily, and scores with
-`eval.py`'s `dataset2metric`. The three tables below are those files, copied verbatim
+per-dataset template (the dataset2prompt table in the config folder of
+github.com/THUDM/LongBench, MIT licence), generates at most its dataset2maxlen tokens
+greedily, and scores with its evaluation script's dataset2metric. The three tables below are those files, copied verbatim
 (typos such as "asconcisely" included), so a score computed here is comparable with the
 published ones.
 
