@@ -27,6 +27,7 @@ Properties (Given a kind / When tokens are appended or attended / Then ...):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -42,6 +43,7 @@ from kvjax.cache import Capabilities, DenseKVCache, ModelCache, caps, stack, tre
 from kvjax.presses.streaming_llm import StreamingLLMPress
 from kvjax.rope import RopeConfig
 from kvjax.window import WindowKVCache
+from tests.kvjax.helpers import ragged_chunk
 
 B, H, D, HQ = 2, 2, 16, 4
 CAP, T_APPEND, T_ATTEND = 12, 5, 3  # one shape per jitted function: compiles are shared
@@ -130,15 +132,7 @@ _attend = jax.jit(lambda cache, q, k, v, pos, sink, spec: cache.attend(
                   static_argnames=("spec",))
 
 
-def chunk(rng, t, valid, offset, left=True):
-  """k, v [B,H,t,D] and positions [B,t] with valid[b] tokens continuing from offset[b]."""
-  k = rng.normal(size=(B, H, t, D)).astype(np.float32)
-  v = rng.normal(size=(B, H, t, D)).astype(np.float32)
-  pos = np.full((B, t), -1, np.int32)
-  for b in range(B):
-    sl = slice(t - valid[b], t) if left else slice(0, valid[b])
-    pos[b, sl] = offset[b] + np.arange(valid[b])
-  return k, v, pos
+chunk = functools.partial(ragged_chunk, heads=H, head_dim=D)
 
 
 def truth_table(k, v, pos, table):

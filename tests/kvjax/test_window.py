@@ -15,6 +15,7 @@ from kvjax import attention as A
 from kvjax import window as window_lib
 from kvjax.cache import DenseKVCache, stack
 from kvjax.window import WindowKVCache
+from tests.kvjax.helpers import ragged_chunk
 
 B, H, HQ, D = 2, 2, 4, 8
 
@@ -24,13 +25,8 @@ def randn(seed, *shape):
 
 
 def chunk(rng, t, valid, offset, left):
-  k = rng.normal(size=(B, H, t, D)).astype(np.float32)
-  v = rng.normal(size=(B, H, t, D)).astype(np.float32)
+  k, v, pos = ragged_chunk(rng, t, valid, offset, left, heads=H, head_dim=D)
   q = rng.normal(size=(B, HQ, t, D)).astype(np.float32)
-  pos = np.full((B, t), -1, np.int32)
-  for b in range(B):
-    sl = slice(t - valid[b], t) if left else slice(0, valid[b])
-    pos[b, sl] = offset[b] + np.arange(valid[b])
   return [jnp.asarray(x) for x in (q, k, v, pos)]
 
 
