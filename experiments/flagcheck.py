@@ -16,6 +16,7 @@ removing one, so an unwritable `--out_dir` fails at once rather than after the w
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -48,10 +49,15 @@ def _float_ok(v, lo, hi, lo_open, hi_open) -> bool:
   return hi is None or v < hi or (not hi_open and v == hi)
 
 
-def _register(names, check, flag_values) -> None:
-  """Registers `check(value, name)` on each flag of `names`; it raises through _fail."""
+def _register(names, check, flag_values, *, empty_passes=False) -> None:
+  """Registers `check(value, name)` on each flag of `names`; it raises through _fail. With
+  empty_passes, an empty or None value passes unchecked."""
+  def validate(v, name):
+    if v or not empty_passes:
+      check(v, name)
+    return True
   for name in names:
-    flags.register_validator(name, lambda v, name=name: check(v, name) or True,
+    flags.register_validator(name, functools.partial(validate, name=name),
                              flag_values=flag_values)
 
 
@@ -127,36 +133,30 @@ def writable_dir(*names: str, allow_empty: bool = True, flag_values=FLAGS) -> No
   """
   def check(v, name):
     if not v:
-      if not allow_empty:
-        _fail(name, v, "a directory path")
-      return
+      _fail(name, v, "a directory path")
     why = check_writable_dir(v)
     if why:
       _fail(name, v, f"a writable directory ({why})")
-  _register(names, check, flag_values)
+  _register(names, check, flag_values, empty_passes=allow_empty)
 
 
 def writable_file(*names: str, flag_values=FLAGS) -> None:
   """Each output-file flag in `names` (empty/None passes) must be creatable."""
   def check(v, name):
-    if not v:
-      return
     if os.path.isdir(os.path.expanduser(v)):
       _fail(name, v, "a file path (it is a directory)")
     why = check_writable_dir(os.path.dirname(os.path.abspath(os.path.expanduser(v))))
     if why:
       _fail(name, v, f"a path in a writable directory ({why})")
-  _register(names, check, flag_values)
+  _register(names, check, flag_values, empty_passes=True)
 
 
 def existing_file(*names: str, flag_values=FLAGS) -> None:
   """Each input-file flag in `names` (empty/None passes) must name a readable file."""
   def check(v, name):
-    if not v:
-      return
     p = os.path.expanduser(v)
     if not os.path.isfile(p):
       _fail(name, v, "an existing file")
     if not os.access(p, os.R_OK):
       _fail(name, v, "a readable file")
-  _register(names, check, flag_values)
+  _register(names, check, flag_values, empty_passes=True)
