@@ -38,6 +38,9 @@ original length, in every layer).
 
 Layout rule every cache kind follows: each array leaf of a layer cache is batch-leading
 ([B, ...]). `fork` (one context -> a batch of questions) and `kvjax.persist` rely on it.
+
+One file on purpose (about 770 lines): the written protocol, its capabilities, the dense kind
+that every other kind converts to, and ModelCache are the contract the rest of kvjax reads.
 """
 
 from __future__ import annotations

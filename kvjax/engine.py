@@ -44,6 +44,9 @@ other requests are untouched.
 The model is duck-typed (kvjax never imports models): `model.decode(tokens, cache, *,
 attention_mask, logits, check_capacity)` and `model.config`; `make_cache(batch)` returns an
 empty ModelCache whose attention layers are PagedKVCache (same pool geometry in every layer).
+
+One file on purpose (about 600 lines): admission, the step loop and the page bookkeeping of
+the continuous-batching engine change together.
 """
 
 from __future__ import annotations

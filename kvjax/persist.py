@@ -33,6 +33,9 @@ next_position >= 0, float arrays are finite, and each kind's own invariants hold
 sizes, quantized layouts rebuilt from the spec, scan-group bookkeeping). Errors name the
 file and the field (e.g. `cache.segments.0.lengths`). `register_kind` is the explicit
 opt-in for cache kinds defined outside kvjax.
+
+One file on purpose (about 900 lines): the allowlist of cache kinds and the validation of
+every field are one security boundary, read and audited together.
 """
 
 from __future__ import annotations

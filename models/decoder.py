@@ -30,6 +30,9 @@ Rows are packed to right padding at the boundary (valid tokens first, order kept
 convolutions need contiguous inputs; logits are unpacked back. Padding never touches a cache.
 
 Shapes: B batch, T tokens, H hidden, F mlp, V vocab, R repeats of the pattern.
+
+One file on purpose (about 630 lines): the retrained families share this decoder's layer
+scan, packing and cache plumbing; their mixers live in their own files.
 """
 
 from __future__ import annotations

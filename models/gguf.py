@@ -26,6 +26,9 @@ special ids, add_bos flag, chat template) becomes a `tokenizers.Tokenizer` wrapp
 
 Files are data: nothing a file names is imported or called; a chat template is rendered by a
 sandboxed Jinja environment (or the ChatML fallback) in `models.tokenizer`.
+
+One file on purpose (about 640 lines): the bounded GGUF reader and its per-architecture
+metadata and tensor mapping are one untrusted-file boundary.
 """
 
 from __future__ import annotations

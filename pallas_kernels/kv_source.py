@@ -25,6 +25,9 @@ cache is the case per = 1 with no scale. Scales are applied where they are cheap
 scale (and zero) per token is folded into the logits and the probabilities; per-token
 channel groups and per-channel scales are expanded per plane in the kernel (TPU: selects /
 exact one-hot matmuls; GPU: the load index).
+
+One file on purpose (about 600 lines): every storage format the one decode pipeline reads
+(dense, quantized planes, pages) is defined beside the others so their loads stay alike.
 """
 
 from __future__ import annotations

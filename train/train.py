@@ -16,6 +16,9 @@ is checkpointed beside the train state, so a run stopped at any checkpoint and r
 reproduces the uninterrupted loss curve bit for bit (same mesh, same device kind).
 
 Shapes: A accumulation steps, B global batch, M = B / A micro-batch, T seq_len, V vocab.
+
+One file on purpose (about 800 lines): the step, checkpointing, resumption and metrics are
+one loop whose bit-for-bit resumption guarantee is easiest to check in one place.
 """
 
 from __future__ import annotations

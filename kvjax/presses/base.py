@@ -28,6 +28,9 @@ Slot order is position order: kept slots stay in their original order, valid slo
 so `lengths` keeps meaning "slots [0, length) are valid" and later appends stay ordered.
 
 Shapes: B batch, Hkv kv heads, S input slots, K kept slots, D head dim, Hq query heads.
+
+One file on purpose (about 700 lines): score / choose / gather and the model-level
+compress_model are the one pipeline every press file plugs into.
 """
 
 from __future__ import annotations
