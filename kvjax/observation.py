@@ -37,14 +37,13 @@ class Observe:
       the context alone (KVzip's chunked scoring), and report per slot the max attention
       probability that the reconstruction queries of the chunk holding the slot's token pay
       it (KVzip's context-reconstruction score). 0: off.
-    reconstruction_prefix: token ids of the repeat instruction fed before the first chunk.
-    reconstruction_continue: token ids of the instruction fed before every later chunk,
-      followed by the previous chunk's last `reconstruction_overlap` tokens (KVzip: "Repeat
-      the part of the previous context exactly, starting with ..."); () = the first one.
-    reconstruction_overlap: tokens of the previous chunk quoted after
-      `reconstruction_continue`.
-    reconstruction_suffix: token ids fed between the instruction and the chunk (in chat
-      form, the end of the user turn and the start of the assistant's).
+    reconstruction_prompt: what frames each chunk, (prefix, continue, overlap, suffix):
+      the token ids of the repeat instruction fed before the first chunk; of the
+      instruction fed before every later chunk, followed by the previous chunk's last
+      `overlap` tokens (KVzip: "Repeat the part of the previous context exactly, starting
+      with ..."; () = the first instruction again); and of what goes between the
+      instruction and the chunk (in chat form, the end of the user turn and the start of
+      the assistant's). () = no instruction at all.
     o_proj: report each layer's attention output projection weight.
     query_moments: None, or report the first and second moments (as sums, with their
       count) of the pre-RoPE queries at positions >= this value (see `query_moments`).
@@ -55,26 +54,18 @@ class Observe:
   queries: int = 0
   lse: bool = False
   reconstruction: int = 0
-  reconstruction_prefix: tuple = ()
-  reconstruction_continue: tuple = ()
-  reconstruction_overlap: int = 0
-  reconstruction_suffix: tuple = ()
+  reconstruction_prompt: tuple = ()
   o_proj: bool = False
   query_moments: Optional[int] = None
-
-  def reconstruction_prompt(self) -> tuple:
-    """(prefix, continue, overlap, suffix): what frames each reconstruction chunk."""
-    return (tuple(self.reconstruction_prefix), tuple(self.reconstruction_continue),
-            int(self.reconstruction_overlap), tuple(self.reconstruction_suffix))
 
   def merge(self, other: "Observe") -> "Observe":
     if self.colsum and other.colsum and self.colsum_window != other.colsum_window:
       raise ValueError(f"conflicting colsum_window requests: {self.colsum_window} vs "
                        f"{other.colsum_window}")
     if (self.reconstruction and other.reconstruction and
-        self.reconstruction_prompt() != other.reconstruction_prompt()):
-      raise ValueError(f"conflicting reconstruction prompt requests: "
-                       f"{self.reconstruction_prompt()} vs {other.reconstruction_prompt()}")
+        self.reconstruction_prompt != other.reconstruction_prompt):
+      raise ValueError(f"conflicting reconstruction_prompt requests: "
+                       f"{self.reconstruction_prompt} vs {other.reconstruction_prompt}")
     moments = {m for m in (self.query_moments, other.query_moments) if m is not None}
     if len(moments) > 1:
       raise ValueError(f"conflicting query_moments requests: {sorted(moments)}")
@@ -85,10 +76,7 @@ class Observe:
                    queries=max(self.queries, other.queries),
                    lse=self.lse or other.lse,
                    reconstruction=min(chunks) if chunks else 0,
-                   reconstruction_prefix=tuple(rec.reconstruction_prefix),
-                   reconstruction_continue=tuple(rec.reconstruction_continue),
-                   reconstruction_overlap=rec.reconstruction_overlap,
-                   reconstruction_suffix=tuple(rec.reconstruction_suffix),
+                   reconstruction_prompt=rec.reconstruction_prompt,
                    o_proj=self.o_proj or other.o_proj,
                    query_moments=min(moments) if moments else None)
 

@@ -50,20 +50,19 @@ def reconstruction_inputs(tokens, positions, need: Observe, vocab_size: int):
   """KVzip's chunked reconstruction inputs, built on the host.
 
   Each row's valid prompt tokens are cut into chunks of `need.reconstruction`; chunk c of
-  a row is fed as  instruction + chunk, where the instruction is `reconstruction_prefix`
-  for the first chunk and `reconstruction_continue` + the previous chunk's last
-  `reconstruction_overlap` tokens after it (the first instruction again when no continue
-  prompt is given), followed by `reconstruction_suffix`.
+  a row is fed as  instruction + chunk, where, with `need.reconstruction_prompt` =
+  (prefix, continue, overlap, suffix), the instruction is `prefix` for the first chunk and
+  `continue` + the previous chunk's last `overlap` tokens after it (`prefix` again when
+  `continue` is empty), followed by `suffix`.
 
   Returns (ids [n, B, W] int32, mask [n, B, W] bool, lo [n, B], hi [n, B]): per chunk, the
   inputs right-padded to one width W and the range of original positions the chunk
   reproduces (lo > hi where a row has no tokens left).
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  prefix, cont, overlap, suffix = need.reconstruction_prompt()
-  for name, ids in (("reconstruction_prefix / repeat_ids", prefix),
-                    ("reconstruction_continue / continue_ids", cont),
-                    ("reconstruction_suffix / answer_ids", suffix)):
+  prefix, cont, overlap, suffix = need.reconstruction_prompt or ((), (), 0, ())
+  for name, ids in (("repeat_ids", prefix), ("continue_ids", cont),
+                    ("answer_ids", suffix)):
     bad = [int(x) for x in ids if not 0 <= int(x) < vocab_size]
     if bad:
       raise ValueError(f"{name} hold ids {bad} outside the vocabulary 0..{vocab_size - 1}")

@@ -29,7 +29,7 @@ number of slots per head (nbytes shrinks by the ratio) at the cost of head-wise 
 The first `n_sink` slots are always kept (kvpress's KVzipPress sets their score to 1).
 
 The extra forward is the model's, so it lives beside the model: the press asks for it
-with an `Observe(reconstruction=chunk_size, reconstruction_prefix=repeat_ids, ...)` and
+with an `Observe(reconstruction=chunk_size, reconstruction_prompt=(...))` and
 models.prefill runs it (models/press_inputs.py), calling `reconstruction_max_attention`
 below once per chunk; the result reaches the press as obs["reconstruction"] [B, Hkv, S].
 
@@ -233,10 +233,9 @@ class KVzipPress(base.ScorerPress):
 
   @property
   def observe(self) -> Observe:
-    return Observe(reconstruction=self.chunk_size, reconstruction_prefix=self.repeat_ids,
-                   reconstruction_continue=self.continue_ids,
-                   reconstruction_overlap=self.overlap if self.continue_ids else 0,
-                   reconstruction_suffix=self.answer_ids)
+    overlap = self.overlap if self.continue_ids else 0
+    return Observe(reconstruction=self.chunk_size, reconstruction_prompt=(
+        self.repeat_ids, self.continue_ids, overlap, self.answer_ids))
 
   def protected(self):
     return self.n_sink, self.protect_recent
