@@ -92,16 +92,9 @@ class AdaKVPress(base.ScorerWrapperPress):
     counts = jnp.sum(chosen.reshape(b, h, s), axis=-1).astype(jnp.int32)
     return safe + counts, order
 
-  def compress_layer(self, cache, obs, ctx):
-    p = self.press
-    base.check_layer_cache(self, cache)
+  def choose(self, cache, obs, ctx, table, scores):
     s = cache.positions.shape[-1]
-    self.validate(capacity=s)
-    table = p.keep_table(s, ctx)
-    if p.is_identity(table):
-      return base.pad_room(cache, ctx.room), base.pad_obs_room(obs, ctx.room)
-    base.require_observations(p, obs, cache)
-    scores = p.score(cache, obs, ctx)
+    p = self.press
     k_static = self.layer_capacity(s, ctx)
     keep, order = self.head_counts(scores, cache, table, k_static)
     idx = base.take_kept(order, keep, k_static, s)

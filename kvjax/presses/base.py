@@ -673,6 +673,24 @@ class ScorerWrapperPress(Press):
   def select(self, scores, cache, obs: dict, ctx: LayerContext, table: np.ndarray):
     return ScorerPress.select(self, scores, cache, obs, ctx, table)
 
+  def compress_layer(self, cache, obs: dict, ctx: LayerContext):
+    """The checks, the inner press's keep table and scores, then the wrapper's own rule
+    (`choose`); a table that keeps every slot only pads the room."""
+    inner = self.press
+    check_layer_cache(self, cache)
+    s = cache.positions.shape[-1]
+    self.validate(capacity=s)
+    table = inner.keep_table(s, ctx)
+    if inner.is_identity(table):
+      return pad_room(cache, ctx.room), pad_obs_room(obs, ctx.room)
+    require_observations(inner, obs, cache)
+    return self.choose(cache, obs, ctx, table, inner.score(cache, obs, ctx))
+
+  def choose(self, cache, obs: dict, ctx: LayerContext, table: np.ndarray, scores):
+    """The wrapper's selection from the inner press's scores [B, Hkv, S]: the new cache."""
+    raise NotImplementedError(f"{type(self).__name__} defines neither compress_layer nor "
+                              "choose")
+
   @property
   def budget(self) -> Optional[int]:
     return self.press.budget

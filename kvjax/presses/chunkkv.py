@@ -59,16 +59,9 @@ class ChunkKVPress(base.ScorerWrapperPress):
     scores = self.press.score(cache, obs, ctx)
     return jnp.broadcast_to(self.chunk_scores(scores, base.valid_slots(cache)), scores.shape)
 
-  def compress_layer(self, cache, obs, ctx):
-    p = self.press
-    base.check_layer_cache(self, cache)
+  def choose(self, cache, obs, ctx, table, scores):
     s = cache.positions.shape[-1]
-    self.validate(capacity=s)
-    table = p.keep_table(s, ctx)
-    if p.is_identity(table):
-      return base.pad_room(cache, ctx.room), base.pad_obs_room(obs, ctx.room)
-    base.require_observations(p, obs, cache)
-    scores = p.score(cache, obs, ctx)
+    p = self.press
     valid = base.valid_slots(cache)
     chunk = jnp.broadcast_to(self.chunk_scores(scores, valid), scores.shape)
     n_sink, n_recent = p.protected()
