@@ -65,6 +65,7 @@ from absl import logging
 from experiments import flagcheck
 
 FLAGS = flags.FLAGS
+CACHES = ("dense", "paged", "offload")   # where a technique's cache lives (CacheOptions)
 
 DEFAULT_TECHNIQUES = ("full", "streaming_llm", "knorm", "snapkv", "kvzip", "criticalkv",
                       "duo_attention", "int4", "kivi2", "kvzip+int4")
@@ -121,6 +122,15 @@ flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32", "float16"],
                   "dtype of the full-precision cache (the baseline every technique starts "
                   "from; memory factors are against bf16).")
 flags.DEFINE_enum("backend", "auto", ["auto", "xla", "pallas"], "Attention backend.")
+flags.DEFINE_integer("chunk_size", 0, "> 0: full-cache and press techniques prefill the "
+                     "context this many tokens at a time, the press compressing after every "
+                     "chunk (0: one pass).")
+flags.DEFINE_enum("cache", "dense", list(CACHES), "Where caches live: dense device arrays, "
+                  "a paged pool (full and press techniques), or host memory streamed layer "
+                  "by layer (offload; KV bytes = what the device holds during a step).")
+flags.DEFINE_integer("decode_target", 0, "> 0: press techniques compress again during "
+                     "generation to this many slots per kv head when a layer is full "
+                     "(DecodingPress; dense caches).")
 flags.DEFINE_string("out_dir", "compare_results", "Where results and plots are written.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_integer("seed", 0, "Seed of the generated samples.")
@@ -136,7 +146,7 @@ flagcheck.int_lists("lengths", "needle_lengths", lo=1)
 flagcheck.float_lists("needle_depths", lo=0.0, hi=1.0)
 flagcheck.ints("n", "needle_n", "ppl_continuation", "batch_size", "decode_steps", "max_context",
                lo=1)
-flagcheck.ints("file_limit", "seed", lo=0)
+flagcheck.ints("file_limit", "seed", "chunk_size", "decode_target", lo=0)
 flagcheck.writable_dir("out_dir", allow_empty=False)
 
 
@@ -260,6 +270,23 @@ def parse_techniques(names: Sequence[str], ratios: Sequence[float],
   return out
 
 
+def fit_model(techniques: Sequence[Technique], config) -> tuple[list, list]:
+  """(techniques that apply to the model, [(label, why not)]): a quantized kind whose
+  groups do not divide the model's head_dim (KIVI's 32-channel groups on head_dim 16)
+  does not apply."""
+  from kvjax.quant.model import resolve_spec  # pylint: disable=import-outside-toplevel
+  ok, skipped = [], []
+  for t in techniques:
+    try:
+      if t.quant is not None:
+        resolve_spec(t.quant, config).check_dims(config.head_dim, config.head_dim)
+    except ValueError as e:
+      skipped.append((t.label, str(e)))
+      continue
+    ok.append(t)
+  return ok, skipped
+
+
 # --- batches ----------------------------------------------------------------------------------
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
@@ -375,9 +402,65 @@ def _block(x):
   return jax.block_until_ready(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+  """How every technique's cache is built and held (the --chunk_size, --cache,
+  --decode_target flags), so the frontier can include them.
+
+  Attributes:
+    chunk_size: > 0: full-cache and press techniques prefill the context this many tokens
+      at a time, the press compressing after every chunk (models.prefill(chunk_size=...));
+      quantized techniques quantize the whole context once, as without it.
+    cache: "dense" (device arrays), "paged" (full and press techniques: the compressed
+      cache re-paged into a kvjax.paged page pool of `page_size` tokens) or "offload" (the
+      compressed cache streamed from host memory, OffloadSpec(mode="stream"); its bytes
+      are what the device holds during a step).
+    decode_target: > 0: during generation, press techniques compress again to this many
+      slots per (row, kv head) whenever a layer is full (kvjax.presses.DecodingPress with
+      the technique's press), so the cache stays at target + one slot.
+    page_size: tokens per page with cache="paged".
+  """
+
+  chunk_size: int = 0
+  cache: str = "dense"
+  decode_target: int = 0
+  page_size: int = 16
+
+  def __post_init__(self):
+    if self.cache not in CACHES:
+      raise ValueError(f"cache={self.cache!r}; allowed: {CACHES}")
+    for name in ("chunk_size", "decode_target"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name}={v!r}; must be an int >= 0")
+    if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or \
+        self.page_size < 1:
+      raise ValueError(f"page_size={self.page_size!r}; must be an int >= 1")
+
+
+def _place(c, opts: CacheOptions, family: str):
+  """The compressed ModelCache `c` held as opts.cache says."""
+  from kvjax import offload as offload_lib  # pylint: disable=import-outside-toplevel
+  from kvjax import paged as paged_lib  # pylint: disable=import-outside-toplevel
+  if opts.cache == "offload":
+    return offload_lib.HostCache.from_model_cache(c)
+  if opts.cache == "paged" and family in ("full", "press"):
+    layers = []
+    for d in c.layers():
+      b, h, cap = d.positions.shape
+      pages = -(-cap // opts.page_size)
+      empty = paged_lib.PagedKVCache.init(b, h, d.k.shape[-1], num_pages=b * h * pages + 1,
+                                          page_size=opts.page_size, max_pages=pages,
+                                          dtype=d.k.dtype, v_head_dim=d.v.shape[-1])
+      layers.append(paged_lib.repage(empty, d.k, d.v, d.positions, d.lengths))
+    return type(c).from_layers(layers, c.next_position)
+  return c
+
+
 def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: dict,
                    groups: list, acc: Accum, *, length_key: int, room: int, cache_dtype,
-                   backend: str, decode_steps: int, tokenizer, timing_done: set, bar=None):
+                   backend: str, decode_steps: int, tokenizer, timing_done: set, bar=None,
+                   options: CacheOptions = CacheOptions()):
   """Runs every technique on one batch; fills `acc` (and advances `bar` per technique)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -390,6 +473,7 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
   cfg = model.config
   ctx = jnp.asarray(batch.ctx)
   b, tc = batch.ctx.shape
+  family = {t.label: t.family for t in techniques}
   shape = (b, tc)
   for gi, (need, labels) in enumerate(groups):
     t0 = time.perf_counter()
@@ -403,10 +487,19 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
       acc.prefill_group[label] = gi
       obj = built[label]
       t0 = time.perf_counter()
-      if obj is None:   # full cache: the prefill's cache plus decode room (new arrays)
+      if options.chunk_size and family.get(label) in ("full", "press"):
+        # the technique's own chunked prefill (its press compresses after every chunk)
+        ckw = dict(kw, chunk_size=options.chunk_size)
+        del ckw["observe"]
+        ckw.update(press=obj, decode_room=room) if obj is not None else ckw.update(
+            capacity=tc + room)
+        _, c = models.prefill(model, ctx, **ckw)
+      elif obj is None:   # full cache: the prefill's cache plus decode room (new arrays)
         c = press_base.compress_model([None] * cache.num_layers, cache, None, cfg, rooms=room)
       else:
         c = obj.compress_model(cache, obs, cfg, room=room, prompt_length=tc)
+      if not cache_lib.caps(c).offloaded:
+        c = _place(c, options, family.get(label))
       _block(c)
       acc.compress_s.setdefault((label, length_key, shape), []).append(
           time.perf_counter() - t0)
@@ -441,7 +534,10 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
         nxt = logits[np.arange(b), last].argmax(-1).astype(np.int32)
         out = [nxt]
         steps = max(s.max_new_tokens for s in batch.samples) - 1
-        for _ in range(steps):
+        policy = _decode_policy(obj, options, family.get(label), cfg)
+        for step in range(steps):
+          if policy is not None:
+            c = policy.maybe_compress(c, step)
           lg, c = models.decode(model, jnp.asarray(nxt)[:, None], c, logits="last",
                                 backend=backend, check_capacity=False)
           nxt = np.asarray(lg[:, -1]).argmax(-1).astype(np.int32)
@@ -472,6 +568,16 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
       del c
       if bar is not None:
         bar.update(1)
+
+
+def _decode_policy(press, options: CacheOptions, family: str, config):
+  """DecodingPress(press, target_size=options.decode_target) for press techniques on a
+  dense cache (None otherwise)."""
+  if not options.decode_target or family != "press" or options.cache != "dense":
+    return None
+  from kvjax.presses import DecodingPress  # pylint: disable=import-outside-toplevel
+  return DecodingPress(press, compression_interval=0, target_size=options.decode_target,
+                       config=config)
 
 
 def kv_measure(cache, config, batch: int, tokens: int) -> tuple:
@@ -583,8 +689,12 @@ def _length_of(sample, tokenizer, chat: bool = False) -> int:
 def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
         mode: str = "query_agnostic", batch_size: int = 8, cache_dtype: str = "bfloat16",
         backend: str = "auto", decode_steps: int = 8, progress: bool = True,
-        model_name: str = "", chat: bool = False) -> tuple[list, dict]:
+        model_name: str = "", chat: bool = False,
+        options: CacheOptions = CacheOptions()) -> tuple[list, dict]:
   """Evaluates every technique on every sample; returns (rows, info).
+
+  `options` (CacheOptions): chunked prefill, paged or offloaded caches, decode-time
+  compression, applied to every technique they fit.
 
   `chat=True` frames prompts with the tokenizer's chat template (see
   `experiments.tasks.base.Sample.prompt_tokens`).
@@ -648,7 +758,7 @@ def run(model, tokenizer, techniques: Sequence[Technique], samples: Sequence, *,
     evaluate_batch(model, batch, techniques, built, groups, acc, length_key=key[1],
                    room=rooms[key[1]], cache_dtype=cdt, backend=backend,
                    decode_steps=decode_steps, tokenizer=tokenizer, timing_done=timing_done,
-                   bar=bar)
+                   bar=bar, options=options)
   if bar is not None:
     bar.close()
   # Gather per-sample scores from every process.
@@ -836,7 +946,11 @@ def main(argv):
       logging.warning("no DuoAttention gates for --model=%s (train/duo_gates.py makes them): "
                       "duo_attention left out of the default techniques", FLAGS.model)
       names.remove("duo_attention")
-    techniques = parse_techniques(names, ratios, options)
+    techniques, skipped = fit_model(parse_techniques(names, ratios, options), model.config)
+    for label, why in skipped:
+      logging.warning("%s does not apply to --model=%s (%s): left out", label, FLAGS.model, why)
+    if not techniques:
+      raise ValueError("none of --techniques applies to this model")
     if "perplexity" in FLAGS.tasks and type(tok).__name__ != "ByteTokenizer":
       logging.warning("--tasks=perplexity scores Python source sized for byte models; "
                       "perplexity_en is the English-prose task for subword models")
@@ -855,7 +969,9 @@ def main(argv):
   rows, info = run(model, tok, techniques, samples, mode=FLAGS.mode,
                    batch_size=FLAGS.batch_size, cache_dtype=FLAGS.cache_dtype,
                    backend=FLAGS.backend, decode_steps=FLAGS.decode_steps,
-                   progress=FLAGS.progress, model_name=name, chat=chat)
+                   progress=FLAGS.progress, model_name=name, chat=chat,
+                   options=CacheOptions(chunk_size=FLAGS.chunk_size, cache=FLAGS.cache,
+                                        decode_target=FLAGS.decode_target))
   if jax.process_index() != 0:
     return
   title = (f"kvjax compare: {name} ({presets.count_params(model):,} params), "
