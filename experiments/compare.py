@@ -410,7 +410,8 @@ class CacheOptions:
   Attributes:
     chunk_size: > 0: full-cache and press techniques prefill the context this many tokens
       at a time, the press compressing after every chunk (models.prefill(chunk_size=...));
-      quantized techniques quantize the whole context once, as without it.
+      quantized techniques, and KVzip (whose reconstruction reads the whole context),
+      compress the whole context once, as without it.
     cache: "dense" (device arrays), "paged" (full and press techniques: the compressed
       cache re-paged into a kvjax.paged page pool of `page_size` tokens) or "offload" (the
       compressed cache streamed from host memory, OffloadSpec(mode="stream"); its bytes
@@ -487,7 +488,8 @@ def evaluate_batch(model, batch: Batch, techniques: Sequence[Technique], built: 
       acc.prefill_group[label] = gi
       obj = built[label]
       t0 = time.perf_counter()
-      if options.chunk_size and family.get(label) in ("full", "press"):
+      chunkable = not getattr(getattr(obj, "observe", None), "reconstruction", 0)
+      if options.chunk_size and family.get(label) in ("full", "press") and chunkable:
         # the technique's own chunked prefill (its press compresses after every chunk)
         ckw = dict(kw, chunk_size=options.chunk_size)
         del ckw["observe"]
