@@ -149,8 +149,8 @@ def reconstruction_scores(model, run, tokens, positions, cache, need: Observe, *
                        observe=Observe(queries=width, lse=True), backend=backend,
                        logits_mode="last")
     scores = kvzip.reconstruction_max_attention(
-        scores, work, [o["queries"] for o in obs], [o.get("lse") for o in obs], chunk_pos, jnp.asarray(lo[c]),
-        jnp.asarray(hi[c]), specs, int(need.reconstruction))
+        scores, work, [o["queries"] for o in obs], [o.get("lse") for o in obs], chunk_pos,
+        jnp.asarray(lo[c]), jnp.asarray(hi[c]), specs, int(need.reconstruction))
   del work
   return scores
 
